@@ -1,0 +1,265 @@
+//! Keeping credentials off tapes.
+//!
+//! Tapes hold production traffic, and a tape file is easier to leak than a database. So every
+//! way into a tape (the recording proxy, HAR import) passes headers, query strings and token
+//! responses through a [`Redactor`] first, and credentials are replaced by a
+//! [`Redaction`]: kind, length, readable JWT claims, and a fingerprint, an HMAC under a random
+//! key that lives only in this process. Equal secrets get equal fingerprints within one
+//! recording, which is what a replay needs to tell which requests shared a token; nobody can
+//! test a guessed secret against a fingerprint without the key, which is never written.
+
+use std::collections::HashSet;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::tape::{Headers, JwtInfo, Redaction, SecretKind};
+
+/// Headers whose values are credentials.
+pub const DEFAULT_REDACTED_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-registry-auth",
+    "x-amz-security-token",
+];
+
+/// Query parameters whose values are credentials (compared case-insensitively).
+pub const SECRET_QUERY_PARAMS: &[&str] = &[
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "client_secret",
+    "password",
+    "signature",
+    "sig",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+];
+
+/// Paths whose response bodies issue credentials; those bodies are never stored.
+pub fn is_token_endpoint(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    path == "/v2/auth"
+        || path.ends_with("/oauth/token")
+        || path.ends_with("/oauth2/token")
+        || path.ends_with("/oauth/access_token")
+        || path == "/token"
+}
+
+/// Replaces credentials by [`Redaction`]s. See the module docs.
+pub struct Redactor {
+    key: [u8; 32],
+    redacted: HashSet<String>,
+}
+
+impl Default for Redactor {
+    fn default() -> Self {
+        Redactor::new(&[], &[])
+    }
+}
+
+impl Redactor {
+    /// A redactor with a fresh random key, redacting the default headers plus `extra`, minus
+    /// `keep` (names are case-insensitive).
+    pub fn new(extra: &[String], keep: &[String]) -> Redactor {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the OS provides random bytes for the redaction key");
+        let mut redacted: HashSet<String> = DEFAULT_REDACTED_HEADERS.iter().map(|s| s.to_string()).collect();
+        redacted.extend(extra.iter().map(|s| s.to_ascii_lowercase()));
+        for k in keep {
+            redacted.remove(&k.to_ascii_lowercase());
+        }
+        Redactor { key, redacted }
+    }
+
+    /// The names redacted, sorted (for the start banner and the tape header).
+    pub fn redacted_headers(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.redacted.iter().map(|s| s.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The keyed fingerprint of a secret.
+    pub fn fingerprint(&self, secret: &[u8]) -> u64 {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(secret);
+        let out = mac.finalize().into_bytes();
+        u64::from_be_bytes(out[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Appends a header to `headers`, redacted when its name says it holds a credential.
+    pub fn push_header(&self, headers: &mut Headers, name: &str, value: &[u8]) {
+        if self.redacted.contains(name) || self.redacted.contains(&name.to_ascii_lowercase()) {
+            headers.push_redacted(name, self.redact_value(name, value));
+        } else {
+            headers.push(name, value);
+        }
+    }
+
+    fn redact_value(&self, name: &str, value: &[u8]) -> Redaction {
+        let lower = name.to_ascii_lowercase();
+        let text = std::str::from_utf8(value).unwrap_or("");
+        let (kind, secret, jwt) = if lower == "cookie" || lower == "set-cookie" {
+            (SecretKind::Cookie, value, None)
+        } else if let Some(cred) = strip_scheme(text, "basic") {
+            (SecretKind::Basic, cred.as_bytes(), None)
+        } else if let Some(token) = strip_scheme(text, "bearer") {
+            match read_jwt(token) {
+                Some(claims) => (SecretKind::BearerJwt, token.as_bytes(), Some(claims)),
+                None => (SecretKind::Bearer, token.as_bytes(), None),
+            }
+        } else {
+            (SecretKind::Other, value, None)
+        };
+        Redaction {
+            kind,
+            len: value.len() as u32,
+            fingerprint: self.fingerprint(secret),
+            jwt,
+        }
+    }
+
+    /// A token issued in a token endpoint's JSON response (`token`, `access_token`).
+    pub fn issued_secrets(&self, body: &[u8]) -> Vec<Redaction> {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Vec::new();
+        };
+        ["token", "access_token", "id_token", "refresh_token"]
+            .iter()
+            .filter_map(|k| map.get(*k)?.as_str())
+            .map(|token| Redaction {
+                kind: SecretKind::IssuedToken,
+                len: token.len() as u32,
+                fingerprint: self.fingerprint(token.as_bytes()),
+                jwt: read_jwt(token),
+            })
+            .collect()
+    }
+
+    /// `target` (path and query) with secret-looking query values replaced by
+    /// `loadtape-redacted-<fingerprint>-<length>`.
+    pub fn target(&self, target: &str) -> String {
+        let Some((path, query)) = target.split_once('?') else {
+            return target.to_string();
+        };
+        let mut out = String::with_capacity(target.len());
+        out.push_str(path);
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, value))
+                    if !value.is_empty() && SECRET_QUERY_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name)) =>
+                {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(&format!(
+                        "loadtape-redacted-{:016x}-{}",
+                        self.fingerprint(value.as_bytes()),
+                        value.len()
+                    ));
+                }
+                _ => out.push_str(pair),
+            }
+        }
+        out
+    }
+}
+
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (s, rest) = value.split_once(' ')?;
+    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+/// The claims of a JWT that can be read without its key.
+pub fn read_jwt(token: &str) -> Option<JwtInfo> {
+    let mut parts = token.split('.');
+    let (header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: serde_json::Value = serde_json::from_slice(&engine.decode(header.trim_end_matches('=')).ok()?).ok()?;
+    header.get("alg")?;
+    let claims: serde_json::Value = serde_json::from_slice(&engine.decode(payload.trim_end_matches('=')).ok()?).ok()?;
+    Some(JwtInfo {
+        issuer: claims.get("iss").and_then(|v| v.as_str()).map(str::to_string),
+        issued_at: claims.get("iat").and_then(|v| v.as_i64()),
+        expires_at: claims.get("exp").and_then(|v| v.as_i64()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tape::HeaderValue;
+
+    const QUAY_JWT: &str = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJxdWF5IiwiaWF0IjoxNzk1NjQ1NTY5LCJleHAiOjE3OTU2NDkxNjl9.c2ln";
+
+    #[test]
+    fn bearer_jwt_keeps_issuer_and_lifetime_not_the_token() {
+        let r = Redactor::default();
+        let mut h = Headers::new();
+        let value = format!("Bearer {QUAY_JWT}");
+        r.push_header(&mut h, "Authorization", value.as_bytes());
+        let Some(HeaderValue::Redacted(red)) = h.get("authorization") else {
+            panic!("authorization was not redacted: {h:?}");
+        };
+        assert_eq!(red.kind, SecretKind::BearerJwt);
+        assert_eq!(red.len as usize, value.len());
+        let jwt = red.jwt.as_ref().unwrap();
+        assert_eq!(jwt.issuer.as_deref(), Some("quay"));
+        assert_eq!(jwt.expires_at.unwrap() - jwt.issued_at.unwrap(), 3600);
+        assert!(!format!("{h:?}").contains(QUAY_JWT));
+    }
+
+    #[test]
+    fn equal_secrets_share_a_fingerprint_and_keys_differ_per_process() {
+        let (a, b) = (Redactor::default(), Redactor::default());
+        assert_eq!(a.fingerprint(b"s3cret"), a.fingerprint(b"s3cret"));
+        assert_ne!(a.fingerprint(b"s3cret"), a.fingerprint(b"s3cret!"));
+        assert_ne!(a.fingerprint(b"s3cret"), b.fingerprint(b"s3cret"));
+    }
+
+    #[test]
+    fn basic_and_cookies_and_keep_list() {
+        let r = Redactor::new(&["X-Api-Key".into()], &["cookie".into()]);
+        let mut h = Headers::new();
+        r.push_header(&mut h, "authorization", b"Basic YWRtaW46cGFzc3dvcmQ=");
+        r.push_header(&mut h, "cookie", b"session=abc");
+        r.push_header(&mut h, "x-api-key", b"k");
+        assert!(matches!(h.get("authorization"), Some(HeaderValue::Redacted(x)) if x.kind == SecretKind::Basic));
+        assert_eq!(h.get_str("cookie"), Some("session=abc"));
+        assert!(matches!(h.get("x-api-key"), Some(HeaderValue::Redacted(_))));
+    }
+
+    #[test]
+    fn secret_query_values_are_replaced() {
+        let r = Redactor::default();
+        let t = r.target("/v2/auth?service=quay&scope=repository:a/b:pull&access_token=abc123&X-Amz-Signature=ff");
+        assert!(t.starts_with("/v2/auth?service=quay&scope=repository:a/b:pull&access_token=loadtape-redacted-"));
+        assert!(!t.contains("abc123"));
+        assert!(t.contains("X-Amz-Signature=loadtape-redacted-"));
+        assert_eq!(r.target("/v2/?a=b"), "/v2/?a=b");
+    }
+
+    #[test]
+    fn issued_tokens_are_fingerprinted() {
+        let r = Redactor::default();
+        let body = format!("{{\"token\": \"{QUAY_JWT}\"}}");
+        let issued = r.issued_secrets(body.as_bytes());
+        assert_eq!(issued.len(), 1);
+        assert_eq!(issued[0].fingerprint, r.fingerprint(QUAY_JWT.as_bytes()));
+        assert!(is_token_endpoint("/v2/auth"));
+        assert!(!is_token_endpoint("/v2/"));
+    }
+}
