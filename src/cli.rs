@@ -201,7 +201,10 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let out = args.out.clone().unwrap_or_else(|| har::default_out(&args.har));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| har::default_out(&args.har));
     let redactor = Redactor::new(&args.redact_header, &args.keep_header);
     let options = ImportOptions {
         body_prefix: args.body_prefix as usize,
@@ -220,7 +223,11 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 /// Opens the tapes of `args` with their time range resolved against the first tape's epoch.
 fn open(args: &ReadArgs) -> anyhow::Result<(TapeReader, Selection)> {
     let sources = discover(&args.paths)?;
-    let epoch = sources.iter().map(|s| s.header.epoch_unix_ns).min().unwrap_or(0);
+    let epoch = sources
+        .iter()
+        .map(|s| s.header.epoch_unix_ns)
+        .min()
+        .unwrap_or(0);
     let resolve = |t: &TimeArg| -> Nanos {
         match t {
             TimeArg::Offset(d) => d.as_nanos() as Nanos,
@@ -267,7 +274,8 @@ fn parse_time(s: &str) -> Result<TimeArg, String> {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}): write e.g. `500ms`, `90s`, `5m`"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}): write e.g. `500ms`, `90s`, `5m`"))
 }
 
 /// `64KiB`, `1MiB`, `10MB`, `4096`: a size in bytes.
@@ -286,9 +294,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        _ => return Err(format!("{s:?} has an unknown unit: use B, KiB, MiB, GiB (or kB, MB, GB)")),
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit: use B, KiB, MiB, GiB (or kB, MB, GB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -300,8 +313,14 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("0"), Ok(0));
         assert!(parse_size("64 parsecs").unwrap_err().contains("KiB"));
-        assert_eq!(parse_time("90s"), Ok(TimeArg::Offset(Duration::from_secs(90))));
-        assert!(matches!(parse_time("2026-11-25T22:26:08Z"), Ok(TimeArg::At(_))));
+        assert_eq!(
+            parse_time("90s"),
+            Ok(TimeArg::Offset(Duration::from_secs(90)))
+        );
+        assert!(matches!(
+            parse_time("2026-11-25T22:26:08Z"),
+            Ok(TimeArg::At(_))
+        ));
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
     }
 

@@ -9,17 +9,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::har::{import_bytes, HarExporter, ImportOptions};
+use crate::har::{import_bytes, HarExporter, ImportOptions, BUILTIN_SESSIONS};
 use crate::inspect::summarise;
 use crate::redact::Redactor;
 use crate::select::Selection;
 use crate::tape::{HeaderValue, Record, TapeReader};
-
-/// The built-in session.
-const SESSIONS: &[(&str, &[u8])] = &[
-    ("quay-session.har", include_bytes!("../captures/har/quay-session.har")),
-    ("clair-session.har", include_bytes!("../captures/har/clair-session.har")),
-];
 
 /// What the demo made, for tests.
 pub struct DemoOutput {
@@ -39,9 +33,12 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
     let tape_dir = dir.join("session");
     println!("loadtape demo: a real Quay v3.18 and Clair v4.9.0 session, built in\n");
 
-    println!("1. import: HAR -> tape directory {} (credentials redacted)", tape_dir.display());
+    println!(
+        "1. import: HAR -> tape directory {} (credentials redacted)",
+        tape_dir.display()
+    );
     let redactor = Redactor::default();
-    for (name, bytes) in SESSIONS {
+    for (name, bytes) in BUILTIN_SESSIONS {
         let s = import_bytes(bytes, name, &tape_dir, &redactor, &ImportOptions::default())?;
         println!(
             "   {name}: {} exchanges on {} connections, {} credential values redacted, {} on disk",
@@ -59,9 +56,13 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
     }
 
     let har = dir.join("session.har");
-    println!("\n3. export: tape -> {} (HAR 1.2, opens in browser dev tools)", har.display());
+    println!(
+        "\n3. export: tape -> {} (HAR 1.2, opens in browser dev tools)",
+        har.display()
+    );
     let mut reader = TapeReader::open_one(&tape_dir)?;
-    let file = crate::files::create_private(&har).with_context(|| format!("cannot create {}", har.display()))?;
+    let file = crate::files::create_private(&har)
+        .with_context(|| format!("cannot create {}", har.display()))?;
     let mut exporter = HarExporter::new(std::io::BufWriter::new(file), reader.epoch_unix_ns())?;
     let mut example = None;
     for record in reader.by_ref() {
@@ -69,7 +70,12 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
         if let Record::Exchange(e) = &record {
             if example.is_none() {
                 if let Some(HeaderValue::Redacted(r)) = e.request.headers.get("authorization") {
-                    example = Some(format!("{} {}: authorization = {}", e.request.method, e.request.path(), r.marker()));
+                    example = Some(format!(
+                        "{} {}: authorization = {}",
+                        e.request.method,
+                        e.request.path(),
+                        r.marker()
+                    ));
                 }
             }
         }

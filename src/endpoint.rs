@@ -18,7 +18,11 @@ pub fn template(method: &str, target: &str) -> String {
 /// The templated path alone.
 pub fn template_path(path: &str) -> String {
     let trailing = path.len() > 1 && path.ends_with('/');
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let templated = match segs.first() {
         Some(&"v2") => registry(&segs[1..]),
         Some(&"api") if segs.get(1) == Some(&"v1") => quay_api(&segs[2..]),
@@ -27,7 +31,13 @@ pub fn template_path(path: &str) -> String {
     let mut out = String::from("/");
     match templated {
         Some(t) => out.push_str(&t.join("/")),
-        None => out.push_str(&segs.iter().map(|s| generic(s)).collect::<Vec<_>>().join("/")),
+        None => out.push_str(
+            &segs
+                .iter()
+                .map(|s| generic(s))
+                .collect::<Vec<_>>()
+                .join("/"),
+        ),
     }
     if trailing && out.len() > 1 {
         out.push('/');
@@ -44,13 +54,24 @@ fn registry(segs: &[&str]) -> Option<Vec<String>> {
     let name_ok = |end: usize| end >= 1;
     match (tail(3), tail(2), tail(1)) {
         _ if n == 0 => {}
-        (_, _, Some(s)) if n == 1 && (s == "auth" || s == "_catalog" || s == "token") => t.push(s.to_string()),
+        (_, _, Some(s)) if n == 1 && (s == "auth" || s == "_catalog" || s == "token") => {
+            t.push(s.to_string())
+        }
         (_, Some("manifests"), Some(r)) if name_ok(n - 2) => {
             t.extend(["{repo}".into(), "manifests".into()]);
-            t.push(if is_digest(r) { "{digest}".into() } else { "{tag}".into() });
+            t.push(if is_digest(r) {
+                "{digest}".into()
+            } else {
+                "{tag}".into()
+            });
         }
         (Some("blobs"), Some("uploads"), Some(_)) if name_ok(n - 3) => {
-            t.extend(["{repo}".into(), "blobs".into(), "uploads".into(), "{uuid}".into()]);
+            t.extend([
+                "{repo}".into(),
+                "blobs".into(),
+                "uploads".into(),
+                "{uuid}".into(),
+            ]);
         }
         (_, Some("blobs"), Some("uploads")) if name_ok(n - 2) => {
             t.extend(["{repo}".into(), "blobs".into(), "uploads".into()]);
@@ -131,7 +152,9 @@ pub fn is_digest(s: &str) -> bool {
     match s.split_once(':') {
         Some((alg, hex)) => {
             !alg.is_empty()
-                && alg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'.' || b == b'_' || b == b'-')
+                && alg.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b == b'+' || b == b'.' || b == b'_' || b == b'-'
+                })
                 && hex.len() >= 32
                 && hex.bytes().all(|b| b.is_ascii_hexdigit())
         }
@@ -157,17 +180,42 @@ mod tests {
     fn registry_routes() {
         let cases = [
             ("GET", "/v2/".to_string(), "GET /v2/"),
-            ("GET", "/v2/auth?service=x&scope=repository:a/b:pull".into(), "GET /v2/auth"),
-            ("HEAD", format!("/v2/loadorg/web/blobs/{D}"), "HEAD /v2/{repo}/blobs/{digest}"),
-            ("GET", format!("/v2/org/team/app/manifests/{D}"), "GET /v2/{repo}/manifests/{digest}"),
-            ("PUT", "/v2/loadorg/web/manifests/latest".into(), "PUT /v2/{repo}/manifests/{tag}"),
-            ("POST", "/v2/loadorg/web/blobs/uploads/".into(), "POST /v2/{repo}/blobs/uploads/"),
+            (
+                "GET",
+                "/v2/auth?service=x&scope=repository:a/b:pull".into(),
+                "GET /v2/auth",
+            ),
+            (
+                "HEAD",
+                format!("/v2/loadorg/web/blobs/{D}"),
+                "HEAD /v2/{repo}/blobs/{digest}",
+            ),
+            (
+                "GET",
+                format!("/v2/org/team/app/manifests/{D}"),
+                "GET /v2/{repo}/manifests/{digest}",
+            ),
+            (
+                "PUT",
+                "/v2/loadorg/web/manifests/latest".into(),
+                "PUT /v2/{repo}/manifests/{tag}",
+            ),
+            (
+                "POST",
+                "/v2/loadorg/web/blobs/uploads/".into(),
+                "POST /v2/{repo}/blobs/uploads/",
+            ),
             (
                 "PATCH",
-                "/v2/loadorg/web/blobs/uploads/0b6b1e2e-5d1c-4b8a-9c1e-4f7d2a9e8b11?_state=abc".into(),
+                "/v2/loadorg/web/blobs/uploads/0b6b1e2e-5d1c-4b8a-9c1e-4f7d2a9e8b11?_state=abc"
+                    .into(),
                 "PATCH /v2/{repo}/blobs/uploads/{uuid}",
             ),
-            ("GET", "/v2/a/tags/list?n=10".into(), "GET /v2/{repo}/tags/list"),
+            (
+                "GET",
+                "/v2/a/tags/list?n=10".into(),
+                "GET /v2/{repo}/tags/list",
+            ),
             ("GET", "/v2/_catalog".into(), "GET /v2/_catalog"),
         ];
         for (m, p, want) in cases {
@@ -179,8 +227,16 @@ mod tests {
     fn quay_api_routes() {
         let cases = [
             ("GET", "/api/v1/user/", "GET /api/v1/user/"),
-            ("GET", "/api/v1/repository?namespace=loadorg", "GET /api/v1/repository"),
-            ("GET", "/api/v1/repository/loadorg/web/tag/", "GET /api/v1/repository/{namespace}/{repo}/tag/"),
+            (
+                "GET",
+                "/api/v1/repository?namespace=loadorg",
+                "GET /api/v1/repository",
+            ),
+            (
+                "GET",
+                "/api/v1/repository/loadorg/web/tag/",
+                "GET /api/v1/repository/{namespace}/{repo}/tag/",
+            ),
             (
                 "PUT",
                 "/api/v1/repository/loadorg/web/permissions/user/reader",
@@ -191,7 +247,11 @@ mod tests {
                 "/api/v1/organization/loadorg/team/owners/members/alice",
                 "PUT /api/v1/organization/{org}/team/{team}/members/{user}",
             ),
-            ("GET", "/api/v1/repository/loadorg/web", "GET /api/v1/repository/{namespace}/{repo}"),
+            (
+                "GET",
+                "/api/v1/repository/loadorg/web",
+                "GET /api/v1/repository/{namespace}/{repo}",
+            ),
         ];
         for (m, p, want) in cases {
             assert_eq!(template(m, p), want, "{m} {p}");
@@ -204,9 +264,18 @@ mod tests {
             template("GET", &format!("/matcher/api/v1/vulnerability_report/{D}")),
             "GET /matcher/api/v1/vulnerability_report/{digest}"
         );
-        assert_eq!(template("POST", "/indexer/api/v1/index_report"), "POST /indexer/api/v1/index_report");
-        assert_eq!(template("GET", "/indexer/api/v1/index_state"), "GET /indexer/api/v1/index_state");
-        assert_eq!(template("GET", "/things/42/0123456789abcdef0123"), "GET /things/{n}/{id}");
+        assert_eq!(
+            template("POST", "/indexer/api/v1/index_report"),
+            "POST /indexer/api/v1/index_report"
+        );
+        assert_eq!(
+            template("GET", "/indexer/api/v1/index_state"),
+            "GET /indexer/api/v1/index_state"
+        );
+        assert_eq!(
+            template("GET", "/things/42/0123456789abcdef0123"),
+            "GET /things/{n}/{id}"
+        );
         assert_eq!(template("GET", "/"), "GET /");
     }
 }

@@ -84,7 +84,9 @@ pub struct Summariser {
 impl Summariser {
     pub fn add(&mut self, record: &Record) {
         let s = &mut self.summary;
-        *s.record_kinds.entry(record.kind_name().to_string()).or_default() += 1;
+        *s.record_kinds
+            .entry(record.kind_name().to_string())
+            .or_default() += 1;
         match record {
             Record::Exchange(e) => {
                 s.records += 1;
@@ -154,7 +156,11 @@ impl Summariser {
             };
         }
         let all: u64 = s.record_kinds.values().sum();
-        s.bytes_per_record = if all > 0 { s.bytes_on_disk as f64 / all as f64 } else { 0.0 };
+        s.bytes_per_record = if all > 0 {
+            s.bytes_on_disk as f64 / all as f64
+        } else {
+            0.0
+        };
         let mut endpoints: Vec<_> = self.endpoints.into_iter().collect();
         endpoints.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         s.endpoints = endpoints
@@ -215,7 +221,11 @@ impl Summary {
         if let Some(t) = &self.first_time {
             let _ = writeln!(o, "span        {:.3} s from {t}", self.duration_s);
         }
-        let _ = writeln!(o, "rate        {:.1}/s mean, {}/s peak", self.mean_rate, self.peak_rate);
+        let _ = writeln!(
+            o,
+            "rate        {:.1}/s mean, {}/s peak",
+            self.mean_rate, self.peak_rate
+        );
         let _ = writeln!(
             o,
             "dropped     {} by the recorder{}",
@@ -227,7 +237,11 @@ impl Summary {
             }
         );
         if self.out_of_order > 0 {
-            let _ = writeln!(o, "late        {} came after the reorder window", self.out_of_order);
+            let _ = writeln!(
+                o,
+                "late        {} came after the reorder window",
+                self.out_of_order
+            );
         }
         let statuses: Vec<String> = self
             .status_counts
@@ -236,7 +250,11 @@ impl Summary {
             .chain(self.failures.iter().map(|(k, v)| format!("{k} x{v}")))
             .collect();
         let _ = writeln!(o, "statuses    {}", statuses.join("  "));
-        let methods: Vec<String> = self.methods.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+        let methods: Vec<String> = self
+            .methods
+            .iter()
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect();
         let _ = writeln!(o, "methods     {}", methods.join("  "));
         let _ = writeln!(
             o,
@@ -253,7 +271,12 @@ impl Summary {
         );
         if !self.endpoints.is_empty() {
             let _ = writeln!(o, "\ntop endpoints");
-            let width = self.endpoints.iter().map(|e| e.count.to_string().len()).max().unwrap_or(1);
+            let width = self
+                .endpoints
+                .iter()
+                .map(|e| e.count.to_string().len())
+                .max()
+                .unwrap_or(1);
             for e in &self.endpoints {
                 let _ = writeln!(o, "  {:>width$}  {}", e.count, e.endpoint);
             }

@@ -11,6 +11,7 @@ pub mod har;
 pub mod inspect;
 pub mod redact;
 pub mod select;
+pub mod synth;
 pub mod tape;
 
 #[cfg(feature = "cli")]

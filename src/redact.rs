@@ -71,7 +71,10 @@ impl Redactor {
     pub fn new(extra: &[String], keep: &[String]) -> Redactor {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).expect("the OS provides random bytes for the redaction key");
-        let mut redacted: HashSet<String> = DEFAULT_REDACTED_HEADERS.iter().map(|s| s.to_string()).collect();
+        let mut redacted: HashSet<String> = DEFAULT_REDACTED_HEADERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         redacted.extend(extra.iter().map(|s| s.to_ascii_lowercase()));
         for k in keep {
             redacted.remove(&k.to_ascii_lowercase());
@@ -128,7 +131,8 @@ impl Redactor {
 
     /// A token issued in a token endpoint's JSON response (`token`, `access_token`).
     pub fn issued_secrets(&self, body: &[u8]) -> Vec<Redaction> {
-        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+        else {
             return Vec::new();
         };
         ["token", "access_token", "id_token", "refresh_token"]
@@ -158,7 +162,10 @@ impl Redactor {
             }
             match pair.split_once('=') {
                 Some((name, value))
-                    if !value.is_empty() && SECRET_QUERY_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name)) =>
+                    if !value.is_empty()
+                        && SECRET_QUERY_PARAMS
+                            .iter()
+                            .any(|s| s.eq_ignore_ascii_case(name)) =>
                 {
                     out.push_str(name);
                     out.push('=');
@@ -188,11 +195,16 @@ pub fn read_jwt(token: &str) -> Option<JwtInfo> {
         return None;
     }
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let header: serde_json::Value = serde_json::from_slice(&engine.decode(header.trim_end_matches('=')).ok()?).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&engine.decode(header.trim_end_matches('=')).ok()?).ok()?;
     header.get("alg")?;
-    let claims: serde_json::Value = serde_json::from_slice(&engine.decode(payload.trim_end_matches('=')).ok()?).ok()?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&engine.decode(payload.trim_end_matches('=')).ok()?).ok()?;
     Some(JwtInfo {
-        issuer: claims.get("iss").and_then(|v| v.as_str()).map(str::to_string),
+        issuer: claims
+            .get("iss")
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
         issued_at: claims.get("iat").and_then(|v| v.as_i64()),
         expires_at: claims.get("exp").and_then(|v| v.as_i64()),
     })
@@ -237,7 +249,9 @@ mod tests {
         r.push_header(&mut h, "authorization", b"Basic YWRtaW46cGFzc3dvcmQ=");
         r.push_header(&mut h, "cookie", b"session=abc");
         r.push_header(&mut h, "x-api-key", b"k");
-        assert!(matches!(h.get("authorization"), Some(HeaderValue::Redacted(x)) if x.kind == SecretKind::Basic));
+        assert!(
+            matches!(h.get("authorization"), Some(HeaderValue::Redacted(x)) if x.kind == SecretKind::Basic)
+        );
         assert_eq!(h.get_str("cookie"), Some("session=abc"));
         assert!(matches!(h.get("x-api-key"), Some(HeaderValue::Redacted(_))));
     }
@@ -246,7 +260,9 @@ mod tests {
     fn secret_query_values_are_replaced() {
         let r = Redactor::default();
         let t = r.target("/v2/auth?service=quay&scope=repository:a/b:pull&access_token=abc123&X-Amz-Signature=ff");
-        assert!(t.starts_with("/v2/auth?service=quay&scope=repository:a/b:pull&access_token=loadtape-redacted-"));
+        assert!(t.starts_with(
+            "/v2/auth?service=quay&scope=repository:a/b:pull&access_token=loadtape-redacted-"
+        ));
         assert!(!t.contains("abc123"));
         assert!(t.contains("X-Amz-Signature=loadtape-redacted-"));
         assert_eq!(r.target("/v2/?a=b"), "/v2/?a=b");

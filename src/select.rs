@@ -68,7 +68,8 @@ impl Selection {
             return false;
         }
         match &self.endpoint {
-            Some(want) => endpoint::template(e.request.method.as_str(), &e.request.target).contains(want.as_str()),
+            Some(want) => endpoint::template(e.request.method.as_str(), &e.request.target)
+                .contains(want.as_str()),
             None => true,
         }
     }
@@ -84,7 +85,10 @@ mod tests {
         assert_eq!("5xx".parse(), Ok(StatusPattern::Class(5)));
         assert_eq!("ERROR".parse(), Ok(StatusPattern::Error));
         let err = "9xx".parse::<StatusPattern>().unwrap_err();
-        assert!(err.contains("use a code (404), a class (5xx) or `error`"), "{err}");
+        assert!(
+            err.contains("use a code (404), a class (5xx) or `error`"),
+            "{err}"
+        );
         assert!("42".parse::<StatusPattern>().is_err());
     }
 }

@@ -74,7 +74,12 @@ impl<W: Write> HarExporter<W> {
         let started = chrono::DateTime::from_timestamp_nanos(self.epoch_unix_ns + t.start as i64);
         let ms = |ns: u64| ns as f64 / 1e6;
         let head = t.response_head.unwrap_or(t.response_done);
-        let url = format!("{}://{}{}", e.request.scheme.as_str(), e.request.authority, e.request.target);
+        let url = format!(
+            "{}://{}{}",
+            e.request.scheme.as_str(),
+            e.request.authority,
+            e.request.target
+        );
         let query_string = e
             .request
             .target
@@ -94,7 +99,12 @@ impl<W: Write> HarExporter<W> {
             .unwrap_or_default();
         let (text, encoding, comment) = self.body_text(&e.request.body);
         let post_data = (e.request.body.len > 0).then(|| PostData {
-            mime_type: e.request.headers.get_str("content-type").unwrap_or("").to_string(),
+            mime_type: e
+                .request
+                .headers
+                .get_str("content-type")
+                .unwrap_or("")
+                .to_string(),
             text,
             encoding,
             comment,
@@ -179,11 +189,17 @@ impl<W: Write> HarExporter<W> {
             Stored::None => None,
         };
         let comment = match &body.stored {
-            Stored::None if body.len > 0 => Some(format!("body of {} bytes not kept on the tape", body.len)),
-            Stored::Prefix(p) if (p.len() as u64) < body.len => {
-                Some(format!("first {} of {} bytes kept on the tape", p.len(), body.len))
+            Stored::None if body.len > 0 => {
+                Some(format!("body of {} bytes not kept on the tape", body.len))
             }
-            Stored::Full(_) if bytes.is_none() => Some(format!("body of {} bytes in a blob not exported", body.len)),
+            Stored::Prefix(p) if (p.len() as u64) < body.len => Some(format!(
+                "first {} of {} bytes kept on the tape",
+                p.len(),
+                body.len
+            )),
+            Stored::Full(_) if bytes.is_none() => {
+                Some(format!("body of {} bytes in a blob not exported", body.len))
+            }
             _ => None,
         };
         match bytes {

@@ -10,9 +10,9 @@ use sha2::Digest;
 use super::{Entry, Har};
 use crate::redact::{is_token_endpoint, Redactor};
 use crate::tape::{
-    Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers, HttpVersion, Method,
-    Record, Request, Response, Scheme, Stored, TapeHeader, TapeKind, TapeWriter, Timing, UpstreamFailure,
-    WriteSummary, WriterOptions,
+    Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers,
+    HttpVersion, Method, Record, Request, Response, Scheme, Stored, TapeHeader, TapeKind,
+    TapeWriter, Timing, UpstreamFailure, WriteSummary, WriterOptions,
 };
 
 /// How to import.
@@ -24,7 +24,9 @@ pub struct ImportOptions {
 
 impl Default for ImportOptions {
     fn default() -> Self {
-        ImportOptions { body_prefix: 64 << 10 }
+        ImportOptions {
+            body_prefix: 64 << 10,
+        }
     }
 }
 
@@ -55,6 +57,38 @@ pub fn import_bytes(
     redactor: &Redactor,
     options: &ImportOptions,
 ) -> anyhow::Result<ImportSummary> {
+    let parsed = har_to_records(json, source, redactor, options)?;
+    let mut writer = TapeWriter::create(out, parsed.header, WriterOptions::default())?;
+    for r in &parsed.records {
+        // Written in start order, so readers need no reordering: the watermark says so.
+        writer.set_watermark(r.start());
+        writer.write(r)?;
+    }
+    let tape = writer.finish()?;
+    Ok(ImportSummary {
+        entries: parsed.entries,
+        connections: parsed.connections,
+        redacted: parsed.redacted,
+        tape,
+    })
+}
+
+/// A HAR file as tape records, in start order, with the header a tape of them would carry.
+pub struct Converted {
+    pub header: TapeHeader,
+    pub records: Vec<Record>,
+    pub entries: usize,
+    pub connections: usize,
+    pub redacted: usize,
+}
+
+/// Converts HAR JSON to tape records without writing them.
+pub fn har_to_records(
+    json: &[u8],
+    source: &str,
+    redactor: &Redactor,
+    options: &ImportOptions,
+) -> anyhow::Result<Converted> {
     let har: Har = serde_json::from_slice(json)
         .with_context(|| format!("{source} is not a HAR file (expected JSON with log.entries)"))?;
     let mut entries = har.log.entries;
@@ -79,8 +113,14 @@ pub fn import_bytes(
     header.epoch_unix_ns = epoch;
     header.options = vec![
         ("source".into(), source.to_string()),
-        ("creator".into(), format!("{} {}", har.log.creator.name, har.log.creator.version)),
-        ("redacted_headers".into(), redactor.redacted_headers().join(",")),
+        (
+            "creator".into(),
+            format!("{} {}", har.log.creator.name, har.log.creator.version),
+        ),
+        (
+            "redacted_headers".into(),
+            redactor.redacted_headers().join(","),
+        ),
     ];
     header.upstream = entries
         .first()
@@ -93,10 +133,17 @@ pub fn import_bytes(
     for (n, &i) in order.iter().enumerate() {
         let e = &mut entries[i];
         let start = (starts[i] - epoch) as u64;
-        let exchange = exchange(e, n as u64 + 1, start, redactor, options)
-            .with_context(|| format!("{source}: entry {i} ({} {})", e.request.method, e.request.url))?;
+        let exchange = exchange(e, n as u64 + 1, start, redactor, options).with_context(|| {
+            format!(
+                "{source}: entry {i} ({} {})",
+                e.request.method, e.request.url
+            )
+        })?;
         redacted += exchange.request.headers.redactions().len()
-            + exchange.response.as_ref().map_or(0, |r| r.headers.redactions().len());
+            + exchange
+                .response
+                .as_ref()
+                .map_or(0, |r| r.headers.redactions().len());
         let key = match &e.connection {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
@@ -105,7 +152,13 @@ pub fn import_bytes(
         };
         let conn = connections.entry(key).or_insert_with(|| {
             next_connection += 1;
-            (next_connection - 1, start, start, 0, exchange.request.version)
+            (
+                next_connection - 1,
+                start,
+                start,
+                0,
+                exchange.request.version,
+            )
         });
         conn.2 = conn.2.max(exchange.timing.end());
         conn.3 += 1;
@@ -129,19 +182,18 @@ pub fn import_bytes(
             exchanges,
         }));
     }
-    // Written in start order, so readers need no reordering: the watermark says so.
-    records.sort_by_key(|r| (r.start(), r.kind_code() != crate::tape::kind::CONNECTION_OPENED));
-    let mut writer = TapeWriter::create(out, header, WriterOptions::default())?;
-    for r in &records {
-        writer.set_watermark(r.start());
-        writer.write(r)?;
-    }
-    let tape = writer.finish()?;
-    Ok(ImportSummary {
+    records.sort_by_key(|r| {
+        (
+            r.start(),
+            r.kind_code() != crate::tape::kind::CONNECTION_OPENED,
+        )
+    });
+    Ok(Converted {
+        header,
+        records,
         entries: order.len(),
         connections: connection_count,
         redacted,
-        tape,
     })
 }
 
@@ -160,8 +212,8 @@ fn exchange(
     redactor: &Redactor,
     options: &ImportOptions,
 ) -> anyhow::Result<Exchange> {
-    let (scheme, url_authority, target) =
-        split_url(&e.request.url).with_context(|| format!("url {:?} is not absolute", e.request.url))?;
+    let (scheme, url_authority, target) = split_url(&e.request.url)
+        .with_context(|| format!("url {:?} is not absolute", e.request.url))?;
     let version = HttpVersion::parse(&e.request.http_version).unwrap_or(HttpVersion::Http11);
 
     let mut req_headers = Headers::new();
@@ -198,7 +250,10 @@ fn exchange(
     let total = ms_to_ns(e.time);
     let (request_done, response_head) = match &e.timings {
         Some(t) => {
-            let before = [t.blocked, t.dns, t.connect, t.send].iter().map(|v| ms_to_ns(*v)).sum::<u64>();
+            let before = [t.blocked, t.dns, t.connect, t.send]
+                .iter()
+                .map(|v| ms_to_ns(*v))
+                .sum::<u64>();
             (before, Some(before + ms_to_ns(t.wait)))
         }
         None => (0, None),
@@ -209,7 +264,10 @@ fn exchange(
     let response = if e.response.status <= 0 {
         Err(UpstreamFailure {
             kind: FailureKind::Other,
-            detail: e.error.clone().unwrap_or_else(|| "no response (HAR status 0)".into()),
+            detail: e
+                .error
+                .clone()
+                .unwrap_or_else(|| "no response (HAR status 0)".into()),
         })
     } else {
         let mut headers = Headers::new();
@@ -219,7 +277,11 @@ fn exchange(
             }
         }
         let c = &e.response.content;
-        let size = if c.size >= 0 { c.size } else { e.response.body_size };
+        let size = if c.size >= 0 {
+            c.size
+        } else {
+            e.response.body_size
+        };
         let mut body = body(c.text.as_deref(), c.encoding.as_deref(), size, options)?;
         if is_token_endpoint(&path) {
             if let Some(bytes) = decoded(c.text.as_deref(), c.encoding.as_deref())? {
@@ -243,7 +305,9 @@ fn exchange(
         timing: Timing {
             start,
             request_done,
-            response_head: response.is_ok().then(|| response_head.unwrap_or(response_done)),
+            response_head: response
+                .is_ok()
+                .then(|| response_head.unwrap_or(response_done)),
             response_done,
         },
         request: Request {
@@ -274,7 +338,12 @@ fn decoded(text: Option<&str>, encoding: Option<&str>) -> anyhow::Result<Option<
 }
 
 /// A body from HAR text; `size` is the producer's byte count (-1 when unknown).
-fn body(text: Option<&str>, encoding: Option<&str>, size: i64, options: &ImportOptions) -> anyhow::Result<Body> {
+fn body(
+    text: Option<&str>,
+    encoding: Option<&str>,
+    size: i64,
+    options: &ImportOptions,
+) -> anyhow::Result<Body> {
     let Some(mut bytes) = decoded(text, encoding)? else {
         return Ok(if size > 0 {
             Body {

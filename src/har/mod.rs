@@ -9,9 +9,24 @@ mod export;
 mod import;
 
 pub use export::HarExporter;
-pub use import::{default_out, import, import_bytes, ImportOptions, ImportSummary};
+pub use import::{
+    default_out, har_to_records, import, import_bytes, Converted, ImportOptions, ImportSummary,
+};
 
 use serde::{Deserialize, Serialize};
+
+/// The built-in session: real Quay v3.18 and Clair v4.9.0 traffic captured through mitmproxy
+/// (see `captures/har/`), used by the demo, the benchmarks and the tests.
+pub const BUILTIN_SESSIONS: &[(&str, &[u8])] = &[
+    (
+        "quay-session.har",
+        include_bytes!("../../captures/har/quay-session.har"),
+    ),
+    (
+        "clair-session.har",
+        include_bytes!("../../captures/har/clair-session.har"),
+    ),
+];
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Har {
@@ -54,7 +69,11 @@ pub struct Entry {
     /// Connection id (non-standard, written by browsers and mitmproxy; string or number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<serde_json::Value>,
-    #[serde(rename = "serverIPAddress", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "serverIPAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub server_ip: Option<String>,
     #[serde(default)]
     pub cache: serde_json::Value,

@@ -94,7 +94,8 @@ impl CaptureSink {
     fn count_drop(&self, size: usize) {
         let c = &self.counters;
         c.pending_drops.fetch_add(1, Ordering::Relaxed);
-        c.pending_drop_bytes.fetch_add(size as u64, Ordering::Relaxed);
+        c.pending_drop_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
         c.dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -172,7 +173,11 @@ fn drain(
                 failing = false;
             }
             Ok(()) => {}
-            Err(TapeError::Write { records_lost, source, path }) => {
+            Err(TapeError::Write {
+                records_lost,
+                source,
+                path,
+            }) => {
                 c.write_errors.fetch_add(1, Ordering::Relaxed);
                 c.dropped.fetch_add(records_lost, Ordering::Relaxed);
                 if !failing {

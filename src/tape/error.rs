@@ -17,10 +17,18 @@ pub enum TapeError {
     NotATape { path: PathBuf },
 
     #[error("{} is tape format version {found}, newer than the version {supported} this loadtape reads: upgrade loadtape", path.display())]
-    NewerVersion { path: PathBuf, found: u16, supported: u16 },
+    NewerVersion {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
 
     #[error("cannot read tape {}: {reason} at byte {offset}; rerun with --lenient to skip it", path.display())]
-    Corrupt { path: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
 
     #[error("no tape files (*.tape) in {}", path.display())]
     NoTapes { path: PathBuf },
@@ -35,9 +43,16 @@ pub enum TapeError {
 }
 
 impl TapeError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TapeError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> TapeError {
         let path = path.into();
-        move |source| TapeError::Io { action, path, source }
+        move |source| TapeError::Io {
+            action,
+            path,
+            source,
+        }
     }
 
     /// True when the tape's bytes are damaged (as opposed to a file that cannot be opened).

@@ -7,7 +7,7 @@
 //! frame   := FRAME_MAGIC(4) payload_len:u32le raw_len:u32le records:u32le
 //!            first_ts:u64le last_ts:u64le watermark:u64le payload_crc:u32le header_crc:u32le
 //!            payload(payload_len bytes, zstd)
-//! index   := INDEX_MAGIC(4) payload_len:u32le payload_crc:u32le payload:bincode(TapeIndex)
+//! index   := INDEX_MAGIC(4) payload_len:u32le payload_crc:u32le header_crc:u32le payload:bincode(TapeIndex)
 //! trailer := index_offset:u64le END_MAGIC(8)
 //! ```
 //!
@@ -30,6 +30,8 @@ pub const END_MAGIC: &[u8; 8] = b"LTAPEEND";
 pub const FRAME_HEADER_LEN: usize = 48;
 /// Size of the fixed part of the file header before the bincode header.
 pub const FILE_PREFIX_LEN: usize = 16;
+/// Size of the fixed index header.
+pub const INDEX_HEADER_LEN: usize = 16;
 /// Size of the trailer after the index.
 pub const TRAILER_LEN: usize = 16;
 /// The largest tape header a reader accepts.

@@ -171,7 +171,10 @@ impl Redaction {
             SecretKind::IssuedToken => "issued_token",
             SecretKind::Other => "other",
         };
-        format!("[redacted {kind} len={} fp={:016x}]", self.len, self.fingerprint)
+        format!(
+            "[redacted {kind} len={} fp={:016x}]",
+            self.len, self.fingerprint
+        )
     }
 }
 
@@ -240,7 +243,9 @@ impl Headers {
 
     /// The headers in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, HeaderValue<'_>)> + '_ {
-        self.entries.iter().map(|e| (self.name(e.name), self.value(e.value)))
+        self.entries
+            .iter()
+            .map(|e| (self.name(e.name), self.value(e.value)))
     }
 
     /// The first value of `name` (case-insensitive).
@@ -263,7 +268,9 @@ impl Headers {
     }
 
     pub(crate) fn approx_size(&self) -> usize {
-        self.bytes.len() + self.entries.len() * std::mem::size_of::<Entry>() + self.redactions.len() * 64
+        self.bytes.len()
+            + self.entries.len() * std::mem::size_of::<Entry>()
+            + self.redactions.len() * 64
     }
 
     fn intern_name(&mut self, name: &str) -> NameRef {
@@ -396,7 +403,8 @@ impl<Context> Decode<Context> for Headers {
                 let i = code - 1;
                 if i as usize >= KNOWN_NAMES.len() {
                     // A newer writer's table: keep the header under a name that says so.
-                    let (start, len) = h.store(format!("x-loadtape-unknown-name-{code}").as_bytes());
+                    let (start, len) =
+                        h.store(format!("x-loadtape-unknown-name-{code}").as_bytes());
                     NameRef::Literal { start, len }
                 } else {
                     NameRef::Known(i as u8)
@@ -441,7 +449,9 @@ impl Headers {
 }
 
 impl<'de, Context> BorrowDecode<'de, Context> for Headers {
-    fn borrow_decode<D: BorrowDecoder<'de, Context = Context>>(d: &mut D) -> Result<Self, DecodeError> {
+    fn borrow_decode<D: BorrowDecoder<'de, Context = Context>>(
+        d: &mut D,
+    ) -> Result<Self, DecodeError> {
         Headers::decode(d)
     }
 }
@@ -454,7 +464,9 @@ impl Serialize for Headers {
                 let mut m = s.serialize_map(Some(2))?;
                 m.serialize_entry("name", self.0)?;
                 match self.1 {
-                    HeaderValue::Plain(b) => m.serialize_entry("value", &String::from_utf8_lossy(b))?,
+                    HeaderValue::Plain(b) => {
+                        m.serialize_entry("value", &String::from_utf8_lossy(b))?
+                    }
                     HeaderValue::Redacted(r) => m.serialize_entry("redacted", r)?,
                 }
                 m.end()
@@ -482,9 +494,13 @@ mod tests {
 
     #[test]
     fn names_are_lowercased_and_order_kept() {
-        let h: Headers = [("Content-Type", "a"), ("X-Custom", "b"), ("content-type", "c")]
-            .into_iter()
-            .collect();
+        let h: Headers = [
+            ("Content-Type", "a"),
+            ("X-Custom", "b"),
+            ("content-type", "c"),
+        ]
+        .into_iter()
+        .collect();
         let names: Vec<_> = h.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(names, ["content-type", "x-custom", "content-type"]);
         assert_eq!(h.get_str("CONTENT-TYPE"), Some("a"));
@@ -519,13 +535,16 @@ mod tests {
         );
         let back = round_trip(&h);
         assert_eq!(back, h);
-        assert!(matches!(back.get("Authorization"), Some(HeaderValue::Redacted(r)) if r.len == 812));
+        assert!(
+            matches!(back.get("Authorization"), Some(HeaderValue::Redacted(r)) if r.len == 812)
+        );
     }
 
     #[test]
     fn absurd_counts_are_refused_not_allocated() {
         let mut bytes = Vec::new();
-        bincode::encode_into_std_write(u64::MAX / 2, &mut bytes, bincode::config::standard()).unwrap();
+        bincode::encode_into_std_write(u64::MAX / 2, &mut bytes, bincode::config::standard())
+            .unwrap();
         let r: Result<(Headers, usize), _> = bincode::decode_from_slice_with_context(
             &bytes,
             bincode::config::standard().with_limit::<{ 1 << 20 }>(),

@@ -23,8 +23,9 @@ use serde::Serialize;
 use super::codec::RecordDecoder;
 use super::error::TapeError;
 use super::format::{
-    bincode_config, FrameHeader, TapeHeader, TapeIndex, END_MAGIC, FILE_PREFIX_LEN, FORMAT_VERSION, FRAME_HEADER_LEN,
-    FRAME_MAGIC, INDEX_MAGIC, MAGIC, MAX_FRAME_LEN, MAX_HEADER_LEN, TRAILER_LEN,
+    bincode_config, FrameHeader, TapeHeader, TapeIndex, END_MAGIC, FILE_PREFIX_LEN, FORMAT_VERSION,
+    FRAME_HEADER_LEN, FRAME_MAGIC, INDEX_HEADER_LEN, INDEX_MAGIC, MAGIC, MAX_FRAME_LEN,
+    MAX_HEADER_LEN, TRAILER_LEN,
 };
 use super::record::{Nanos, Record};
 
@@ -149,7 +150,9 @@ fn read_file_header(path: &Path, f: &mut impl Read) -> Result<SourceFile, TapeEr
     let mut prefix = [0u8; FILE_PREFIX_LEN];
     let n = read_full(f, &mut prefix).map_err(TapeError::io("read", path))?;
     if prefix[..n.min(8)] != MAGIC[..n.min(8)] || n == 0 {
-        return Err(TapeError::NotATape { path: path.to_path_buf() });
+        return Err(TapeError::NotATape {
+            path: path.to_path_buf(),
+        });
     }
     if n < FILE_PREFIX_LEN {
         return Err(corrupt(n as u64, "file ends inside its header"));
@@ -169,7 +172,10 @@ fn read_file_header(path: &Path, f: &mut impl Read) -> Result<SourceFile, TapeEr
     let mut body = vec![0u8; header_len as usize + 4];
     let n = read_full(f, &mut body).map_err(TapeError::io("read", path))?;
     if n < body.len() {
-        return Err(corrupt((FILE_PREFIX_LEN + n) as u64, "file ends inside its header"));
+        return Err(corrupt(
+            (FILE_PREFIX_LEN + n) as u64,
+            "file ends inside its header",
+        ));
     }
     let (bytes, crc) = body.split_at(header_len as usize);
     let mut check = crc32c::crc32c(&prefix[8..]);
@@ -178,7 +184,12 @@ fn read_file_header(path: &Path, f: &mut impl Read) -> Result<SourceFile, TapeEr
         return Err(corrupt(0, "tape header fails its checksum"));
     }
     let (header, _): (TapeHeader, usize) = bincode::decode_from_slice(bytes, bincode_config())
-        .map_err(|e| corrupt(FILE_PREFIX_LEN as u64, &format!("tape header does not decode: {e}")))?;
+        .map_err(|e| {
+            corrupt(
+                FILE_PREFIX_LEN as u64,
+                &format!("tape header does not decode: {e}"),
+            )
+        })?;
     Ok(SourceFile {
         path: path.to_path_buf(),
         version,
@@ -218,9 +229,16 @@ pub struct FileReader {
 
 impl FileReader {
     /// Opens `source` for streaming; frames wholly outside `range` are skipped unread.
-    pub fn open(source: &SourceFile, lenient: bool, range: (Nanos, Nanos)) -> Result<FileReader, TapeError> {
+    pub fn open(
+        source: &SourceFile,
+        lenient: bool,
+        range: (Nanos, Nanos),
+    ) -> Result<FileReader, TapeError> {
         let path = &source.path;
-        let mut input = BufReader::with_capacity(1 << 16, File::open(path).map_err(TapeError::io("open", path))?);
+        let mut input = BufReader::with_capacity(
+            1 << 16,
+            File::open(path).map_err(TapeError::io("open", path))?,
+        );
         input
             .seek(SeekFrom::Start(source.header_len))
             .map_err(TapeError::io("read", path))?;
@@ -239,7 +257,8 @@ impl FileReader {
             },
             lenient,
             range,
-            decompressor: zstd::bulk::Decompressor::new().map_err(TapeError::io("set up decompression for", path))?,
+            decompressor: zstd::bulk::Decompressor::new()
+                .map_err(TapeError::io("set up decompression for", path))?,
             compressed: Vec::new(),
             raw: Vec::new(),
             done: false,
@@ -260,7 +279,10 @@ impl FileReader {
 
     /// Reads the next frame into [`FileReader::raw`]; `Ok(None)` at the end of the file. Damage
     /// met in lenient mode is pushed to `corrupt` and skipped.
-    pub fn next_frame(&mut self, corrupt: &mut Vec<Corruption>) -> Result<Option<FrameHeader>, TapeError> {
+    pub fn next_frame(
+        &mut self,
+        corrupt: &mut Vec<Corruption>,
+    ) -> Result<Option<FrameHeader>, TapeError> {
         while !self.done {
             let offset = self.offset;
             let path = self.stats.path.clone();
@@ -276,11 +298,18 @@ impl FileReader {
                 break;
             }
             if n < FRAME_HEADER_LEN {
-                if head[..n.min(4)] == FRAME_MAGIC[..n.min(4)] || head[..n.min(4)] == INDEX_MAGIC[..n.min(4)] {
+                if head[..n.min(4)] == FRAME_MAGIC[..n.min(4)]
+                    || head[..n.min(4)] == INDEX_MAGIC[..n.min(4)]
+                {
                     self.truncated(offset, n as u64, None);
                     break;
                 }
-                return self.damaged(corrupt, offset, "bytes after the last frame are not a frame", None);
+                return self.damaged(
+                    corrupt,
+                    offset,
+                    "bytes after the last frame are not a frame",
+                    None,
+                );
             }
             let header = match FrameHeader::decode(&head) {
                 Ok(h) => h,
@@ -294,7 +323,12 @@ impl FileReader {
             if skip {
                 // Out of range: step over the payload without reading it. A payload cut short
                 // shows up as a seek past the end, which the next read then finds empty.
-                let file_len = self.input.get_ref().metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+                let file_len = self
+                    .input
+                    .get_ref()
+                    .metadata()
+                    .map(|m| m.len())
+                    .unwrap_or(u64::MAX);
                 let end = offset + FRAME_HEADER_LEN as u64 + len as u64;
                 if end > file_len {
                     self.truncated(offset, file_len - offset, Some(header.records));
@@ -305,26 +339,47 @@ impl FileReader {
                     .map_err(TapeError::io("read", &path))?;
                 self.offset = end;
                 self.stats.bytes += (FRAME_HEADER_LEN + len) as u64;
-                return Ok(Some(FrameHeader { records: 0, ..header }));
+                return Ok(Some(FrameHeader {
+                    records: 0,
+                    ..header
+                }));
             }
             self.compressed.resize(len, 0);
-            let got = read_full(&mut self.input, &mut self.compressed).map_err(TapeError::io("read", &path))?;
+            let got = read_full(&mut self.input, &mut self.compressed)
+                .map_err(TapeError::io("read", &path))?;
             if got < len {
-                self.truncated(offset, (FRAME_HEADER_LEN + got) as u64, Some(header.records));
+                self.truncated(
+                    offset,
+                    (FRAME_HEADER_LEN + got) as u64,
+                    Some(header.records),
+                );
                 break;
             }
             self.offset = offset + (FRAME_HEADER_LEN + len) as u64;
             self.stats.bytes += (FRAME_HEADER_LEN + len) as u64;
             if crc32c::crc32c(&self.compressed) != header.payload_crc {
-                self.damaged(corrupt, offset, "frame payload fails its checksum", Some(header.records))?;
+                self.damaged(
+                    corrupt,
+                    offset,
+                    "frame payload fails its checksum",
+                    Some(header.records),
+                )?;
                 continue;
             }
             self.raw.clear();
             self.raw.reserve(header.raw_len as usize);
-            match self.decompressor.decompress_to_buffer(&self.compressed, &mut self.raw) {
+            match self
+                .decompressor
+                .decompress_to_buffer(&self.compressed, &mut self.raw)
+            {
                 Ok(n) if n == header.raw_len as usize => {}
                 Ok(_) | Err(_) => {
-                    self.damaged(corrupt, offset, "frame payload does not decompress", Some(header.records))?;
+                    self.damaged(
+                        corrupt,
+                        offset,
+                        "frame payload does not decompress",
+                        Some(header.records),
+                    )?;
                     continue;
                 }
             }
@@ -377,7 +432,9 @@ impl FileReader {
         let mut pos = from;
         let mut window = vec![0u8; (1 << 16) + FRAME_HEADER_LEN];
         loop {
-            self.input.seek(SeekFrom::Start(pos)).map_err(|e| io_err(&path, e))?;
+            self.input
+                .seek(SeekFrom::Start(pos))
+                .map_err(|e| io_err(&path, e))?;
             let n = read_full(&mut self.input, &mut window).map_err(|e| io_err(&path, e))?;
             if n < 4 {
                 self.done = true;
@@ -388,10 +445,13 @@ impl FileReader {
                 let at = &window[i..n];
                 let is_frame = at.len() >= FRAME_HEADER_LEN
                     && &at[..4] == FRAME_MAGIC
-                    && FrameHeader::decode(at[..FRAME_HEADER_LEN].try_into().expect("48 bytes")).is_ok();
+                    && FrameHeader::decode(at[..FRAME_HEADER_LEN].try_into().expect("48 bytes"))
+                        .is_ok();
                 if is_frame || &at[..4] == INDEX_MAGIC {
                     self.offset = pos + i as u64;
-                    self.input.seek(SeekFrom::Start(self.offset)).map_err(|e| io_err(&path, e))?;
+                    self.input
+                        .seek(SeekFrom::Start(self.offset))
+                        .map_err(|e| io_err(&path, e))?;
                     return Ok(());
                 }
             }
@@ -407,36 +467,43 @@ impl FileReader {
     fn read_index(&mut self, head: &[u8]) -> Result<(), TapeError> {
         let offset = self.offset;
         let path = self.stats.path.clone();
-        if head.len() < 12 {
+        if head.len() < INDEX_HEADER_LEN {
             self.truncated(offset, head.len() as u64, None);
             return Ok(());
         }
         let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
         let crc = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        let head_crc = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&head[..12]) != head_crc {
+            return self.bad_index(offset, "index header fails its checksum");
+        }
         if len > MAX_FRAME_LEN {
             return self.bad_index(offset, "index claims an impossible length");
         }
         // The header buffer already holds the first bytes of the index payload.
-        let mut payload = head[12..].to_vec();
+        let mut payload = head[INDEX_HEADER_LEN..].to_vec();
         let total = len as usize + TRAILER_LEN;
         if payload.len() < total {
             let have = payload.len();
             payload.resize(total, 0);
-            let n = read_full(&mut self.input, &mut payload[have..]).map_err(TapeError::io("read", &path))?;
+            let n = read_full(&mut self.input, &mut payload[have..])
+                .map_err(TapeError::io("read", &path))?;
             payload.truncate(have + n);
         }
+        payload.truncate(total);
         if payload.len() < total {
-            self.truncated(offset, 12 + payload.len() as u64, None);
+            self.truncated(offset, (INDEX_HEADER_LEN + payload.len()) as u64, None);
             return Ok(());
         }
         let (index, trailer) = payload.split_at(len as usize);
-        if crc32c::crc32c(index) != crc || &trailer[8..16] != END_MAGIC {
+        let index_offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+        if crc32c::crc32c(index) != crc || &trailer[8..16] != END_MAGIC || index_offset != offset {
             return self.bad_index(offset, "index fails its checksum");
         }
         if bincode::decode_from_slice::<TapeIndex, _>(index, bincode_config()).is_err() {
             return self.bad_index(offset, "index does not decode");
         }
-        self.stats.bytes += (12 + total) as u64;
+        self.stats.bytes += (INDEX_HEADER_LEN + total) as u64;
         self.stats.closed = true;
         Ok(())
     }
@@ -610,7 +677,10 @@ impl Recording {
                         return Err(TapeError::Corrupt {
                             path: reader.stats().path.clone(),
                             offset: reader.offset,
-                            reason: format!("frame holds a bad record at byte {} of its payload: {}", e.at, e.reason),
+                            reason: format!(
+                                "frame holds a bad record at byte {} of its payload: {}",
+                                e.at, e.reason
+                            ),
                         })
                     }
                 }
@@ -659,7 +729,10 @@ impl TapeReader {
         // One recording per tape id, files in rotation order; the earliest epoch is time zero.
         let mut groups: Vec<Vec<SourceFile>> = Vec::new();
         for s in sources {
-            match groups.iter_mut().find(|g| g[0].header.tape_id == s.header.tape_id) {
+            match groups
+                .iter_mut()
+                .find(|g| g[0].header.tape_id == s.header.tape_id)
+            {
                 Some(g) => g.push(s),
                 None => groups.push(vec![s]),
             }
@@ -774,6 +847,10 @@ impl Iterator for TapeReader {
 impl ReadStats {
     /// Records lost in frames skipped for damage (counted where their headers were readable).
     pub fn lost(&self) -> u64 {
-        self.corrupt.iter().filter_map(|c| c.records).map(u64::from).sum()
+        self.corrupt
+            .iter()
+            .filter_map(|c| c.records)
+            .map(u64::from)
+            .sum()
     }
 }

@@ -103,7 +103,9 @@ impl Record {
                     + e.request.authority.len()
                     + e.request.headers.approx_size()
                     + e.request.body.stored_len()
-                    + e.response.as_ref().map_or(0, |r| r.headers.approx_size() + r.body.stored_len())
+                    + e.response
+                        .as_ref()
+                        .map_or(0, |r| r.headers.approx_size() + r.body.stored_len())
             }
             Record::Blob(b) => 64 + b.data.len(),
             Record::Unknown { payload, .. } => 16 + payload.len(),
@@ -482,7 +484,10 @@ fn serialize_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S
     s.serialize_str(&digest_string(d))
 }
 
-fn serialize_opt_digest<S: serde::Serializer>(d: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_opt_digest<S: serde::Serializer>(
+    d: &Option<[u8; 32]>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_str(&digest_string(d)),
         None => s.serialize_none(),

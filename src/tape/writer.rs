@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use super::codec::encode_record;
 use super::error::TapeError;
 use super::format::{
-    bincode_config, encode_file_header, FrameHeader, IndexEntry, TapeHeader, TapeIndex, END_MAGIC, INDEX_MAGIC,
+    bincode_config, encode_file_header, FrameHeader, IndexEntry, TapeHeader, TapeIndex, END_MAGIC,
+    INDEX_MAGIC,
 };
 use super::record::{Dropped, Nanos, Record};
 
@@ -66,7 +67,10 @@ pub struct WriteSummary {
 enum Target {
     File(PathBuf),
     /// Rotated files `<prefix>-<seq>.tape` in a directory.
-    Dir { dir: PathBuf, prefix: String },
+    Dir {
+        dir: PathBuf,
+        prefix: String,
+    },
 }
 
 struct OpenFile {
@@ -101,7 +105,11 @@ pub struct TapeWriter {
 impl TapeWriter {
     /// Creates a writer. A `path` ending in `.tape` is one file (created, never overwritten);
     /// anything else is a directory of rotated files, created 0700 when missing.
-    pub fn create(path: impl AsRef<Path>, header: TapeHeader, options: WriterOptions) -> Result<Self, TapeError> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        header: TapeHeader,
+        options: WriterOptions,
+    ) -> Result<Self, TapeError> {
         let path = path.as_ref();
         let target = if path.extension().is_some_and(|e| e == "tape") {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -289,11 +297,14 @@ impl TapeWriter {
             records: f.records,
             dropped: f.dropped,
         };
-        let payload = bincode::encode_to_vec(&index, bincode_config()).expect("an index always encodes");
+        let payload =
+            bincode::encode_to_vec(&index, bincode_config()).expect("an index always encodes");
         let mut tail = Vec::with_capacity(payload.len() + 28);
         tail.extend_from_slice(INDEX_MAGIC);
         tail.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         tail.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        let head_crc = crc32c::crc32c(&tail);
+        tail.extend_from_slice(&head_crc.to_le_bytes());
         tail.extend_from_slice(&payload);
         tail.extend_from_slice(&f.len.to_le_bytes());
         tail.extend_from_slice(END_MAGIC);
@@ -309,7 +320,9 @@ impl TapeWriter {
     fn open_next(&mut self) -> Result<(), TapeError> {
         let path = match &self.target {
             Target::File(p) => p.clone(),
-            Target::Dir { dir, prefix } => dir.join(format!("{prefix}-{:06}.tape", self.header.seq)),
+            Target::Dir { dir, prefix } => {
+                dir.join(format!("{prefix}-{:06}.tape", self.header.seq))
+            }
         };
         let mut file = OpenOptions::new()
             .write(true)
@@ -318,7 +331,8 @@ impl TapeWriter {
             .open(&path)
             .map_err(TapeError::io("create", &path))?;
         let head = encode_file_header(&self.header);
-        file.write_all(&head).map_err(TapeError::io("write", &path))?;
+        file.write_all(&head)
+            .map_err(TapeError::io("write", &path))?;
         self.summary.bytes += head.len() as u64;
         self.summary.files.push(path.clone());
         self.current = Some(OpenFile {

@@ -1,0 +1,93 @@
+//! Set-up shared by the integration tests: tapes made of realistic records, and reading them
+//! back whole.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use loadtape::synth::{builtin_templates, Synth};
+use loadtape::tape::{
+    ReadOptions, ReadStats, Record, TapeError, TapeHeader, TapeKind, TapeReader, TapeWriter,
+    WriteSummary, WriterOptions,
+};
+
+pub fn header() -> TapeHeader {
+    TapeHeader::new(TapeKind::Capture, "loadtape test")
+}
+
+/// `n` exchanges shaped like the built-in Quay/Clair session, in start order.
+pub fn exchanges(n: usize, seed: u64) -> Vec<Record> {
+    Synth::new(builtin_templates(), 500.0, seed, true)
+        .take(n)
+        .map(|e| Record::Exchange(Box::new(e)))
+        .collect()
+}
+
+/// Writes `records` in the given order, declaring them ordered (watermark) when `ordered`.
+pub fn write(
+    path: &Path,
+    records: &[Record],
+    options: WriterOptions,
+    ordered: bool,
+) -> WriteSummary {
+    let mut w = TapeWriter::create(path, header(), options).expect("create tape");
+    for r in records {
+        if ordered {
+            w.set_watermark(r.start());
+        }
+        w.write(r).expect("write record");
+    }
+    w.finish().expect("finish tape")
+}
+
+/// Small frames, so that a small tape has many.
+pub fn small_frames() -> WriterOptions {
+    WriterOptions {
+        frame_bytes: 2048,
+        ..WriterOptions::default()
+    }
+}
+
+pub fn read(
+    paths: &[PathBuf],
+    options: &ReadOptions,
+) -> Result<(Vec<Record>, ReadStats), TapeError> {
+    let mut reader = TapeReader::open(paths, options)?;
+    let records = reader.by_ref().collect::<Result<Vec<_>, _>>()?;
+    Ok((records, reader.stats().clone()))
+}
+
+pub fn read_one(path: &Path) -> Result<(Vec<Record>, ReadStats), TapeError> {
+    read(&[path.to_path_buf()], &ReadOptions::default())
+}
+
+/// The path of the loadtape binary built for these tests.
+pub fn loadtape_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_loadtape"))
+}
+
+/// The offsets at which each frame of a tape file ends, from its own bytes.
+pub fn frame_ends(bytes: &[u8]) -> Vec<usize> {
+    use loadtape::tape::format::{FILE_PREFIX_LEN, FRAME_HEADER_LEN, FRAME_MAGIC};
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let mut at = FILE_PREFIX_LEN + header_len + 4;
+    let mut ends = Vec::new();
+    while at + FRAME_HEADER_LEN <= bytes.len() && &bytes[at..at + 4] == FRAME_MAGIC {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        at += FRAME_HEADER_LEN + len;
+        ends.push(at);
+    }
+    ends
+}
+
+/// Records per frame, in order.
+pub fn frame_records(bytes: &[u8]) -> Vec<usize> {
+    let mut starts = vec![];
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    starts.push(loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4);
+    let ends = frame_ends(bytes);
+    starts.extend(ends.iter().take(ends.len().saturating_sub(1)).copied());
+    starts
+        .iter()
+        .map(|&s| u32::from_le_bytes(bytes[s + 12..s + 16].try_into().unwrap()) as usize)
+        .collect()
+}
