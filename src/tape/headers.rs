@@ -333,7 +333,7 @@ impl std::fmt::Debug for Headers {
     }
 }
 
-impl<'a, N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
+impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Headers {
         let mut h = Headers::new();
         for (n, v) in iter {

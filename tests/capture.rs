@@ -1,0 +1,161 @@
+//! The proxy's path into a tape: it never waits, and what it drops is counted in the tape.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use loadtape::tape::capture::{self, CaptureLimits};
+use loadtape::tape::{Record, TapeWriter, WriterOptions};
+
+fn dropped_in(records: &[Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| match r {
+            Record::Dropped(d) => d.records,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn everything_offered_to_a_roomy_queue_reaches_the_tape() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = TapeWriter::create(
+        dir.path().join("t.tape"),
+        header(),
+        WriterOptions::default(),
+    )
+    .unwrap();
+    let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
+    let records = exchanges(2000, 11);
+    for r in &records {
+        assert!(sink.offer(r.clone()));
+    }
+    let summary = thread.finish().unwrap();
+    assert_eq!(summary.records, 2000);
+    assert_eq!(summary.dropped, 0);
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    assert_eq!(back, records);
+}
+
+#[test]
+fn a_full_queue_drops_without_waiting_and_the_tape_counts_the_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = TapeWriter::create(
+        dir.path().join("t.tape"),
+        header(),
+        WriterOptions::default(),
+    )
+    .unwrap();
+    // A queue of 8 records and 16 KiB, fed from four threads as fast as they can.
+    let limits = CaptureLimits {
+        records: 8,
+        bytes: 16 << 10,
+    };
+    let (sink, thread) = capture::spawn(writer, limits);
+    let records = exchanges(5000, 12);
+    let accepted: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = records
+            .chunks(1250)
+            .map(|chunk| {
+                let sink = sink.clone();
+                s.spawn(move || chunk.iter().filter(|r| sink.offer((*r).clone())).count() as u64)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let counters = sink.counters().clone();
+    drop(sink);
+    let summary = thread.finish().unwrap();
+    let dropped = counters.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        accepted + dropped,
+        5000,
+        "every record is either written or counted"
+    );
+    assert!(
+        dropped > 0,
+        "a queue of 8 fed by four threads must overflow"
+    );
+
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    let exchanges = back
+        .iter()
+        .filter(|r| matches!(r, Record::Exchange(_)))
+        .count() as u64;
+    assert_eq!(exchanges, accepted);
+    assert_eq!(
+        dropped_in(&back),
+        dropped,
+        "the tape says how many were dropped"
+    );
+    assert_eq!(summary.dropped, dropped);
+}
+
+#[test]
+fn a_byte_budget_bounds_the_queue_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = TapeWriter::create(
+        dir.path().join("t.tape"),
+        header(),
+        WriterOptions::default(),
+    )
+    .unwrap();
+    // Room for many records but not for one record's bytes: everything is dropped.
+    let (sink, thread) = capture::spawn(
+        writer,
+        CaptureLimits {
+            records: 1000,
+            bytes: 10,
+        },
+    );
+    for r in exchanges(100, 13) {
+        assert!(!sink.offer(r));
+    }
+    drop(sink);
+    thread.finish().unwrap();
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    assert_eq!(
+        back.iter()
+            .filter(|r| matches!(r, Record::Exchange(_)))
+            .count(),
+        0
+    );
+    assert_eq!(dropped_in(&back), 100);
+}
+
+#[test]
+fn a_tape_being_written_can_be_read_up_to_its_last_flushed_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("live.tape");
+    let options = WriterOptions {
+        flush_interval: Duration::from_millis(20),
+        ..WriterOptions::default()
+    };
+    let writer = TapeWriter::create(&path, header(), options).unwrap();
+    let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
+    let records = exchanges(50, 14);
+    for r in &records {
+        sink.offer(r.clone());
+    }
+    // Traffic stops; the writer must still flush on its own, within its interval.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let back = loop {
+        let (back, stats) = read_one(&path).unwrap();
+        if back.len() == records.len() {
+            assert!(!stats.files[0].closed, "the tape is still open");
+            break back;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle writer never flushed ({} read)",
+            back.len()
+        );
+        std::thread::yield_now();
+    };
+    assert_eq!(back, records);
+    thread.finish().unwrap();
+    let (_, stats) = read_one(&path).unwrap();
+    assert!(stats.files[0].closed);
+}
