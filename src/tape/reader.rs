@@ -105,6 +105,8 @@ pub struct Corruption {
 #[derive(Debug, Clone)]
 pub struct SourceFile {
     pub path: PathBuf,
+    /// The file's bytes, for a tape held in memory rather than on disk.
+    pub data: Option<std::sync::Arc<[u8]>>,
     pub version: u16,
     pub header: TapeHeader,
     pub header_len: u64,
@@ -192,10 +194,65 @@ fn read_file_header(path: &Path, f: &mut impl Read) -> Result<SourceFile, TapeEr
         })?;
     Ok(SourceFile {
         path: path.to_path_buf(),
+        data: None,
         version,
         header,
         header_len: (FILE_PREFIX_LEN + body.len()) as u64,
     })
+}
+
+/// A tape held in memory, as a [`SourceFile`] a [`TapeReader`] reads like a file; `name` stands
+/// for its path in messages.
+pub fn memory_source(
+    name: &str,
+    bytes: impl Into<std::sync::Arc<[u8]>>,
+) -> Result<SourceFile, TapeError> {
+    let bytes: std::sync::Arc<[u8]> = bytes.into();
+    let mut cursor = std::io::Cursor::new(&bytes[..]);
+    let mut source = read_file_header(Path::new(name), &mut cursor)?;
+    source.data = Some(bytes);
+    Ok(source)
+}
+
+/// Where a [`FileReader`] reads from.
+enum Input {
+    File(BufReader<File>),
+    Memory(std::io::Cursor<std::sync::Arc<[u8]>>),
+}
+
+impl Input {
+    /// The input's current length (a file may still be growing).
+    fn len(&self) -> u64 {
+        match self {
+            Input::File(f) => f.get_ref().metadata().map(|m| m.len()).unwrap_or(u64::MAX),
+            Input::Memory(c) => c.get_ref().len() as u64,
+        }
+    }
+
+    fn skip(&mut self, n: i64) -> std::io::Result<()> {
+        match self {
+            Input::File(f) => f.seek_relative(n),
+            Input::Memory(c) => c.seek(SeekFrom::Current(n)).map(|_| ()),
+        }
+    }
+}
+
+impl Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Input::File(f) => f.read(buf),
+            Input::Memory(c) => c.read(buf),
+        }
+    }
+}
+
+impl Seek for Input {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Input::File(f) => f.seek(pos),
+            Input::Memory(c) => c.seek(pos),
+        }
+    }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
@@ -214,7 +271,7 @@ fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Streams the frames of one file.
 pub struct FileReader {
-    input: BufReader<File>,
+    input: Input,
     offset: u64,
     stats: FileStats,
     lenient: bool,
@@ -235,10 +292,13 @@ impl FileReader {
         range: (Nanos, Nanos),
     ) -> Result<FileReader, TapeError> {
         let path = &source.path;
-        let mut input = BufReader::with_capacity(
-            1 << 16,
-            File::open(path).map_err(TapeError::io("open", path))?,
-        );
+        let mut input = match &source.data {
+            Some(bytes) => Input::Memory(std::io::Cursor::new(bytes.clone())),
+            None => Input::File(BufReader::with_capacity(
+                1 << 16,
+                File::open(path).map_err(TapeError::io("open", path))?,
+            )),
+        };
         input
             .seek(SeekFrom::Start(source.header_len))
             .map_err(TapeError::io("read", path))?;
@@ -323,19 +383,14 @@ impl FileReader {
             if skip {
                 // Out of range: step over the payload without reading it. A payload cut short
                 // shows up as a seek past the end, which the next read then finds empty.
-                let file_len = self
-                    .input
-                    .get_ref()
-                    .metadata()
-                    .map(|m| m.len())
-                    .unwrap_or(u64::MAX);
+                let file_len = self.input.len();
                 let end = offset + FRAME_HEADER_LEN as u64 + len as u64;
                 if end > file_len {
                     self.truncated(offset, file_len - offset, Some(header.records));
                     break;
                 }
                 self.input
-                    .seek_relative(len as i64)
+                    .skip(len as i64)
                     .map_err(TapeError::io("read", &path))?;
                 self.offset = end;
                 self.stats.bytes += (FRAME_HEADER_LEN + len) as u64;
