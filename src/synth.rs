@@ -8,6 +8,7 @@
 
 use crate::har::{har_to_records, ImportOptions, BUILTIN_SESSIONS};
 use crate::redact::Redactor;
+use crate::tape::codec::digest_in_text;
 use crate::tape::{Body, Exchange, HeaderValue, Headers, Nanos, Record, Stored, Timing};
 
 /// The exchanges of the built-in Quay and Clair session, as templates.
@@ -123,19 +124,35 @@ impl Synth {
         );
         e.request.target = replace_ids(&e.request.target, &digest, &uuid);
         e.request.headers = rewrite_headers(&e.request.headers, &digest, &uuid);
-        let body_digest = {
-            let mut d = [0u8; 32];
-            for chunk in d.chunks_mut(8) {
-                chunk.copy_from_slice(&self.rand().to_le_bytes());
-            }
-            d
+        // Registries are content-addressed: a body's sha256 is the digest its request names
+        // (a blob GET, an upload's `?digest=`) or that the response declares.
+        let named = digest_in_text(&e.request.target);
+        let request_digest = match named {
+            Some(d) if e.request.target.contains("digest=") => d,
+            _ => self.random_digest(),
         };
-        self.refresh_body(&mut e.request.body, body_digest);
+        self.refresh_body(&mut e.request.body, request_digest);
         if let Ok(resp) = e.response.as_mut() {
             resp.headers = rewrite_headers(&resp.headers, &digest, &uuid);
-            self.refresh_body(&mut resp.body, body_digest);
+            let declared = resp
+                .headers
+                .get_str("docker-content-digest")
+                .and_then(digest_in_text);
+            let response_digest = match declared.or(named) {
+                Some(d) => d,
+                None => self.random_digest(),
+            };
+            self.refresh_body(&mut resp.body, response_digest);
         }
         e
+    }
+
+    fn random_digest(&mut self) -> [u8; 32] {
+        let mut d = [0u8; 32];
+        for chunk in d.chunks_mut(8) {
+            chunk.copy_from_slice(&self.rand().to_le_bytes());
+        }
+        d
     }
 
     fn refresh_body(&self, body: &mut Body, digest: [u8; 32]) {

@@ -1,36 +1,81 @@
 //! Records to frame payload bytes and back.
 //!
-//! Inside a decompressed frame every record is `kind:u8 len:u32le payload`, the payload being the
-//! bincode encoding of the record's struct. The length lets a reader skip a kind it does not know
-//! and ignore fields appended after the ones it knows: that is how the format grows without a
-//! break.
+//! Inside a decompressed frame every record is `kind:u8 len:u32le payload`. The length lets a
+//! reader skip a kind it does not know and ignore fields appended after the ones it knows: that
+//! is how the format grows without a break.
+//!
+//! Most kinds are the plain bincode encoding of their struct. Exchanges, nearly all of a tape,
+//! are written field by field with bincode's primitive encodings and two savings that matter at
+//! millions of records (see `captures/README.md`, "Exchanges"):
+//!
+//! * header values repeat from one exchange to the next (`user-agent`, `accept`, `server`, the
+//!   registry's API version), so each header name keeps, per frame, its last few values, and a
+//!   repeated value is one byte. The cache starts empty in every frame, so frames stay
+//!   independently readable;
+//! * a registry body's sha256 is usually the digest already in the path or in
+//!   `Docker-Content-Digest`, so it is written as a reference to it rather than 32 more bytes.
 
-use super::format::bincode_config;
-use super::record::{kind, Blob, ConnectionClosed, ConnectionOpened, Dropped, Exchange, Record};
+use std::net::SocketAddr;
+
+use super::format::{bincode_config, bincode_config_small};
+use super::headers::{HeaderName, KNOWN_NAMES};
+use super::record::{
+    kind, Blob, Body, ConnectionClosed, ConnectionOpened, Dropped, Exchange, Headers, HttpVersion,
+    Method, Record, Redaction, Request, Response, Scheme, Stored, Timing, UpstreamFailure,
+};
 
 /// Bytes in front of every record's payload.
 pub const RECORD_PREFIX_LEN: usize = 5;
+/// Values remembered per header name within a frame.
+pub const VALUE_SLOTS: usize = 4;
 
-/// Appends `record` to a frame payload under construction.
-pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.push(record.kind_code());
-    out.extend_from_slice(&[0; 4]);
-    let cfg = bincode_config();
-    let written = match record {
-        Record::Exchange(e) => bincode::encode_into_std_write(e.as_ref(), out, cfg),
-        Record::ConnectionOpened(c) => bincode::encode_into_std_write(c, out, cfg),
-        Record::ConnectionClosed(c) => bincode::encode_into_std_write(c, out, cfg),
-        Record::Blob(b) => bincode::encode_into_std_write(b, out, cfg),
-        Record::Dropped(d) => bincode::encode_into_std_write(d, out, cfg),
-        Record::Unknown { payload, .. } => {
-            out.extend_from_slice(payload);
-            Ok(payload.len())
-        }
-    };
-    // Encoding into a Vec fails only on a size limit no record of ours reaches.
-    let len = written.expect("records encode into memory") as u32;
-    out[start + 1..start + RECORD_PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+/// Encodes records into one frame's payload, remembering header values as it goes. Call
+/// [`FrameEncoder::reset`] at every frame boundary.
+#[derive(Default)]
+pub struct FrameEncoder {
+    cache: ValueCache,
+}
+
+impl FrameEncoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets the frame's header values: the next record starts a new frame.
+    pub fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Appends `record` to the frame payload `out`.
+    pub fn encode(&mut self, record: &Record, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.push(record.kind_code());
+        out.extend_from_slice(&[0; 4]);
+        let cfg = bincode_config();
+        let encoded = match record {
+            Record::Exchange(e) => {
+                encode_exchange(e, &mut self.cache, out);
+                Ok(0)
+            }
+            Record::ConnectionOpened(c) => bincode::encode_into_std_write(c, out, cfg),
+            Record::ConnectionClosed(c) => bincode::encode_into_std_write(c, out, cfg),
+            Record::Blob(b) => bincode::encode_into_std_write(b, out, cfg),
+            Record::Dropped(d) => bincode::encode_into_std_write(d, out, cfg),
+            Record::Unknown { code, payload } => {
+                if *code == kind::EXCHANGE {
+                    // An exchange from a newer writer, copied as is: the reader will run its
+                    // headers through the value cache, so ours must see them too.
+                    let _ = decode_exchange(&mut Input::new(payload), &mut self.cache);
+                }
+                out.extend_from_slice(payload);
+                Ok(0)
+            }
+        };
+        // Encoding into a Vec fails only on a size limit no record of ours reaches.
+        encoded.expect("records encode into memory");
+        let len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
+        out[start + 1..start + RECORD_PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+    }
 }
 
 /// Why a frame's payload could not be decoded.
@@ -41,15 +86,27 @@ pub struct DecodeFailure {
     pub reason: String,
 }
 
-/// Iterates over the records of a decompressed frame payload.
+/// Iterates over the records of one decompressed frame payload.
 pub struct RecordDecoder<'a> {
     payload: &'a [u8],
     at: usize,
+    cache: ValueCache,
 }
 
 impl<'a> RecordDecoder<'a> {
     pub fn new(payload: &'a [u8]) -> Self {
-        RecordDecoder { payload, at: 0 }
+        RecordDecoder {
+            payload,
+            at: 0,
+            cache: ValueCache::default(),
+        }
+    }
+
+    fn fail(&mut self, at: usize, reason: String) -> Option<Result<Record, DecodeFailure>> {
+        // The frame passed its checksum, so this is a writer bug or an incompatible writer:
+        // stop here rather than guess where the next record starts.
+        self.at = self.payload.len();
+        Some(Err(DecodeFailure { at, reason }))
     }
 }
 
@@ -61,46 +118,558 @@ impl Iterator for RecordDecoder<'_> {
         if rest.is_empty() {
             return None;
         }
-        let fail = |at: usize, reason: String| Some(Err(DecodeFailure { at, reason }));
+        let at = self.at;
         if rest.len() < RECORD_PREFIX_LEN {
-            let at = self.at;
-            self.at = self.payload.len();
-            return fail(at, "record prefix cut short".into());
+            return self.fail(at, "record prefix cut short".into());
         }
         let code = rest[0];
         let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
         let Some(body) = rest.get(RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + len) else {
-            let at = self.at;
-            self.at = self.payload.len();
-            return fail(at, format!("record of {len} bytes overruns its frame"));
+            return self.fail(at, format!("record of {len} bytes overruns its frame"));
         };
-        let at = self.at;
         self.at += RECORD_PREFIX_LEN + len;
-        match decode_body(code, body) {
+        match decode_body(code, body, &mut self.cache) {
             Ok(r) => Some(Ok(r)),
-            Err(e) => {
-                // The frame passed its checksum, so this is a writer bug or an incompatible
-                // writer: stop here rather than guess where the next record starts.
-                self.at = self.payload.len();
-                fail(at, format!("record of kind {code} does not decode: {e}"))
-            }
+            Err(e) => self.fail(at, format!("record of kind {code} does not decode: {e}")),
         }
     }
 }
 
-fn decode_body(code: u8, body: &[u8]) -> Result<Record, bincode::error::DecodeError> {
-    fn one<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, bincode::error::DecodeError> {
-        bincode::decode_from_slice(body, bincode_config()).map(|(v, _)| v)
+fn decode_body(code: u8, body: &[u8], cache: &mut ValueCache) -> Result<Record, String> {
+    fn one<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, String> {
+        bincode::decode_from_slice(body, bincode_config_small())
+            .map(|(v, _)| v)
+            .map_err(|e| e.to_string())
     }
     Ok(match code {
-        kind::EXCHANGE => Record::Exchange(Box::new(one::<Exchange>(body)?)),
+        kind::EXCHANGE => {
+            Record::Exchange(Box::new(decode_exchange(&mut Input::new(body), cache)?))
+        }
         kind::CONNECTION_OPENED => Record::ConnectionOpened(one::<ConnectionOpened>(body)?),
         kind::CONNECTION_CLOSED => Record::ConnectionClosed(one::<ConnectionClosed>(body)?),
-        kind::BLOB => Record::Blob(one::<Blob>(body)?),
+        kind::BLOB => Record::Blob(
+            bincode::decode_from_slice::<Blob, _>(body, bincode_config())
+                .map(|(v, _)| v)
+                .map_err(|e| e.to_string())?,
+        ),
         kind::DROPPED => Record::Dropped(one::<Dropped>(body)?),
         code => Record::Unknown {
             code,
             payload: body.to_vec(),
         },
     })
+}
+
+// ---- bincode's primitive encodings (standard configuration), by hand ----
+
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    if v < 251 {
+        out.push(v as u8);
+    } else if v <= u16::MAX as u64 {
+        out.push(251);
+        out.extend_from_slice(&(v as u16).to_le_bytes());
+    } else if v <= u32::MAX as u64 {
+        out.push(252);
+        out.extend_from_slice(&(v as u32).to_le_bytes());
+    } else {
+        out.push(253);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn put<T: bincode::Encode>(out: &mut Vec<u8>, v: &T) {
+    bincode::encode_into_std_write(v, out, bincode_config()).expect("encodes into memory");
+}
+
+/// A cursor over one record's bytes.
+struct Input<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Input<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Input { bytes, at: 0 }
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        let b = *self.bytes.get(self.at).ok_or("record ends early")?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).ok_or("length overflows")?;
+        let b = self.bytes.get(self.at..end).ok_or("record ends early")?;
+        self.at = end;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        Ok(match self.u8()? {
+            251 => u16::from_le_bytes(self.take(2)?.try_into().expect("2")) as u64,
+            252 => u32::from_le_bytes(self.take(4)?.try_into().expect("4")) as u64,
+            253 => u64::from_le_bytes(self.take(8)?.try_into().expect("8")),
+            b @ 0..=250 => b as u64,
+            b => return Err(format!("bad varint tag {b}")),
+        })
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.varint()?;
+        self.take(usize::try_from(n).map_err(|_| "length overflows")?)
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_string)
+            .map_err(|e| format!("invalid UTF-8: {e}"))
+    }
+
+    fn digest(&mut self) -> Result<[u8; 32], String> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+
+    fn bool(&mut self) -> Result<bool, String> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(format!("bad bool {b}")),
+        }
+    }
+
+    /// A bincode-derived value.
+    fn get<T: bincode::Decode<()>>(&mut self) -> Result<T, String> {
+        let (v, used) = bincode::decode_from_slice(&self.bytes[self.at..], bincode_config_small())
+            .map_err(|e| e.to_string())?;
+        self.at += used;
+        Ok(v)
+    }
+}
+
+// ---- exchanges ----
+
+fn encode_exchange(e: &Exchange, cache: &mut ValueCache, out: &mut Vec<u8>) {
+    put_varint(out, e.id);
+    put_varint(out, e.connection);
+    put_varint(out, e.stream as u64);
+    put::<Option<SocketAddr>>(out, &e.client);
+    let t = &e.timing;
+    put_varint(out, t.start);
+    put_varint(out, t.request_done);
+    match t.response_head {
+        Some(h) => {
+            out.push(1);
+            put_varint(out, h);
+        }
+        None => out.push(0),
+    }
+    put_varint(out, t.response_done);
+
+    let r = &e.request;
+    put(out, &r.method);
+    put(out, &r.scheme);
+    put_bytes(out, r.authority.as_bytes());
+    put_bytes(out, r.target.as_bytes());
+    put(out, &r.version);
+    encode_headers(&r.headers, cache, out);
+    encode_body(&r.body, &r.target, &r.headers, out);
+
+    match &e.response {
+        Ok(resp) => {
+            out.push(0);
+            put_varint(out, resp.status as u64);
+            put(out, &resp.version);
+            encode_headers(&resp.headers, cache, out);
+            encode_body(&resp.body, &r.target, &resp.headers, out);
+        }
+        Err(f) => {
+            out.push(1);
+            put(out, f);
+        }
+    }
+    put(out, &e.issued_secrets);
+    out.push(e.upgraded as u8);
+}
+
+fn decode_exchange(i: &mut Input, cache: &mut ValueCache) -> Result<Exchange, String> {
+    let id = i.varint()?;
+    let connection = i.varint()?;
+    let stream = i.varint()? as u32;
+    let client: Option<SocketAddr> = i.get()?;
+    let start = i.varint()?;
+    let request_done = i.varint()?;
+    let response_head = if i.bool()? { Some(i.varint()?) } else { None };
+    let response_done = i.varint()?;
+
+    let method: Method = i.get()?;
+    let scheme: Scheme = i.get()?;
+    let authority = i.string()?;
+    let target = i.string()?;
+    let version: HttpVersion = i.get()?;
+    let headers = decode_headers(i, cache)?;
+    let body = decode_body_field(i, &target, &headers)?;
+    let request = Request {
+        method,
+        scheme,
+        authority,
+        target,
+        version,
+        headers,
+        body,
+    };
+
+    let response = match i.u8()? {
+        0 => {
+            let status = u16::try_from(i.varint()?).map_err(|_| "status out of range")?;
+            let version: HttpVersion = i.get()?;
+            let headers = decode_headers(i, cache)?;
+            let body = decode_body_field(i, &request.target, &headers)?;
+            Ok(Response {
+                status,
+                version,
+                headers,
+                body,
+            })
+        }
+        1 => Err(i.get::<UpstreamFailure>()?),
+        b => return Err(format!("bad response tag {b}")),
+    };
+    let issued_secrets: Vec<Redaction> = i.get()?;
+    let upgraded = i.bool()?;
+    // Anything after this is a field appended by a newer writer: ignored.
+    Ok(Exchange {
+        id,
+        connection,
+        stream,
+        client,
+        timing: Timing {
+            start,
+            request_done,
+            response_head,
+            response_done,
+        },
+        request,
+        response,
+        issued_secrets,
+        upgraded,
+    })
+}
+
+// Body flags: bits 0-1 where the sha256 is, bit 2 complete, bits 3-4 what is stored.
+const SHA_NONE: u8 = 0;
+const SHA_INLINE: u8 = 1;
+const SHA_IN_TARGET: u8 = 2;
+const SHA_IN_DIGEST_HEADER: u8 = 3;
+const COMPLETE: u8 = 1 << 2;
+const STORED_PREFIX: u8 = 1 << 3;
+const STORED_FULL: u8 = 2 << 3;
+
+fn encode_body(body: &Body, target: &str, headers: &Headers, out: &mut Vec<u8>) {
+    let sha = match &body.sha256 {
+        None => SHA_NONE,
+        Some(d) if digest_in_text(target).as_ref() == Some(d) => SHA_IN_TARGET,
+        Some(d) if digest_header(headers).as_ref() == Some(d) => SHA_IN_DIGEST_HEADER,
+        Some(_) => SHA_INLINE,
+    };
+    let stored = match body.stored {
+        Stored::None => 0,
+        Stored::Prefix(_) => STORED_PREFIX,
+        Stored::Full(_) => STORED_FULL,
+    };
+    out.push(sha | stored | if body.complete { COMPLETE } else { 0 });
+    put_varint(out, body.len);
+    if sha == SHA_INLINE {
+        out.extend_from_slice(body.sha256.as_ref().expect("inline sha"));
+    }
+    match &body.stored {
+        Stored::None => {}
+        Stored::Prefix(p) => put_bytes(out, p),
+        Stored::Full(d) => out.extend_from_slice(d),
+    }
+}
+
+fn decode_body_field(i: &mut Input, target: &str, headers: &Headers) -> Result<Body, String> {
+    let flags = i.u8()?;
+    let len = i.varint()?;
+    let sha256 = match flags & 3 {
+        SHA_NONE => None,
+        SHA_INLINE => Some(i.digest()?),
+        SHA_IN_TARGET => {
+            Some(digest_in_text(target).ok_or("body digest refers to a target without one")?)
+        }
+        _ => Some(
+            digest_header(headers)
+                .ok_or("body digest refers to a missing Docker-Content-Digest")?,
+        ),
+    };
+    let stored = match flags & (3 << 3) {
+        0 => Stored::None,
+        STORED_PREFIX => Stored::Prefix(i.bytes()?.to_vec()),
+        STORED_FULL => Stored::Full(i.digest()?),
+        _ => return Err(format!("bad body flags {flags:#x}")),
+    };
+    Ok(Body {
+        len,
+        sha256,
+        stored,
+        complete: flags & COMPLETE != 0,
+    })
+}
+
+/// The first `sha256:<64 hex>` in a path or query (also `sha256%3A`, as clients escape it).
+pub fn digest_in_text(text: &str) -> Option<[u8; 32]> {
+    let b = text.as_bytes();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find("sha256") {
+        let at = from + pos + 6;
+        let hex_start = if b.get(at) == Some(&b':') {
+            at + 1
+        } else if b.len() >= at + 3
+            && b[at] == b'%'
+            && b[at + 1] == b'3'
+            && (b[at + 2] | 0x20) == b'a'
+        {
+            at + 3
+        } else {
+            from = at;
+            continue;
+        };
+        if let Some(d) = b.get(hex_start..hex_start + 64).and_then(parse_hex32) {
+            return Some(d);
+        }
+        from = at;
+    }
+    None
+}
+
+fn digest_header(headers: &Headers) -> Option<[u8; 32]> {
+    let v = headers.get_str("docker-content-digest")?;
+    let hex = v.strip_prefix("sha256:")?;
+    (hex.len() == 64)
+        .then(|| parse_hex32(hex.as_bytes()))
+        .flatten()
+}
+
+fn parse_hex32(hex: &[u8]) -> Option<[u8; 32]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            // Upper case would not round-trip through `digest_string`: not a digest we reuse.
+            _ => None,
+        }
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+// ---- headers and the per-frame value cache ----
+
+/// Per frame: for each header name, its last [`VALUE_SLOTS`] values, most recent first. Names
+/// are numbered as on the wire: 1..=KNOWN_NAMES.len() for the well-known ones, then literal
+/// names in the order the frame first used them.
+#[derive(Default)]
+struct ValueCache {
+    /// Literal names seen in this frame; id = KNOWN_NAMES.len() + 1 + index.
+    literal_names: Vec<String>,
+    /// Slots per name id (index 0 unused).
+    slots: Vec<[Option<CachedValue>; VALUE_SLOTS]>,
+    /// Bytes of plain values.
+    arena: Vec<u8>,
+}
+
+#[derive(Clone)]
+enum CachedValue {
+    Plain { start: u32, len: u32 },
+    Redacted(Box<Redaction>),
+}
+
+impl ValueCache {
+    fn clear(&mut self) {
+        self.literal_names.clear();
+        self.slots.clear();
+        self.arena.clear();
+    }
+
+    fn name_id(&mut self, name: HeaderName<'_>) -> (usize, bool) {
+        match name {
+            HeaderName::Known(i) => (i as usize + 1, false),
+            HeaderName::Literal(n) => match self.literal_names.iter().position(|l| l == n) {
+                Some(p) => (KNOWN_NAMES.len() + 1 + p, false),
+                None => {
+                    self.literal_names.push(n.to_string());
+                    (KNOWN_NAMES.len() + self.literal_names.len(), true)
+                }
+            },
+        }
+    }
+
+    fn slots_of(&mut self, id: usize) -> &mut [Option<CachedValue>; VALUE_SLOTS] {
+        if self.slots.len() <= id {
+            self.slots.resize(id + 1, Default::default());
+        }
+        &mut self.slots[id]
+    }
+
+    fn find(&self, id: usize, value: &super::headers::HeaderValue<'_>) -> Option<usize> {
+        use super::headers::HeaderValue as V;
+        let slots = self.slots.get(id)?;
+        slots.iter().position(|s| match (s, value) {
+            (Some(CachedValue::Plain { start, len }), V::Plain(b)) => {
+                &self.arena[*start as usize..(*start + *len) as usize] == *b
+            }
+            (Some(CachedValue::Redacted(r)), V::Redacted(x)) => r.as_ref() == *x,
+            _ => false,
+        })
+    }
+
+    /// Makes `slot` the most recent value of `id`.
+    fn touch(&mut self, id: usize, slot: usize) {
+        self.slots_of(id)[..=slot].rotate_right(1);
+    }
+
+    /// Remembers a new value of `id` as its most recent.
+    fn remember(&mut self, id: usize, value: CachedValue) {
+        let slots = self.slots_of(id);
+        slots.rotate_right(1);
+        slots[0] = Some(value);
+    }
+
+    fn remember_plain(&mut self, id: usize, bytes: &[u8]) {
+        let start = self.arena.len() as u32;
+        self.arena.extend_from_slice(bytes);
+        self.remember(
+            id,
+            CachedValue::Plain {
+                start,
+                len: bytes.len() as u32,
+            },
+        );
+    }
+}
+
+// Per header: name (varint: 0 = a new literal name follows as a string; n = name id n), then
+// value (u8: 0 = plain bytes follow; 1 = a bincode Redaction follows; 2 + s = the value in
+// slot s of this name).
+fn encode_headers(headers: &Headers, cache: &mut ValueCache, out: &mut Vec<u8>) {
+    put_varint(out, headers.len() as u64);
+    for (name, value) in headers.iter_names() {
+        let (id, new_name) = cache.name_id(name);
+        if new_name {
+            out.push(0);
+            put_bytes(out, name.as_str().as_bytes());
+        } else {
+            put_varint(out, id as u64);
+        }
+        if let Some(slot) = cache.find(id, &value) {
+            out.push(2 + slot as u8);
+            cache.touch(id, slot);
+            continue;
+        }
+        match value {
+            super::headers::HeaderValue::Plain(b) => {
+                out.push(0);
+                put_bytes(out, b);
+                cache.remember_plain(id, b);
+            }
+            super::headers::HeaderValue::Redacted(r) => {
+                out.push(1);
+                put(out, r);
+                cache.remember(id, CachedValue::Redacted(Box::new(r.clone())));
+            }
+        }
+    }
+}
+
+fn decode_headers(i: &mut Input, cache: &mut ValueCache) -> Result<Headers, String> {
+    let count = i.varint()?;
+    // Every header takes at least two bytes: refuse counts the record cannot hold.
+    if count > (i.bytes.len() - i.at) as u64 / 2 {
+        return Err(format!("{count} headers cannot fit in the record"));
+    }
+    let mut h = Headers::with_capacity(count as usize, 256.min(i.bytes.len() - i.at));
+    for _ in 0..count {
+        let id = match i.varint()? {
+            0 => {
+                let name =
+                    std::str::from_utf8(i.bytes()?).map_err(|e| format!("header name: {e}"))?;
+                // Mirror the writer: a literal name gets the next id, even if this build knows it.
+                cache.literal_names.push(name.to_string());
+                KNOWN_NAMES.len() + cache.literal_names.len()
+            }
+            id => id as usize,
+        };
+        let name = if id == 0 {
+            return Err("header name id 0".into());
+        } else if id <= KNOWN_NAMES.len() {
+            HeaderName::Known((id - 1) as u8)
+        } else {
+            let n = cache
+                .literal_names
+                .get(id - KNOWN_NAMES.len() - 1)
+                .ok_or_else(|| format!("header name id {id} was never defined in this frame"))?;
+            match super::headers::known_index(n) {
+                Some(k) => HeaderName::Known(k),
+                None => HeaderName::Literal(n),
+            }
+        };
+        match i.u8()? {
+            0 => {
+                let value = i.bytes()?;
+                h.push_name(name, value);
+                cache.remember_plain(id, value);
+            }
+            1 => {
+                let r: Redaction = i.get()?;
+                h.push_name_redacted(name, r.clone());
+                cache.remember(id, CachedValue::Redacted(Box::new(r)));
+            }
+            tag => {
+                let slot = (tag - 2) as usize;
+                let cached = cache
+                    .slots
+                    .get(id)
+                    .and_then(|s| s.get(slot))
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| format!("header value slot {slot} of name id {id} is empty"))?;
+                match cached {
+                    CachedValue::Plain { start, len } => {
+                        h.push_name(name, &cache.arena[start as usize..(start + len) as usize])
+                    }
+                    CachedValue::Redacted(r) => h.push_name_redacted(name, *r),
+                }
+                cache.touch(id, slot);
+            }
+        }
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_found_plain_and_escaped() {
+        let d = "sha256:c8e4875d88954010f5dba59d4e0e878bf5f1622d50f91b9c7631d427ecdb6e47";
+        let want = digest_in_text(d).unwrap();
+        assert_eq!(super::super::record::digest_string(&want), d);
+        let escaped = format!("/v2/a/blobs/uploads/x?digest={}", d.replace(':', "%3A"));
+        assert_eq!(digest_in_text(&escaped), Some(want));
+        assert_eq!(digest_in_text("/v2/sha256/blobs/sha256:abc"), None);
+        assert_eq!(
+            digest_in_text(&d.to_uppercase().replace("SHA256", "sha256")),
+            None
+        );
+    }
 }

@@ -42,9 +42,16 @@ pub const MAX_FRAME_LEN: u32 = 256 << 20;
 /// be added.
 pub const CODEC_ZSTD: u8 = 1;
 
-/// The bincode configuration of every structure in a tape.
+/// The bincode configuration of every structure in a tape. Its limit bounds what a damaged or
+/// hostile length can make a reader allocate.
 pub fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_FRAME_LEN as usize }>()
+}
+
+/// The same encoding, with the tighter limit used for everything but blobs: no header block,
+/// redaction list or connection record comes near 1 MiB.
+pub fn bincode_config_small() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 1 << 20 }>()
 }
 
 /// What a tape file says of itself.

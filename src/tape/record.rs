@@ -115,7 +115,7 @@ impl Record {
 }
 
 /// One request/response pair as the proxy saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Exchange {
     /// Unique within the tape; results and reports refer to it.
     pub id: u64,
@@ -139,7 +139,7 @@ pub struct Exchange {
 
 /// When the phases of an exchange happened. `start` is absolute (ns since the tape epoch); the
 /// rest are offsets from it, which keeps them small on the wire and makes phase durations direct.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Timing {
     /// The request head was received from the client.
     pub start: Nanos,
@@ -159,7 +159,7 @@ impl Timing {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Request {
     pub method: Method,
     pub scheme: Scheme,
@@ -179,7 +179,7 @@ impl Request {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Response {
     pub status: u16,
     pub version: HttpVersion,
@@ -335,7 +335,7 @@ impl Serialize for HttpVersion {
 }
 
 /// A request or response body: what passed, and what of it was kept.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Body {
     /// Bytes that passed.
     pub len: u64,
@@ -389,7 +389,7 @@ impl Body {
 }
 
 /// How much of a body the tape keeps.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
 pub enum Stored {
     /// Only length and digest.

@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::codec::encode_record;
+use super::codec::FrameEncoder;
 use super::error::TapeError;
 use super::format::{
     bincode_config, encode_file_header, FrameHeader, IndexEntry, TapeHeader, TapeIndex, END_MAGIC,
@@ -98,6 +98,8 @@ pub struct TapeWriter {
     frame_started: Option<Instant>,
     watermark: Nanos,
     compressor: zstd::bulk::Compressor<'static>,
+    /// Remembers header values within the frame under construction.
+    encoder: FrameEncoder,
     blobs: HashSet<[u8; 32]>,
     summary: WriteSummary,
 }
@@ -138,6 +140,7 @@ impl TapeWriter {
             frame_started: None,
             watermark: 0,
             compressor,
+            encoder: FrameEncoder::new(),
             blobs: HashSet::new(),
             summary: WriteSummary::default(),
         };
@@ -165,7 +168,7 @@ impl TapeWriter {
         if self.frame_started.is_none() {
             self.frame_started = Some(Instant::now());
         }
-        encode_record(record, &mut self.frame);
+        self.encoder.encode(record, &mut self.frame);
         self.frame_records += 1;
         let ts = record.start();
         self.frame_first = self.frame_first.min(ts);
@@ -217,6 +220,7 @@ impl TapeWriter {
         let records = self.frame_records;
         let result = self.write_frame();
         self.frame.clear();
+        self.encoder.reset();
         self.frame_records = 0;
         self.frame_first = Nanos::MAX;
         self.frame_last = 0;
