@@ -28,6 +28,10 @@ use super::record::{
 pub const RECORD_PREFIX_LEN: usize = 5;
 /// Values remembered per header name within a frame.
 pub const VALUE_SLOTS: usize = 4;
+/// Header name numbers 1..FIRST_LITERAL_NAME are the well-known names (room for the table to
+/// grow); literal names a frame defines are numbered from here.
+pub const FIRST_LITERAL_NAME: usize = 128;
+const _: () = assert!(KNOWN_NAMES.len() < FIRST_LITERAL_NAME);
 
 /// Encodes records into one frame's payload, remembering header values as it goes. Call
 /// [`FrameEncoder::reset`] at every frame boundary.
@@ -475,11 +479,11 @@ fn parse_hex32(hex: &[u8]) -> Option<[u8; 32]> {
 // ---- headers and the per-frame value cache ----
 
 /// Per frame: for each header name, its last [`VALUE_SLOTS`] values, most recent first. Names
-/// are numbered as on the wire: 1..=KNOWN_NAMES.len() for the well-known ones, then literal
+/// are numbered as on the wire: 1..FIRST_LITERAL_NAME for the well-known ones, then literal
 /// names in the order the frame first used them.
 #[derive(Default)]
 struct ValueCache {
-    /// Literal names seen in this frame; id = KNOWN_NAMES.len() + 1 + index.
+    /// Literal names seen in this frame; id = FIRST_LITERAL_NAME + index.
     literal_names: Vec<String>,
     /// Slots per name id (index 0 unused).
     slots: Vec<[Option<CachedValue>; VALUE_SLOTS]>,
@@ -504,10 +508,10 @@ impl ValueCache {
         match name {
             HeaderName::Known(i) => (i as usize + 1, false),
             HeaderName::Literal(n) => match self.literal_names.iter().position(|l| l == n) {
-                Some(p) => (KNOWN_NAMES.len() + 1 + p, false),
+                Some(p) => (FIRST_LITERAL_NAME + p, false),
                 None => {
                     self.literal_names.push(n.to_string());
-                    (KNOWN_NAMES.len() + self.literal_names.len(), true)
+                    (FIRST_LITERAL_NAME + self.literal_names.len() - 1, true)
                 }
             },
         }
@@ -598,28 +602,40 @@ fn decode_headers(i: &mut Input, cache: &mut ValueCache) -> Result<Headers, Stri
     }
     let mut h = Headers::with_capacity(count as usize, 256.min(i.bytes.len() - i.at));
     for _ in 0..count {
-        let id = match i.varint()? {
+        let unknown;
+        let (id, name) = match i.varint()? {
             0 => {
                 let name =
                     std::str::from_utf8(i.bytes()?).map_err(|e| format!("header name: {e}"))?;
-                // Mirror the writer: a literal name gets the next id, even if this build knows it.
+                // Mirror the writer: a literal name takes the next number, even if this build
+                // knows it as well-known.
                 cache.literal_names.push(name.to_string());
-                KNOWN_NAMES.len() + cache.literal_names.len()
+                (FIRST_LITERAL_NAME + cache.literal_names.len() - 1, None)
             }
-            id => id as usize,
+            id if (id as usize) <= KNOWN_NAMES.len() => {
+                (id as usize, Some(HeaderName::Known((id - 1) as u8)))
+            }
+            id if (id as usize) < FIRST_LITERAL_NAME => {
+                // A well-known name of a newer writer's table.
+                unknown = format!("x-loadtape-unknown-name-{id}");
+                (id as usize, Some(HeaderName::Literal(&unknown)))
+            }
+            id => {
+                let index = usize::try_from(id).unwrap_or(usize::MAX) - FIRST_LITERAL_NAME;
+                if index >= cache.literal_names.len() {
+                    return Err(format!("header name {id} was never defined in this frame"));
+                }
+                (index + FIRST_LITERAL_NAME, None)
+            }
         };
-        let name = if id == 0 {
-            return Err("header name id 0".into());
-        } else if id <= KNOWN_NAMES.len() {
-            HeaderName::Known((id - 1) as u8)
-        } else {
-            let n = cache
-                .literal_names
-                .get(id - KNOWN_NAMES.len() - 1)
-                .ok_or_else(|| format!("header name id {id} was never defined in this frame"))?;
-            match super::headers::known_index(n) {
-                Some(k) => HeaderName::Known(k),
-                None => HeaderName::Literal(n),
+        let name = match name {
+            Some(n) => n,
+            None => {
+                let n = &cache.literal_names[id - FIRST_LITERAL_NAME];
+                match super::headers::known_index(n) {
+                    Some(k) => HeaderName::Known(k),
+                    None => HeaderName::Literal(n),
+                }
             }
         };
         match i.u8()? {
