@@ -38,6 +38,9 @@ pub struct Synth {
     now: Nanos,
     mean_gap_ns: u64,
     keep_bodies: bool,
+    /// Cumulative Zipf weights of the blob catalogue; empty: every request names a new digest.
+    catalogue: Vec<f64>,
+    catalogue_seed: u64,
 }
 
 impl Synth {
@@ -72,7 +75,23 @@ impl Synth {
             now: 0,
             mean_gap_ns: (1e9 / rate.max(1e-3)) as u64,
             keep_bodies,
+            catalogue: Vec::new(),
+            catalogue_seed: seed,
         }
+    }
+
+    /// Draws digests from a catalogue of `blobs` distinct blobs with Zipf popularity (s = 1),
+    /// as pulls do: the layers of popular images are fetched again and again. Without it every
+    /// request names a digest never seen before (the worst case for compression).
+    pub fn with_catalogue(mut self, blobs: usize) -> Synth {
+        let mut total = 0.0;
+        self.catalogue = (1..=blobs.max(1))
+            .map(|k| {
+                total += 1.0 / k as f64;
+                total
+            })
+            .collect();
+        self
     }
 
     fn rand(&mut self) -> u64 {
@@ -85,10 +104,25 @@ impl Synth {
     }
 
     fn hex_digest(&mut self) -> String {
+        let words: [u64; 4] = match self.catalogue.last() {
+            None => [self.rand(), self.rand(), self.rand(), self.rand()],
+            Some(&total) => {
+                let u = (self.rand() >> 11) as f64 / (1u64 << 53) as f64 * total;
+                let k = self.catalogue.partition_point(|&c| c < u) as u64;
+                let mut state = self.catalogue_seed ^ k.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                std::array::from_fn(|_| {
+                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^ (z >> 31)
+                })
+            }
+        };
         let mut s = String::with_capacity(71);
         s.push_str("sha256:");
-        for _ in 0..4 {
-            s.push_str(&format!("{:016x}", self.rand()));
+        for w in words {
+            s.push_str(&format!("{w:016x}"));
         }
         s
     }

@@ -162,24 +162,24 @@ fn arb_record(index: usize) -> impl Strategy<Value = Record> {
     (0u64..1_000_000_000_000).prop_flat_map(move |start| {
         prop_oneof![
             4 => arb_exchange(start),
-            1 => (any::<u64>(), any::<bool>()).prop_map(move |(id, tls)| Record::ConnectionOpened(ConnectionOpened {
+            1 => (any::<u64>(), any::<bool>()).prop_map(move |(id, tls)| Record::ConnectionOpened(Box::new(ConnectionOpened {
                 id,
                 at: start,
                 client: None,
                 version: HttpVersion::H2,
                 tls: tls.then(|| TlsInfo { protocol: "TLSv1.3".into(), alpn: Some("h2".into()), server_name: None }),
-            })),
-            1 => any::<u64>().prop_map(move |id| Record::ConnectionClosed(ConnectionClosed {
+            }))),
+            1 => any::<u64>().prop_map(move |id| Record::ConnectionClosed(Box::new(ConnectionClosed {
                 id,
                 at: start,
                 reason: CloseReason::Error("reset".into()),
                 exchanges: id % 5,
-            })),
+            }))),
             1 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(move |data| {
                 // Blobs are content-addressed: a distinct address per generated blob.
                 let mut sha256 = [0u8; 32];
                 sha256[..8].copy_from_slice(&(index as u64).to_le_bytes());
-                Record::Blob(Blob { at: start, sha256, data })
+                Record::Blob(Box::new(Blob { at: start, sha256, data }))
             }),
             1 => (any::<u64>(), any::<u64>()).prop_map(move |(records, bytes)| Record::Dropped(Dropped { at: start, records, bytes })),
         ]

@@ -168,19 +168,19 @@ pub fn har_to_records(
     }
     let connection_count = connections.len();
     for (id, opened, closed, exchanges, version) in connections.into_values() {
-        records.push(Record::ConnectionOpened(ConnectionOpened {
+        records.push(Record::ConnectionOpened(Box::new(ConnectionOpened {
             id,
             at: opened,
             client: None,
             version,
             tls: None,
-        }));
-        records.push(Record::ConnectionClosed(ConnectionClosed {
+        })));
+        records.push(Record::ConnectionClosed(Box::new(ConnectionClosed {
             id,
             at: closed,
             reason: CloseReason::Unknown,
             exchanges,
-        }));
+        })));
     }
     records.sort_by_key(|r| {
         (

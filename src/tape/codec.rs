@@ -37,7 +37,7 @@ const _: () = assert!(KNOWN_NAMES.len() < FIRST_LITERAL_NAME);
 /// [`FrameEncoder::reset`] at every frame boundary.
 #[derive(Default)]
 pub struct FrameEncoder {
-    cache: ValueCache,
+    cache: FrameState,
 }
 
 impl FrameEncoder {
@@ -61,9 +61,9 @@ impl FrameEncoder {
                 encode_exchange(e, &mut self.cache, out);
                 Ok(0)
             }
-            Record::ConnectionOpened(c) => bincode::encode_into_std_write(c, out, cfg),
-            Record::ConnectionClosed(c) => bincode::encode_into_std_write(c, out, cfg),
-            Record::Blob(b) => bincode::encode_into_std_write(b, out, cfg),
+            Record::ConnectionOpened(c) => bincode::encode_into_std_write(c.as_ref(), out, cfg),
+            Record::ConnectionClosed(c) => bincode::encode_into_std_write(c.as_ref(), out, cfg),
+            Record::Blob(b) => bincode::encode_into_std_write(b.as_ref(), out, cfg),
             Record::Dropped(d) => bincode::encode_into_std_write(d, out, cfg),
             Record::Unknown { code, payload } => {
                 if *code == kind::EXCHANGE {
@@ -94,7 +94,7 @@ pub struct DecodeFailure {
 pub struct RecordDecoder<'a> {
     payload: &'a [u8],
     at: usize,
-    cache: ValueCache,
+    cache: FrameState,
 }
 
 impl<'a> RecordDecoder<'a> {
@@ -102,7 +102,7 @@ impl<'a> RecordDecoder<'a> {
         RecordDecoder {
             payload,
             at: 0,
-            cache: ValueCache::default(),
+            cache: FrameState::default(),
         }
     }
 
@@ -139,7 +139,7 @@ impl Iterator for RecordDecoder<'_> {
     }
 }
 
-fn decode_body(code: u8, body: &[u8], cache: &mut ValueCache) -> Result<Record, String> {
+fn decode_body(code: u8, body: &[u8], cache: &mut FrameState) -> Result<Record, String> {
     fn one<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, String> {
         bincode::decode_from_slice(body, bincode_config_small())
             .map(|(v, _)| v)
@@ -149,13 +149,13 @@ fn decode_body(code: u8, body: &[u8], cache: &mut ValueCache) -> Result<Record, 
         kind::EXCHANGE => {
             Record::Exchange(Box::new(decode_exchange(&mut Input::new(body), cache)?))
         }
-        kind::CONNECTION_OPENED => Record::ConnectionOpened(one::<ConnectionOpened>(body)?),
-        kind::CONNECTION_CLOSED => Record::ConnectionClosed(one::<ConnectionClosed>(body)?),
-        kind::BLOB => Record::Blob(
+        kind::CONNECTION_OPENED => Record::ConnectionOpened(Box::new(one::<ConnectionOpened>(body)?)),
+        kind::CONNECTION_CLOSED => Record::ConnectionClosed(Box::new(one::<ConnectionClosed>(body)?)),
+        kind::BLOB => Record::Blob(Box::new(
             bincode::decode_from_slice::<Blob, _>(body, bincode_config())
                 .map(|(v, _)| v)
                 .map_err(|e| e.to_string())?,
-        ),
+        )),
         kind::DROPPED => Record::Dropped(one::<Dropped>(body)?),
         code => Record::Unknown {
             code,
@@ -258,13 +258,26 @@ impl<'a> Input<'a> {
 
 // ---- exchanges ----
 
-fn encode_exchange(e: &Exchange, cache: &mut ValueCache, out: &mut Vec<u8>) {
-    put_varint(out, e.id);
-    put_varint(out, e.connection);
+/// `value - previous` as a zigzag number: small differences either way are small.
+fn zigzag(value: u64, previous: u64) -> u64 {
+    let d = value.wrapping_sub(previous) as i64;
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+fn unzigzag(z: u64, previous: u64) -> u64 {
+    let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    previous.wrapping_add(d as u64)
+}
+
+fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
+    let t = &e.timing;
+    let [id, connection, start] = cache.previous;
+    put_varint(out, zigzag(e.id, id));
+    put_varint(out, zigzag(e.connection, connection));
+    cache.previous = [e.id, e.connection, t.start];
     put_varint(out, e.stream as u64);
     put::<Option<SocketAddr>>(out, &e.client);
-    let t = &e.timing;
-    put_varint(out, t.start);
+    put_varint(out, zigzag(t.start, start));
     put_varint(out, t.request_done);
     match t.response_head {
         Some(h) => {
@@ -301,12 +314,14 @@ fn encode_exchange(e: &Exchange, cache: &mut ValueCache, out: &mut Vec<u8>) {
     out.push(e.upgraded as u8);
 }
 
-fn decode_exchange(i: &mut Input, cache: &mut ValueCache) -> Result<Exchange, String> {
-    let id = i.varint()?;
-    let connection = i.varint()?;
+fn decode_exchange(i: &mut Input, cache: &mut FrameState) -> Result<Exchange, String> {
+    let [prev_id, prev_connection, prev_start] = cache.previous;
+    let id = unzigzag(i.varint()?, prev_id);
+    let connection = unzigzag(i.varint()?, prev_connection);
     let stream = i.varint()? as u32;
     let client: Option<SocketAddr> = i.get()?;
-    let start = i.varint()?;
+    let start = unzigzag(i.varint()?, prev_start);
+    cache.previous = [id, connection, start];
     let request_done = i.varint()?;
     let response_head = if i.bool()? { Some(i.varint()?) } else { None };
     let response_done = i.varint()?;
@@ -482,7 +497,10 @@ fn parse_hex32(hex: &[u8]) -> Option<[u8; 32]> {
 /// are numbered as on the wire: 1..FIRST_LITERAL_NAME for the well-known ones, then literal
 /// names in the order the frame first used them.
 #[derive(Default)]
-struct ValueCache {
+struct FrameState {
+    /// id, connection and start of the frame's previous exchange: each exchange writes its own
+    /// as the difference (zigzag varint), small and regular where the values are not.
+    previous: [u64; 3],
     /// Literal names seen in this frame; id = FIRST_LITERAL_NAME + index.
     literal_names: Vec<String>,
     /// Slots per name id (index 0 unused).
@@ -497,8 +515,9 @@ enum CachedValue {
     Redacted(Box<Redaction>),
 }
 
-impl ValueCache {
+impl FrameState {
     fn clear(&mut self) {
+        self.previous = [0; 3];
         self.literal_names.clear();
         self.slots.clear();
         self.arena.clear();
@@ -564,7 +583,7 @@ impl ValueCache {
 // Per header: name (varint: 0 = a new literal name follows as a string; n = name id n), then
 // value (u8: 0 = plain bytes follow; 1 = a bincode Redaction follows; 2 + s = the value in
 // slot s of this name).
-fn encode_headers(headers: &Headers, cache: &mut ValueCache, out: &mut Vec<u8>) {
+fn encode_headers(headers: &Headers, cache: &mut FrameState, out: &mut Vec<u8>) {
     put_varint(out, headers.len() as u64);
     for (name, value) in headers.iter_names() {
         let (id, new_name) = cache.name_id(name);
@@ -594,7 +613,7 @@ fn encode_headers(headers: &Headers, cache: &mut ValueCache, out: &mut Vec<u8>) 
     }
 }
 
-fn decode_headers(i: &mut Input, cache: &mut ValueCache) -> Result<Headers, String> {
+fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, String> {
     let count = i.varint()?;
     // Every header takes at least two bytes: refuse counts the record cannot hold.
     if count > (i.bytes.len() - i.at) as u64 / 2 {
@@ -655,14 +674,14 @@ fn decode_headers(i: &mut Input, cache: &mut ValueCache) -> Result<Headers, Stri
                     .slots
                     .get(id)
                     .and_then(|s| s.get(slot))
-                    .cloned()
-                    .flatten()
+                    .and_then(Option::as_ref)
                     .ok_or_else(|| format!("header value slot {slot} of name id {id} is empty"))?;
                 match cached {
-                    CachedValue::Plain { start, len } => {
-                        h.push_name(name, &cache.arena[start as usize..(start + len) as usize])
-                    }
-                    CachedValue::Redacted(r) => h.push_name_redacted(name, *r),
+                    CachedValue::Plain { start, len } => h.push_name(
+                        name,
+                        &cache.arena[*start as usize..(*start + *len) as usize],
+                    ),
+                    CachedValue::Redacted(r) => h.push_name_redacted(name, r.as_ref().clone()),
                 }
                 cache.touch(id, slot);
             }
@@ -674,6 +693,15 @@ fn decode_headers(i: &mut Input, cache: &mut ValueCache) -> Result<Headers, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zigzag_differences_round_trip_at_the_edges() {
+        for (v, p) in [(0, 0), (5, 9), (9, 5), (u64::MAX, 0), (0, u64::MAX), (1 << 63, 3)] {
+            assert_eq!(unzigzag(zigzag(v, p), p), v);
+        }
+        assert_eq!(zigzag(101, 100), 2);
+        assert_eq!(zigzag(99, 100), 1);
+    }
 
     #[test]
     fn digests_are_found_plain_and_escaped() {

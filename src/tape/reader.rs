@@ -589,7 +589,7 @@ fn io_err(path: &Path, source: std::io::Error) -> TapeError {
 /// Holds records until nothing that started earlier can still come. See the module docs.
 struct Reorder {
     /// Records that can go out as they are: a whole frame that was in order and releasable.
-    ready: std::vec::IntoIter<Record>,
+    ready: VecDeque<Record>,
     heap: BinaryHeap<Reverse<Pending>>,
     seq: u64,
     /// Latest instant any record spoke of.
@@ -625,7 +625,7 @@ impl Ord for Pending {
 impl Reorder {
     fn new(window: Nanos) -> Reorder {
         Reorder {
-            ready: Vec::new().into_iter(),
+            ready: VecDeque::new(),
             heap: BinaryHeap::new(),
             seq: 0,
             high: 0,
@@ -652,7 +652,7 @@ impl Reorder {
 
     /// Takes a frame's records. The common case, a frame in order that nothing held back
     /// precedes, goes straight to the ready queue without touching the heap.
-    fn take(&mut self, batch: Vec<Record>) {
+    fn take(&mut self, batch: &mut Vec<Record>) {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return;
         };
@@ -672,18 +672,18 @@ impl Reorder {
             if last.start() <= horizon {
                 self.high = high;
                 self.released = last.start();
-                self.ready = batch.into_iter();
+                self.ready.extend(batch.drain(..));
                 return;
             }
         }
-        for record in batch {
+        for record in batch.drain(..) {
             self.push(record);
         }
     }
 
     /// The next record that can go, and whether it came after its turn.
     fn pop(&mut self, draining: bool) -> Option<(Record, bool)> {
-        if let Some(r) = self.ready.next() {
+        if let Some(r) = self.ready.pop_front() {
             return Some((r, false));
         }
         let horizon = self.watermark.max(self.high.saturating_sub(self.window));
@@ -700,6 +700,8 @@ impl Reorder {
 
 /// The files of one recording (one tape id), read in rotation order into one ordered stream.
 struct Recording {
+    /// A frame's records on their way to the reorder buffer (kept to reuse its memory).
+    batch: Vec<Record>,
     files: VecDeque<SourceFile>,
     current: Option<FileReader>,
     reorder: Reorder,
@@ -760,7 +762,7 @@ impl Recording {
                 stats.frames_skipped += 1;
                 continue;
             }
-            let mut batch = Vec::with_capacity(frame.records as usize);
+            let batch = &mut self.batch;
             for decoded in RecordDecoder::new(&reader.raw) {
                 match decoded {
                     Ok(mut record) => {
@@ -846,6 +848,7 @@ impl TapeReader {
             .map(|mut g| {
                 g.sort_by_key(|s| s.header.seq);
                 Recording {
+                    batch: Vec::new(),
                     shift: (g[0].header.epoch_unix_ns - base) as Nanos,
                     files: g.into(),
                     current: None,
@@ -906,6 +909,10 @@ impl Iterator for TapeReader {
             return None;
         }
         let result = (|| {
+            if self.recordings.len() == 1 {
+                // One recording (the common case): nothing to merge.
+                return self.recordings[0].next(&mut self.stats);
+            }
             if !self.primed {
                 self.primed = true;
                 for i in 0..self.recordings.len() {

@@ -37,9 +37,9 @@ pub mod kind {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
     Exchange(Box<Exchange>),
-    ConnectionOpened(ConnectionOpened),
-    ConnectionClosed(ConnectionClosed),
-    Blob(Blob),
+    ConnectionOpened(Box<ConnectionOpened>),
+    ConnectionClosed(Box<ConnectionClosed>),
+    Blob(Box<Blob>),
     Dropped(Dropped),
     /// A record of a kind this build does not know (written by a newer loadtape). Kept whole so
     /// that tools copying tapes lose nothing.
