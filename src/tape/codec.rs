@@ -90,27 +90,62 @@ pub struct DecodeFailure {
     pub reason: String,
 }
 
+/// Decodes the records of one frame payload, one at a time. It owns its state, not the
+/// payload, so a reader can keep it beside the frame buffer it fills.
+#[derive(Default)]
+pub struct FrameDecoder {
+    at: usize,
+    state: FrameState,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next record of `payload` (always the same payload, from the start).
+    pub fn next(&mut self, payload: &[u8]) -> Option<Result<Record, DecodeFailure>> {
+        let rest = payload.get(self.at..)?;
+        if rest.is_empty() {
+            return None;
+        }
+        let at = self.at;
+        let fail = |reason: String| Some(Err(DecodeFailure { at, reason }));
+        // On failure the frame passed its checksum, so this is a writer bug or an incompatible
+        // writer: stop here rather than guess where the next record starts.
+        if rest.len() < RECORD_PREFIX_LEN {
+            self.at = payload.len();
+            return fail("record prefix cut short".into());
+        }
+        let code = rest[0];
+        let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
+        let Some(body) = rest.get(RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + len) else {
+            self.at = payload.len();
+            return fail(format!("record of {len} bytes overruns its frame"));
+        };
+        self.at += RECORD_PREFIX_LEN + len;
+        match decode_body(code, body, &mut self.state) {
+            Ok(r) => Some(Ok(r)),
+            Err(e) => {
+                self.at = payload.len();
+                fail(format!("record of kind {code} does not decode: {e}"))
+            }
+        }
+    }
+}
+
 /// Iterates over the records of one decompressed frame payload.
 pub struct RecordDecoder<'a> {
     payload: &'a [u8],
-    at: usize,
-    cache: FrameState,
+    decoder: FrameDecoder,
 }
 
 impl<'a> RecordDecoder<'a> {
     pub fn new(payload: &'a [u8]) -> Self {
         RecordDecoder {
             payload,
-            at: 0,
-            cache: FrameState::default(),
+            decoder: FrameDecoder::new(),
         }
-    }
-
-    fn fail(&mut self, at: usize, reason: String) -> Option<Result<Record, DecodeFailure>> {
-        // The frame passed its checksum, so this is a writer bug or an incompatible writer:
-        // stop here rather than guess where the next record starts.
-        self.at = self.payload.len();
-        Some(Err(DecodeFailure { at, reason }))
     }
 }
 
@@ -118,24 +153,7 @@ impl Iterator for RecordDecoder<'_> {
     type Item = Result<Record, DecodeFailure>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let rest = &self.payload[self.at..];
-        if rest.is_empty() {
-            return None;
-        }
-        let at = self.at;
-        if rest.len() < RECORD_PREFIX_LEN {
-            return self.fail(at, "record prefix cut short".into());
-        }
-        let code = rest[0];
-        let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
-        let Some(body) = rest.get(RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + len) else {
-            return self.fail(at, format!("record of {len} bytes overruns its frame"));
-        };
-        self.at += RECORD_PREFIX_LEN + len;
-        match decode_body(code, body, &mut self.cache) {
-            Ok(r) => Some(Ok(r)),
-            Err(e) => self.fail(at, format!("record of kind {code} does not decode: {e}")),
-        }
+        self.decoder.next(self.payload)
     }
 }
 
@@ -149,8 +167,12 @@ fn decode_body(code: u8, body: &[u8], cache: &mut FrameState) -> Result<Record, 
         kind::EXCHANGE => {
             Record::Exchange(Box::new(decode_exchange(&mut Input::new(body), cache)?))
         }
-        kind::CONNECTION_OPENED => Record::ConnectionOpened(Box::new(one::<ConnectionOpened>(body)?)),
-        kind::CONNECTION_CLOSED => Record::ConnectionClosed(Box::new(one::<ConnectionClosed>(body)?)),
+        kind::CONNECTION_OPENED => {
+            Record::ConnectionOpened(Box::new(one::<ConnectionOpened>(body)?))
+        }
+        kind::CONNECTION_CLOSED => {
+            Record::ConnectionClosed(Box::new(one::<ConnectionClosed>(body)?))
+        }
         kind::BLOB => Record::Blob(Box::new(
             bincode::decode_from_slice::<Blob, _>(body, bincode_config())
                 .map(|(v, _)| v)
@@ -696,7 +718,14 @@ mod tests {
 
     #[test]
     fn zigzag_differences_round_trip_at_the_edges() {
-        for (v, p) in [(0, 0), (5, 9), (9, 5), (u64::MAX, 0), (0, u64::MAX), (1 << 63, 3)] {
+        for (v, p) in [
+            (0, 0),
+            (5, 9),
+            (9, 5),
+            (u64::MAX, 0),
+            (0, u64::MAX),
+            (1 << 63, 3),
+        ] {
             assert_eq!(unzigzag(zigzag(v, p), p), v);
         }
         assert_eq!(zigzag(101, 100), 2);

@@ -4,7 +4,7 @@
 //! ```text
 //! file    := file_header frame* [index trailer]
 //! file_header := MAGIC(8) version:u16le flags:u16le header_len:u32le header:bincode(TapeHeader) crc32c:u32le
-//! frame   := FRAME_MAGIC(4) payload_len:u32le raw_len:u32le records:u32le
+//! frame   := FRAME_MAGIC(4) payload_len:u32le raw_len:u32le records:u32le flags:u32le
 //!            first_ts:u64le last_ts:u64le watermark:u64le payload_crc:u32le header_crc:u32le
 //!            payload(payload_len bytes, zstd)
 //! index   := INDEX_MAGIC(4) payload_len:u32le payload_crc:u32le header_crc:u32le payload:bincode(TapeIndex)
@@ -27,7 +27,9 @@ pub const INDEX_MAGIC: &[u8; 4] = b"LTIX";
 /// Last bytes of a file closed cleanly.
 pub const END_MAGIC: &[u8; 8] = b"LTAPEEND";
 /// Size of the fixed frame header.
-pub const FRAME_HEADER_LEN: usize = 48;
+pub const FRAME_HEADER_LEN: usize = 52;
+/// Frame flag: the frame's records are in nondecreasing start order.
+pub const FRAME_ORDERED: u32 = 1;
 /// Size of the fixed part of the file header before the bincode header.
 pub const FILE_PREFIX_LEN: usize = 16;
 /// Size of the fixed index header.
@@ -99,6 +101,8 @@ pub struct FrameHeader {
     /// Payload length once decompressed.
     pub raw_len: u32,
     pub records: u32,
+    /// [`FRAME_ORDERED`], or 0.
+    pub flags: u32,
     /// Smallest and largest record start in the frame.
     pub first_ts: u64,
     pub last_ts: u64,
@@ -116,12 +120,13 @@ impl FrameHeader {
         b[4..8].copy_from_slice(&self.payload_len.to_le_bytes());
         b[8..12].copy_from_slice(&self.raw_len.to_le_bytes());
         b[12..16].copy_from_slice(&self.records.to_le_bytes());
-        b[16..24].copy_from_slice(&self.first_ts.to_le_bytes());
-        b[24..32].copy_from_slice(&self.last_ts.to_le_bytes());
-        b[32..40].copy_from_slice(&self.watermark.to_le_bytes());
-        b[40..44].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..44]);
-        b[44..48].copy_from_slice(&crc.to_le_bytes());
+        b[16..20].copy_from_slice(&self.flags.to_le_bytes());
+        b[20..28].copy_from_slice(&self.first_ts.to_le_bytes());
+        b[28..36].copy_from_slice(&self.last_ts.to_le_bytes());
+        b[36..44].copy_from_slice(&self.watermark.to_le_bytes());
+        b[44..48].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..48]);
+        b[48..52].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -130,18 +135,19 @@ impl FrameHeader {
         if &b[0..4] != FRAME_MAGIC {
             return Err("no frame starts here (bad magic)");
         }
-        let crc = u32::from_le_bytes(b[44..48].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&b[..44]) != crc {
+        let crc = u32::from_le_bytes(b[48..52].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&b[..48]) != crc {
             return Err("frame header fails its checksum");
         }
         let h = FrameHeader {
             payload_len: u32_at(b, 4),
             raw_len: u32_at(b, 8),
             records: u32_at(b, 12),
-            first_ts: u64_at(b, 16),
-            last_ts: u64_at(b, 24),
-            watermark: u64_at(b, 32),
-            payload_crc: u32_at(b, 40),
+            flags: u32_at(b, 16),
+            first_ts: u64_at(b, 20),
+            last_ts: u64_at(b, 28),
+            watermark: u64_at(b, 36),
+            payload_crc: u32_at(b, 44),
         };
         if h.payload_len > MAX_FRAME_LEN || h.raw_len > MAX_FRAME_LEN {
             return Err("frame claims a size beyond the format's limit");

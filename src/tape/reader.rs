@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::codec::RecordDecoder;
+use super::codec::{DecodeFailure, FrameDecoder};
 use super::error::TapeError;
+use super::format::FRAME_ORDERED;
 use super::format::{
     bincode_config, FrameHeader, TapeHeader, TapeIndex, END_MAGIC, FILE_PREFIX_LEN, FORMAT_VERSION,
     FRAME_HEADER_LEN, FRAME_MAGIC, INDEX_HEADER_LEN, INDEX_MAGIC, MAGIC, MAX_FRAME_LEN,
@@ -650,14 +651,18 @@ impl Reorder {
         }));
     }
 
+    /// Nothing is held back: a frame may go out as it is decoded.
+    fn is_idle(&self) -> bool {
+        self.heap.is_empty() && self.ready.is_empty()
+    }
+
     /// Takes a frame's records. The common case, a frame in order that nothing held back
     /// precedes, goes straight to the ready queue without touching the heap.
     fn take(&mut self, batch: &mut Vec<Record>) {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return;
         };
-        let in_order = self.heap.is_empty()
-            && self.ready.len() == 0
+        let in_order = self.is_idle()
             && !batch.iter().any(|r| matches!(r, Record::Unknown { .. }))
             && first.start() >= self.released
             && batch.windows(2).all(|w| w[0].start() <= w[1].start());
@@ -700,6 +705,8 @@ impl Reorder {
 
 /// The files of one recording (one tape id), read in rotation order into one ordered stream.
 struct Recording {
+    /// A frame whose records go out as they are decoded (see [`Recording::fill`]).
+    streaming: Option<Streaming>,
     /// A frame's records on their way to the reorder buffer (kept to reuse its memory).
     batch: Vec<Record>,
     files: VecDeque<SourceFile>,
@@ -712,10 +719,45 @@ struct Recording {
     exhausted: bool,
 }
 
+/// A frame being handed out record by record, decoded only when asked for: the records of a
+/// whole frame are never all in memory at once, which keeps the reader in cache.
+struct Streaming {
+    payload: Vec<u8>,
+    decoder: FrameDecoder,
+    path: PathBuf,
+    offset: u64,
+}
+
 impl Recording {
     /// The next record in start order, or `None` at the end.
     fn next(&mut self, stats: &mut ReadStats) -> Result<Option<(Record, bool)>, TapeError> {
         loop {
+            if let Some(s) = self.streaming.as_mut() {
+                match s.decoder.next(&s.payload) {
+                    Some(Ok(mut record)) => {
+                        shift_record(&mut record, self.shift);
+                        let start = record.start();
+                        if start >= self.range.0 && start < self.range.1 {
+                            self.reorder.high = self.reorder.high.max(record.end());
+                            self.reorder.released = self.reorder.released.max(start);
+                            return Ok(Some((record, false)));
+                        }
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        let s = self.streaming.take().expect("streaming");
+                        return Err(bad_record(&s.path, s.offset, e));
+                    }
+                    None => {
+                        // Hand the buffer back to the file reader for its next frame.
+                        let s = self.streaming.take().expect("streaming");
+                        if let Some(reader) = self.current.as_mut() {
+                            reader.raw = s.payload;
+                        }
+                        continue;
+                    }
+                }
+            }
             if let Some(r) = self.reorder.pop(self.exhausted) {
                 return Ok(Some(r));
             }
@@ -762,8 +804,32 @@ impl Recording {
                 stats.frames_skipped += 1;
                 continue;
             }
+            // The common case: a frame written in start order, with nothing held back before
+            // it and nothing in it that later frames could still precede. It goes out as it is
+            // decoded.
+            let (first, last) = (frame.first_ts + self.shift, frame.last_ts + self.shift);
+            if frame.flags & FRAME_ORDERED != 0
+                && self.reorder.is_idle()
+                && first >= self.reorder.released
+            {
+                let high = self.reorder.high.max(last);
+                let horizon = self
+                    .reorder
+                    .watermark
+                    .max(high.saturating_sub(self.reorder.window));
+                if last <= horizon {
+                    self.streaming = Some(Streaming {
+                        payload: std::mem::take(&mut reader.raw),
+                        decoder: FrameDecoder::new(),
+                        path: reader.stats().path.clone(),
+                        offset: reader.frame_offset,
+                    });
+                    return Ok(());
+                }
+            }
             let batch = &mut self.batch;
-            for decoded in RecordDecoder::new(&reader.raw) {
+            let mut decoder = FrameDecoder::new();
+            while let Some(decoded) = decoder.next(&reader.raw) {
                 match decoded {
                     Ok(mut record) => {
                         shift_record(&mut record, self.shift);
@@ -772,21 +838,23 @@ impl Recording {
                             batch.push(record);
                         }
                     }
-                    Err(e) => {
-                        return Err(TapeError::Corrupt {
-                            path: reader.stats().path.clone(),
-                            offset: reader.frame_offset,
-                            reason: format!(
-                                "frame holds a bad record at byte {} of its payload: {}",
-                                e.at, e.reason
-                            ),
-                        })
-                    }
+                    Err(e) => return Err(bad_record(&reader.stats().path, reader.frame_offset, e)),
                 }
             }
             self.reorder.take(batch);
             return Ok(());
         }
+    }
+}
+
+fn bad_record(path: &Path, offset: u64, e: DecodeFailure) -> TapeError {
+    TapeError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: format!(
+            "frame holds a bad record at byte {} of its payload: {}",
+            e.at, e.reason
+        ),
     }
 }
 
@@ -848,6 +916,7 @@ impl TapeReader {
             .map(|mut g| {
                 g.sort_by_key(|s| s.header.seq);
                 Recording {
+                    streaming: None,
                     batch: Vec::new(),
                     shift: (g[0].header.epoch_unix_ns - base) as Nanos,
                     files: g.into(),

@@ -19,7 +19,7 @@ use super::codec::FrameEncoder;
 use super::error::TapeError;
 use super::format::{
     bincode_config, encode_file_header, FrameHeader, IndexEntry, TapeHeader, TapeIndex, END_MAGIC,
-    INDEX_MAGIC,
+    FRAME_ORDERED, INDEX_MAGIC,
 };
 use super::record::{Dropped, Nanos, Record};
 
@@ -95,6 +95,8 @@ pub struct TapeWriter {
     frame_records: u32,
     frame_first: Nanos,
     frame_last: Nanos,
+    /// Whether the frame's records came in start order so far.
+    frame_ordered: bool,
     frame_started: Option<Instant>,
     watermark: Nanos,
     compressor: zstd::bulk::Compressor<'static>,
@@ -137,6 +139,7 @@ impl TapeWriter {
             frame_records: 0,
             frame_first: Nanos::MAX,
             frame_last: 0,
+            frame_ordered: true,
             frame_started: None,
             watermark: 0,
             compressor,
@@ -171,6 +174,10 @@ impl TapeWriter {
         self.encoder.encode(record, &mut self.frame);
         self.frame_records += 1;
         let ts = record.start();
+        // Records of unknown kinds carry no time a reader can see: they do not break the order.
+        if !matches!(record, Record::Unknown { .. }) {
+            self.frame_ordered &= ts >= self.frame_last;
+        }
         self.frame_first = self.frame_first.min(ts);
         self.frame_last = self.frame_last.max(ts);
         if self.frame.len() >= self.options.frame_bytes {
@@ -224,6 +231,7 @@ impl TapeWriter {
         self.frame_records = 0;
         self.frame_first = Nanos::MAX;
         self.frame_last = 0;
+        self.frame_ordered = true;
         self.frame_started = None;
         if let Err(source) = result {
             let f = self.current.as_mut().expect("a file is open while writing");
@@ -256,6 +264,7 @@ impl TapeWriter {
             payload_len: payload.len() as u32,
             raw_len: self.frame.len() as u32,
             records: self.frame_records,
+            flags: if self.frame_ordered { FRAME_ORDERED } else { 0 },
             first_ts: self.frame_first,
             last_ts: self.frame_last,
             watermark: self.watermark,
