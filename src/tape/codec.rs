@@ -223,6 +223,7 @@ impl<'a> Input<'a> {
         Input { bytes, at: 0 }
     }
 
+    #[inline]
     fn u8(&mut self) -> Result<u8, String> {
         let b = *self.bytes.get(self.at).ok_or("record ends early")?;
         self.at += 1;
@@ -236,6 +237,7 @@ impl<'a> Input<'a> {
         Ok(b)
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, String> {
         Ok(match self.u8()? {
             251 => u16::from_le_bytes(self.take(2)?.try_into().expect("2")) as u64,
@@ -412,9 +414,10 @@ const STORED_PREFIX: u8 = 1 << 3;
 const STORED_FULL: u8 = 2 << 3;
 
 fn encode_body(body: &Body, target: &str, headers: &Headers, out: &mut Vec<u8>) {
+    let in_target = body.sha256.and_then(|_| digest_position(target));
     let sha = match &body.sha256 {
         None => SHA_NONE,
-        Some(d) if digest_in_text(target).as_ref() == Some(d) => SHA_IN_TARGET,
+        Some(d) if in_target.map(|(_, t)| t).as_ref() == Some(d) => SHA_IN_TARGET,
         Some(d) if digest_header(headers).as_ref() == Some(d) => SHA_IN_DIGEST_HEADER,
         Some(_) => SHA_INLINE,
     };
@@ -427,6 +430,9 @@ fn encode_body(body: &Body, target: &str, headers: &Headers, out: &mut Vec<u8>) 
     put_varint(out, body.len);
     if sha == SHA_INLINE {
         out.extend_from_slice(body.sha256.as_ref().expect("inline sha"));
+    }
+    if sha == SHA_IN_TARGET {
+        put_varint(out, in_target.expect("found above").0 as u64);
     }
     match &body.stored {
         Stored::None => {}
@@ -442,7 +448,12 @@ fn decode_body_field(i: &mut Input, target: &str, headers: &Headers) -> Result<B
         SHA_NONE => None,
         SHA_INLINE => Some(i.digest()?),
         SHA_IN_TARGET => {
-            Some(digest_in_text(target).ok_or("body digest refers to a target without one")?)
+            let at = usize::try_from(i.varint()?).unwrap_or(usize::MAX);
+            let hex = target.as_bytes().get(at..at.saturating_add(64));
+            Some(
+                hex.and_then(parse_hex32)
+                    .ok_or("body digest refers to no digest in the target")?,
+            )
         }
         _ => Some(
             digest_header(headers)
@@ -465,6 +476,11 @@ fn decode_body_field(i: &mut Input, target: &str, headers: &Headers) -> Result<B
 
 /// The first `sha256:<64 hex>` in a path or query (also `sha256%3A`, as clients escape it).
 pub fn digest_in_text(text: &str) -> Option<[u8; 32]> {
+    digest_position(text).map(|(_, d)| d)
+}
+
+/// [`digest_in_text`], with the offset of its 64 hex digits.
+fn digest_position(text: &str) -> Option<(usize, [u8; 32])> {
     let b = text.as_bytes();
     let mut from = 0;
     while let Some(pos) = text[from..].find("sha256") {
@@ -482,7 +498,7 @@ pub fn digest_in_text(text: &str) -> Option<[u8; 32]> {
             continue;
         };
         if let Some(d) = b.get(hex_start..hex_start + 64).and_then(parse_hex32) {
-            return Some(d);
+            return Some((hex_start, d));
         }
         from = at;
     }
@@ -497,20 +513,33 @@ fn digest_header(headers: &Headers) -> Option<[u8; 32]> {
         .flatten()
 }
 
+/// Lowercase hex digit values; 0xff for anything else. Upper case would not round-trip through
+/// `digest_string`, so it is not a digest we reuse.
+const HEX: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut c = 0;
+    while c < 10 {
+        t[b'0' as usize + c] = c as u8;
+        c += 1;
+    }
+    let mut c = 0;
+    while c < 6 {
+        t[b'a' as usize + c] = 10 + c as u8;
+        c += 1;
+    }
+    t
+};
+
 fn parse_hex32(hex: &[u8]) -> Option<[u8; 32]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            // Upper case would not round-trip through `digest_string`: not a digest we reuse.
-            _ => None,
-        }
-    }
+    let hex: &[u8; 64] = hex.try_into().ok()?;
     let mut out = [0u8; 32];
+    let mut bad = 0u8;
     for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        let (hi, lo) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+        bad |= (hi | lo) & 0xf0;
+        *o = hi << 4 | lo;
     }
-    Some(out)
+    (bad == 0).then_some(out)
 }
 
 // ---- headers and the per-frame value cache ----
@@ -577,11 +606,6 @@ impl FrameState {
         })
     }
 
-    /// Makes `slot` the most recent value of `id`.
-    fn touch(&mut self, id: usize, slot: usize) {
-        self.slots_of(id)[..=slot].rotate_right(1);
-    }
-
     /// Remembers a new value of `id` as its most recent.
     fn remember(&mut self, id: usize, value: CachedValue) {
         let slots = self.slots_of(id);
@@ -617,7 +641,6 @@ fn encode_headers(headers: &Headers, cache: &mut FrameState, out: &mut Vec<u8>) 
         }
         if let Some(slot) = cache.find(id, &value) {
             out.push(2 + slot as u8);
-            cache.touch(id, slot);
             continue;
         }
         match value {
@@ -641,7 +664,7 @@ fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, Stri
     if count > (i.bytes.len() - i.at) as u64 / 2 {
         return Err(format!("{count} headers cannot fit in the record"));
     }
-    let mut h = Headers::with_capacity(count as usize, 256.min(i.bytes.len() - i.at));
+    let mut h = Headers::with_capacity(count as usize, 384);
     for _ in 0..count {
         let unknown;
         let (id, name) = match i.varint()? {
@@ -705,7 +728,6 @@ fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, Stri
                     ),
                     CachedValue::Redacted(r) => h.push_name_redacted(name, r.as_ref().clone()),
                 }
-                cache.touch(id, slot);
             }
         }
     }
