@@ -34,7 +34,8 @@ pub struct WriterOptions {
     pub rotate_size: Option<u64>,
     /// Start a new file once the current one is this old (directory targets only).
     pub rotate_every: Option<Duration>,
-    /// zstd compression level.
+    /// zstd compression level. 1 by default: the recorder shares its machine with the traffic
+    /// it records, and level 3 saves only ~8% of the bytes for ~20% more CPU.
     pub level: i32,
 }
 
@@ -45,7 +46,7 @@ impl Default for WriterOptions {
             frame_bytes: 1 << 20,
             rotate_size: None,
             rotate_every: None,
-            level: 3,
+            level: 1,
         }
     }
 }
@@ -100,6 +101,8 @@ pub struct TapeWriter {
     frame_started: Option<Instant>,
     watermark: Nanos,
     compressor: zstd::bulk::Compressor<'static>,
+    /// The last frame compressed (kept to reuse its memory).
+    compressed: Vec<u8>,
     /// Remembers header values within the frame under construction.
     encoder: FrameEncoder,
     blobs: HashSet<[u8; 32]>,
@@ -143,6 +146,7 @@ impl TapeWriter {
             frame_started: None,
             watermark: 0,
             compressor,
+            compressed: Vec::new(),
             encoder: FrameEncoder::new(),
             blobs: HashSet::new(),
             summary: WriteSummary::default(),
@@ -259,7 +263,17 @@ impl TapeWriter {
     }
 
     fn write_frame(&mut self) -> std::io::Result<()> {
-        let payload = self.compressor.compress(&self.frame)?;
+        let mut payload = std::mem::take(&mut self.compressed);
+        payload.clear();
+        payload.reserve(zstd::zstd_safe::compress_bound(self.frame.len()));
+        self.compressor
+            .compress_to_buffer(&self.frame, &mut payload)?;
+        let result = self.write_compressed(&payload);
+        self.compressed = payload;
+        result
+    }
+
+    fn write_compressed(&mut self, payload: &[u8]) -> std::io::Result<()> {
         let header = FrameHeader {
             payload_len: payload.len() as u32,
             raw_len: self.frame.len() as u32,
@@ -268,13 +282,13 @@ impl TapeWriter {
             first_ts: self.frame_first,
             last_ts: self.frame_last,
             watermark: self.watermark,
-            payload_crc: crc32c::crc32c(&payload),
+            payload_crc: crc32c::crc32c(payload),
         };
         let f = self.current.as_mut().expect("a file is open while writing");
         let offset = f.len;
         let head = header.encode();
         f.file.write_all(&head)?;
-        f.file.write_all(&payload)?;
+        f.file.write_all(payload)?;
         let written = (head.len() + payload.len()) as u64;
         f.len += written;
         f.records += self.frame_records as u64;
