@@ -8,6 +8,10 @@ use common::*;
 use loadtape::tape::capture::{self, CaptureLimits};
 use loadtape::tape::{Record, TapeWriter, WriterOptions};
 
+fn writer_at(path: &std::path::Path) -> TapeWriter {
+    TapeWriter::create(path, header(), WriterOptions::default()).unwrap()
+}
+
 fn dropped_in(records: &[Record]) -> u64 {
     records
         .iter()
@@ -21,12 +25,7 @@ fn dropped_in(records: &[Record]) -> u64 {
 #[test]
 fn everything_offered_to_a_roomy_queue_reaches_the_tape() {
     let dir = tempfile::tempdir().unwrap();
-    let writer = TapeWriter::create(
-        dir.path().join("t.tape"),
-        header(),
-        WriterOptions::default(),
-    )
-    .unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
     let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
     let records = exchanges(2000, 11);
     for r in &records {
@@ -42,12 +41,7 @@ fn everything_offered_to_a_roomy_queue_reaches_the_tape() {
 #[test]
 fn a_full_queue_drops_without_waiting_and_the_tape_counts_the_drops() {
     let dir = tempfile::tempdir().unwrap();
-    let writer = TapeWriter::create(
-        dir.path().join("t.tape"),
-        header(),
-        WriterOptions::default(),
-    )
-    .unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
     // A queue of 8 records and 16 KiB, fed from four threads as fast as they can.
     let limits = CaptureLimits {
         records: 8,
@@ -96,12 +90,7 @@ fn a_full_queue_drops_without_waiting_and_the_tape_counts_the_drops() {
 #[test]
 fn a_byte_budget_bounds_the_queue_too() {
     let dir = tempfile::tempdir().unwrap();
-    let writer = TapeWriter::create(
-        dir.path().join("t.tape"),
-        header(),
-        WriterOptions::default(),
-    )
-    .unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
     // Room for many records but not for one record's bytes: everything is dropped.
     let (sink, thread) = capture::spawn(
         writer,
