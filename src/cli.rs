@@ -17,6 +17,7 @@ use crate::redact::Redactor;
 use crate::select::{Selection, StatusPattern};
 use crate::tape::reader::discover;
 use crate::tape::{Nanos, ReadOptions, TapeReader};
+use crate::units::{parse_duration, parse_size};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +33,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the capture proxy: forward every request to --upstream untouched, record what passed.
+    Record(Box<RecordArgs>),
     /// Show what tapes hold: records, time span, rates, statuses, endpoints, damage.
     Inspect(InspectArgs),
     /// Write tape records out as HAR 1.2 or JSON lines.
@@ -115,6 +118,74 @@ struct ImportArgs {
 }
 
 #[derive(Args, Debug)]
+struct RecordArgs {
+    /// Address to listen on, e.g. 0.0.0.0:8443.
+    #[arg(long, value_name = "ADDR")]
+    listen: std::net::SocketAddr,
+    /// Where to forward: http://HOST:PORT or https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    upstream: http::Uri,
+    /// Tape directory (rotated files, created 0700) or a .tape file.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Terminate TLS on the listener with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Trust this CA (PEM) for an https upstream, besides the system's.
+    #[arg(long, value_name = "PEM")]
+    upstream_ca: Option<PathBuf>,
+    /// Do not verify an https upstream's certificate.
+    #[arg(long, conflicts_with = "upstream_ca")]
+    upstream_insecure: bool,
+    /// Speak HTTP/2 to a plain-text upstream (prior knowledge).
+    #[arg(long)]
+    upstream_h2c: bool,
+    /// The Host the upstream sees, instead of the client's.
+    #[arg(long, value_name = "NAME")]
+    upstream_host: Option<String>,
+    /// How much of each body to keep: `none` or `prefix:SIZE`. JSON and manifests up to 64 KiB
+    /// are kept whole unless `none`.
+    #[arg(long, value_name = "MODE", default_value = "prefix:64KiB")]
+    bodies: crate::record::BodyCapture,
+    /// Also redact this header. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    redact_header: Vec<String>,
+    /// Keep this header in clear although it is redacted by default. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    keep_header: Vec<String>,
+    /// Record this fraction of exchanges (all are forwarded).
+    #[arg(long, value_name = "FRACTION", default_value_t = 1.0)]
+    sample: f64,
+    /// Record only paths matching this regular expression. Repeatable.
+    #[arg(long, value_name = "REGEX")]
+    include: Vec<regex::Regex>,
+    /// Do not record paths matching this regular expression. Repeatable.
+    #[arg(long, value_name = "REGEX")]
+    exclude: Vec<regex::Regex>,
+    /// Start a new tape file at this size (`512MiB`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    rotate_size: Option<u64>,
+    /// Start a new tape file this often (`1h`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    rotate_every: Option<Duration>,
+    /// Serve /metrics, /healthz and /readyz here (off unless given).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Do not add X-Forwarded-For, -Proto and -Host.
+    #[arg(long)]
+    no_forwarded_headers: bool,
+    /// On SIGTERM/SIGINT, how long in-flight exchanges may take to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// How long the upstream may take to send a response head before the client gets 504.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Where to write the demo's tapes and exports (default: a new temporary directory).
     #[arg(long, value_name = "DIR")]
@@ -137,19 +208,89 @@ pub fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOADTAPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Record(args) => record(*args),
         Command::Inspect(args) => inspect(args),
         Command::Export(args) => export(args),
         Command::Import(args) => import(args),
         Command::Demo(args) => crate::demo::run(&args.out).map(|_| ExitCode::SUCCESS),
     }
+}
+
+fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    use crate::record::{RecordConfig, Recorder};
+    let mut config = RecordConfig::new(args.listen, args.upstream, args.out);
+    config.tls = args.tls_cert.zip(args.tls_key);
+    config.upstream_ca = args.upstream_ca;
+    config.upstream_insecure = args.upstream_insecure;
+    config.upstream_h2c = args.upstream_h2c;
+    config.upstream_host = args.upstream_host;
+    config.bodies = args.bodies;
+    config.redact_headers = args.redact_header;
+    config.keep_headers = args.keep_header;
+    config.sample = args.sample;
+    config.include = args.include;
+    config.exclude = args.exclude;
+    config.rotate_size = args.rotate_size;
+    config.rotate_every = args.rotate_every;
+    config.admin_listen = args.admin_listen;
+    config.forwarded_headers = !args.no_forwarded_headers;
+    config.drain_timeout = args.drain_timeout;
+    config.upstream_timeout = args.upstream_timeout;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let banner = format!(
+            "loadtape record: {} {} -> {}, tapes in {}, bodies {}, redacting {}",
+            if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            config.listen,
+            config.upstream,
+            config.out.display(),
+            config.bodies,
+            crate::redact::Redactor::new(&config.redact_headers, &config.keep_headers)
+                .redacted_headers()
+                .join(", "),
+        );
+        let recorder = Recorder::bind(config).await?;
+        tracing::info!("{banner} (listening on {})", recorder.local_addr());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signalled = stop.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM can be handled");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stopping: no new connections; in-flight exchanges may finish");
+            signalled.cancel();
+        });
+        let summary = recorder.run(stop).await?;
+        tracing::info!(
+            "recorded {} exchanges into {} file(s), {} records dropped",
+            summary.exchanges,
+            summary.tape.files.len(),
+            summary.tape.dropped
+        );
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
@@ -271,37 +412,6 @@ fn parse_time(s: &str) -> Result<TimeArg, String> {
         .ok_or_else(|| {
             format!("{s:?} is neither an offset from the tape's start (`90s`, `5m`, `1h30m`) nor an RFC 3339 date-time (`2026-11-25T22:26:08Z`)")
         })
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}): write e.g. `500ms`, `90s`, `5m`"))
-}
-
-/// `64KiB`, `1MiB`, `10MB`, `4096`: a size in bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size: write e.g. `4096`, `64KiB`, `16MiB`, `1GiB`"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "{s:?} has an unknown unit: use B, KiB, MiB, GiB (or kB, MB, GB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]

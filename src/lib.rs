@@ -9,10 +9,13 @@ pub mod endpoint;
 pub mod files;
 pub mod har;
 pub mod inspect;
+#[cfg(feature = "net")]
+pub mod record;
 pub mod redact;
 pub mod select;
 pub mod synth;
 pub mod tape;
+pub mod units;
 
 #[cfg(feature = "cli")]
 pub mod cli;

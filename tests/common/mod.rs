@@ -2,6 +2,8 @@
 //! back whole.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::path::{Path, PathBuf};
 
 use loadtape::synth::{builtin_templates, Synth};

@@ -1,0 +1,203 @@
+//! The admin endpoint (off unless `--admin-listen` is given): `/metrics` in Prometheus text
+//! format, `/healthz` and `/readyz`. The counters are atomics the proxy path bumps without
+//! locking; rendering them happens here, off that path.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::tape::capture::CaptureCounters;
+
+/// Upper bounds of the upstream latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A Prometheus histogram over fixed buckets, lock-free.
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, ns: u64) {
+        let s = ns as f64 / 1e9;
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// What the recorder counts.
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// Responses by status class (1xx..5xx).
+    pub statuses: [AtomicU64; 5],
+    pub upstream_failures: AtomicU64,
+    /// Exchanges handed to the tape writer (before any drop).
+    pub recorded: AtomicU64,
+    pub upstream_latency: Histogram,
+    tape: Arc<CaptureCounters>,
+}
+
+impl Metrics {
+    pub fn new(tape: Arc<CaptureCounters>) -> Metrics {
+        Metrics {
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            statuses: std::array::from_fn(|_| AtomicU64::new(0)),
+            upstream_failures: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+            upstream_latency: Histogram::new(),
+            tape,
+        }
+    }
+
+    pub fn count_status(&self, status: u16) {
+        if let Some(c) = self.statuses.get((status / 100).wrapping_sub(1) as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut o = String::with_capacity(2048);
+        let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        counter(
+            "loadtape_requests_total",
+            "Requests received from clients.",
+            "counter",
+            get(&self.requests),
+        );
+        counter(
+            "loadtape_requests_in_flight",
+            "Requests being proxied now.",
+            "gauge",
+            get(&self.in_flight),
+        );
+        counter(
+            "loadtape_upstream_failures_total",
+            "Requests the upstream refused, reset or timed out.",
+            "counter",
+            get(&self.upstream_failures),
+        );
+        counter(
+            "loadtape_exchanges_recorded_total",
+            "Exchanges handed to the tape writer.",
+            "counter",
+            get(&self.recorded),
+        );
+        counter(
+            "loadtape_tape_records_written_total",
+            "Records the tape writer took.",
+            "counter",
+            get(&self.tape.written),
+        );
+        counter(
+            "loadtape_tape_records_dropped_total",
+            "Records dropped (queue full or disk refusing writes); traffic was not affected.",
+            "counter",
+            get(&self.tape.dropped),
+        );
+        counter(
+            "loadtape_tape_write_errors_total",
+            "Failed tape writes.",
+            "counter",
+            get(&self.tape.write_errors),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP loadtape_responses_total Responses to clients by status class.\n# TYPE loadtape_responses_total counter"
+        );
+        for (i, c) in self.statuses.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "loadtape_responses_total{{class=\"{}xx\"}} {}",
+                i + 1,
+                get(c)
+            );
+        }
+        let h = &self.upstream_latency;
+        let _ = writeln!(
+            o,
+            "# HELP loadtape_upstream_latency_seconds Time from request head to the upstream's response head.\n# TYPE loadtape_upstream_latency_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += get(&h.counts[i]);
+            let _ = writeln!(
+                o,
+                "loadtape_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += get(&h.counts[LATENCY_BUCKETS.len()]);
+        let _ = writeln!(
+            o,
+            "loadtape_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            o,
+            "loadtape_upstream_latency_seconds_sum {}\nloadtape_upstream_latency_seconds_count {cumulative}",
+            get(&h.sum_ns) as f64 / 1e9
+        );
+        o
+    }
+}
+
+/// Serves the admin endpoint until `stop`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        let metrics = metrics.clone();
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                let stopping = stopping.is_cancelled();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (200, metrics.render()),
+                        "/healthz" => (200, "ok\n".to_string()),
+                        "/readyz" if stopping => (503, "shutting down\n".to_string()),
+                        "/readyz" => (200, "ready\n".to_string()),
+                        _ => (404, "try /metrics, /healthz or /readyz\n".to_string()),
+                    };
+                    let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,389 @@
+//! What passed becomes records.
+//!
+//! An exchange is finished by two parties that run on different tasks: the request body's tap
+//! (polled by the upstream connection) and the response side (the response body's tap, or the
+//! handler when the upstream failed). Each leaves its part in a [`Pending`] and counts down; the
+//! last one builds the [`Exchange`], redacted, and offers it to the tape. No lock: parts are
+//! written once (`OnceLock`) and the count is atomic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::admin::Metrics;
+use super::tap::{BodySummary, TapDone};
+use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
+use crate::redact::{is_token_endpoint, Redactor};
+use crate::tape::capture::CaptureSink;
+use crate::tape::{
+    Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers,
+    HttpVersion, Method, Nanos, Record, Request, Response, Scheme, Stored, Timing, TlsInfo,
+    UpstreamFailure,
+};
+
+/// Turns connections and exchanges into records, and counts them.
+pub struct Capture {
+    sink: CaptureSink,
+    redactor: Redactor,
+    clock: Clock,
+    config: Arc<RecordConfig>,
+    metrics: Arc<Metrics>,
+    next_exchange: AtomicU64,
+    next_connection: AtomicU64,
+    exchanges: AtomicU64,
+}
+
+/// A client connection, as the exchanges on it need to know it.
+pub struct Connection {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub scheme: Scheme,
+    pub exchanges: AtomicU64,
+}
+
+impl Capture {
+    pub fn new(
+        sink: CaptureSink,
+        redactor: Redactor,
+        clock: Clock,
+        config: Arc<RecordConfig>,
+        metrics: Arc<Metrics>,
+    ) -> Capture {
+        Capture {
+            sink,
+            redactor,
+            clock,
+            config,
+            metrics,
+            next_exchange: AtomicU64::new(1),
+            next_connection: AtomicU64::new(1),
+            exchanges: AtomicU64::new(0),
+        }
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Exchanges offered to the tape so far.
+    pub fn exchanges(&self) -> u64 {
+        self.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// Notes a new client connection; returns it for its exchanges.
+    pub fn connection_opened(
+        &self,
+        client: SocketAddr,
+        version: HttpVersion,
+        tls: Option<TlsInfo>,
+    ) -> Arc<Connection> {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let scheme = if tls.is_some() {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        self.sink
+            .offer(Record::ConnectionOpened(Box::new(ConnectionOpened {
+                id,
+                at: self.clock.now(),
+                client: Some(client),
+                version,
+                tls,
+            })));
+        Arc::new(Connection {
+            id,
+            client,
+            scheme,
+            exchanges: AtomicU64::new(0),
+        })
+    }
+
+    pub fn connection_closed(&self, connection: &Connection, reason: CloseReason) {
+        self.sink
+            .offer(Record::ConnectionClosed(Box::new(ConnectionClosed {
+                id: connection.id,
+                at: self.clock.now(),
+                reason,
+                exchanges: connection.exchanges.load(Ordering::Relaxed),
+            })));
+    }
+
+    /// Whether the exchange with this path goes on the tape (include, exclude, sampling). All
+    /// are forwarded either way.
+    pub fn wants(&self, path: &str) -> bool {
+        let c = &self.config;
+        if !c.include.is_empty() && !c.include.iter().any(|r| r.is_match(path)) {
+            return false;
+        }
+        if c.exclude.iter().any(|r| r.is_match(path)) {
+            return false;
+        }
+        if c.sample >= 1.0 {
+            return true;
+        }
+        // Deterministic thinning: a fixed fraction of exchanges in arrival order.
+        let n = self.next_exchange.load(Ordering::Relaxed);
+        let hash = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (hash as f64 / u64::MAX as f64) < c.sample
+    }
+
+    /// Starts recording an exchange whose request head has arrived.
+    pub fn begin(
+        self: &Arc<Self>,
+        connection: &Arc<Connection>,
+        stream: u32,
+        parts: &http::request::Parts,
+        start: Nanos,
+    ) -> Arc<Pending> {
+        connection.exchanges.fetch_add(1, Ordering::Relaxed);
+        let mut headers = Headers::with_capacity(parts.headers.len(), 512);
+        for (name, value) in &parts.headers {
+            self.redactor
+                .push_header(&mut headers, name.as_str(), value.as_bytes());
+        }
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let request = Request {
+            method: Method::parse(parts.method.as_str()),
+            scheme: connection.scheme,
+            authority,
+            target: self.redactor.target(target),
+            version: version_of(parts.version),
+            headers,
+            body: Body::empty(),
+        };
+        let keep = self.keep_for(&parts.headers, false);
+        Arc::new(Pending {
+            capture: self.clone(),
+            id: self.next_exchange.fetch_add(1, Ordering::Relaxed),
+            connection: connection.id,
+            stream,
+            client: connection.client,
+            start,
+            token_endpoint: is_token_endpoint(parts.uri.path()),
+            request: OnceLock::from(request),
+            request_keep: keep,
+            request_body: OnceLock::new(),
+            response: OnceLock::new(),
+            response_body: OnceLock::new(),
+            remaining: AtomicU8::new(2),
+        })
+    }
+
+    /// How many bytes of a body with these headers to keep.
+    pub fn keep_for(&self, headers: &http::HeaderMap, token_response: bool) -> usize {
+        let prefix = match self.config.bodies {
+            BodyCapture::None => return if token_response { WHOLE_JSON_LIMIT } else { 0 },
+            BodyCapture::Prefix(n) => n,
+        };
+        let json = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.contains("json"));
+        if json || token_response {
+            prefix.max(WHOLE_JSON_LIMIT)
+        } else {
+            prefix
+        }
+    }
+
+    fn offer(&self, exchange: Exchange) {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        self.metrics.recorded.fetch_add(1, Ordering::Relaxed);
+        self.sink.offer(Record::Exchange(Box::new(exchange)));
+    }
+}
+
+/// HTTP version as the tape writes it.
+pub fn version_of(v: http::Version) -> HttpVersion {
+    match v {
+        http::Version::HTTP_10 | http::Version::HTTP_09 => HttpVersion::Http10,
+        http::Version::HTTP_2 => HttpVersion::H2,
+        http::Version::HTTP_3 => HttpVersion::H3,
+        _ => HttpVersion::Http11,
+    }
+}
+
+/// The response side of an exchange, once known.
+enum ResponsePart {
+    Head {
+        status: u16,
+        version: HttpVersion,
+        headers: Headers,
+        at: Nanos,
+        keep_body: bool,
+    },
+    Failed(UpstreamFailure),
+}
+
+/// An exchange under way. See the module docs.
+pub struct Pending {
+    capture: Arc<Capture>,
+    id: u64,
+    connection: u64,
+    stream: u32,
+    client: SocketAddr,
+    start: Nanos,
+    token_endpoint: bool,
+    request: OnceLock<Request>,
+    request_keep: usize,
+    request_body: OnceLock<(BodySummary, Nanos)>,
+    response: OnceLock<ResponsePart>,
+    response_body: OnceLock<(BodySummary, Nanos)>,
+    /// Parts still to come: the request body, and the response (with its body).
+    remaining: AtomicU8,
+}
+
+impl Pending {
+    pub fn request_keep(&self) -> usize {
+        self.request_keep
+    }
+
+    pub fn token_endpoint(&self) -> bool {
+        self.token_endpoint
+    }
+
+    /// The request body's tap.
+    pub fn request_tap(self: &Arc<Self>) -> impl TapDone {
+        RequestDone(self.clone())
+    }
+
+    /// The upstream answered with this head; the response body's tap follows.
+    pub fn response_head(self: &Arc<Self>, parts: &http::response::Parts) -> impl TapDone {
+        let capture = &self.capture;
+        let mut headers = Headers::with_capacity(parts.headers.len(), 512);
+        for (name, value) in &parts.headers {
+            capture
+                .redactor
+                .push_header(&mut headers, name.as_str(), value.as_bytes());
+        }
+        let _ = self.response.set(ResponsePart::Head {
+            status: parts.status.as_u16(),
+            version: version_of(parts.version),
+            headers,
+            at: capture.clock.now(),
+            keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
+        });
+        ResponseDone(self.clone())
+    }
+
+    /// The upstream gave no response.
+    pub fn failed(&self, kind: FailureKind, detail: String) {
+        let at = self.capture.clock.now();
+        let _ = self
+            .response
+            .set(ResponsePart::Failed(UpstreamFailure { kind, detail }));
+        let _ = self.response_body.set((BodySummary::default(), at));
+        self.part_done();
+    }
+
+    fn part_done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.build();
+        }
+    }
+
+    fn build(&self) {
+        let Some(mut request) = self.request.get().cloned() else {
+            return;
+        };
+        let (req_body, req_done) = self.request_body.get().cloned().unwrap_or_default();
+        request.body = body_of(req_body, self.capture.config.bodies != BodyCapture::None);
+        let (resp_body, resp_done) = self.response_body.get().cloned().unwrap_or_default();
+        let (response, response_head, issued) = match self.response.get() {
+            Some(ResponsePart::Head {
+                status,
+                version,
+                headers,
+                at,
+                keep_body,
+            }) => {
+                let issued = if self.token_endpoint && resp_body.complete {
+                    self.capture.redactor.issued_secrets(&resp_body.prefix)
+                } else {
+                    Vec::new()
+                };
+                let response = Response {
+                    status: *status,
+                    version: *version,
+                    headers: headers.clone(),
+                    body: body_of(resp_body, *keep_body),
+                };
+                (Ok(response), Some(at.saturating_sub(self.start)), issued)
+            }
+            Some(ResponsePart::Failed(failure)) => (Err(failure.clone()), None, Vec::new()),
+            None => return,
+        };
+        let exchange = Exchange {
+            id: self.id,
+            connection: self.connection,
+            stream: self.stream,
+            client: Some(self.client),
+            timing: Timing {
+                start: self.start,
+                request_done: req_done.saturating_sub(self.start),
+                response_head,
+                response_done: resp_done.saturating_sub(self.start),
+            },
+            request,
+            response,
+            issued_secrets: issued,
+            upgraded: false,
+        };
+        self.capture.offer(exchange);
+    }
+}
+
+fn body_of(summary: BodySummary, keep: bool) -> Body {
+    Body {
+        len: summary.len,
+        sha256: summary.sha256,
+        stored: if keep && !summary.prefix.is_empty() {
+            Stored::Prefix(summary.prefix)
+        } else {
+            Stored::None
+        },
+        complete: summary.complete,
+    }
+}
+
+struct RequestDone(Arc<Pending>);
+
+impl TapDone for RequestDone {
+    fn body_done(&self, summary: BodySummary) {
+        let now = self.0.capture.clock.now();
+        let _ = self.0.request_body.set((summary, now));
+        self.0.part_done();
+    }
+}
+
+struct ResponseDone(Arc<Pending>);
+
+impl TapDone for ResponseDone {
+    fn body_done(&self, summary: BodySummary) {
+        let now = self.0.capture.clock.now();
+        let _ = self.0.response_body.set((summary, now));
+        self.0.part_done();
+    }
+}
+
+/// Why a connection closed, as the tape says it.
+pub fn close_reason(result: Result<(), String>, shutting_down: bool) -> CloseReason {
+    match result {
+        Ok(()) if shutting_down => CloseReason::Shutdown,
+        Ok(()) => CloseReason::Client,
+        Err(e) => CloseReason::Error(e),
+    }
+}

@@ -1,0 +1,344 @@
+//! Forwarding: each request goes upstream as the client sent it, the response comes back as the
+//! upstream sent it, both bodies streaming through taps.
+//!
+//! Only what RFC 9110 asks of an intermediary changes: hop-by-hop fields (`Connection` and the
+//! fields it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`)
+//! are not forwarded, and `X-Forwarded-For`, `-Proto` and `-Host` are added unless turned off.
+//! `Host` reaches the upstream as the client sent it (Quay builds its token realm and
+//! `Location` URLs from it) unless `--upstream-host` says otherwise. An upstream that refuses,
+//! resets or times out gets the client a quick 502 or 504 with a short body, and the tape the
+//! failure's kind.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::admin::Metrics;
+use super::exchange::{Capture, Connection};
+use super::tap::TapBody;
+use super::RecordConfig;
+use crate::tape::FailureKind;
+
+/// A body on its way through the proxy.
+pub enum ProxyBody {
+    /// Recorded: measured as it passes.
+    Tapped(TapBody<Incoming>),
+    /// Not recorded (sampled out, excluded): passed as is.
+    Plain(Incoming),
+    /// Written by the proxy itself (an error response).
+    Local(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Tapped(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Plain(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Tapped(b) => b.is_end_stream(),
+            ProxyBody::Plain(b) => b.is_end_stream(),
+            ProxyBody::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Tapped(b) => b.size_hint(),
+            ProxyBody::Plain(b) => b.size_hint(),
+            ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// Sends requests upstream and responses back. One per recorder, shared by all connections.
+pub struct Proxy {
+    config: Arc<RecordConfig>,
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// `scheme://authority` of the upstream, to which each request's path and query are added.
+    base: String,
+    capture: Arc<Capture>,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<RecordConfig>,
+        capture: Arc<Capture>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Proxy> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+        let tls = super::listen::upstream_tls(&config)?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let https = if config.upstream_h2c {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.enable_all_versions().wrap_connector(http)
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(config.upstream_h2c)
+            .build(https);
+        let base = format!(
+            "{}://{}",
+            config.upstream.scheme_str().unwrap_or("http"),
+            config
+                .upstream
+                .authority()
+                .context("the upstream URL has no host")?
+        );
+        Ok(Proxy {
+            config,
+            client,
+            base,
+            capture,
+            metrics,
+        })
+    }
+
+    /// Handles one request from `connection`.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        connection: Arc<Connection>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let start = self.capture.clock().now();
+        let m = &self.metrics;
+        m.requests.fetch_add(1, Ordering::Relaxed);
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.metrics);
+
+        let (mut parts, body) = request.into_parts();
+        let pending = self
+            .capture
+            .wants(parts.uri.path())
+            .then(|| self.capture.begin(&connection, 0, &parts, start));
+        let client_authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = match format!("{}{}", self.base, path).parse::<http::Uri>() {
+            Ok(u) => u,
+            Err(e) => {
+                return Ok(local(
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad request target: {e}"),
+                ))
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        let host = self
+            .config
+            .upstream_host
+            .clone()
+            .or(client_authority.clone());
+        if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+            parts.headers.insert(header::HOST, host);
+        }
+        if self.config.forwarded_headers {
+            add_forwarded(&mut parts.headers, &connection, client_authority.as_deref());
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let body = match &pending {
+            Some(p) => ProxyBody::Tapped(TapBody::new(body, p.request_keep(), p.request_tap())),
+            None => ProxyBody::Plain(body),
+        };
+        let upstream = Request::from_parts(parts, body);
+
+        let sent =
+            tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await;
+        let upstream_at = self.capture.clock().now();
+        m.upstream_latency
+            .observe(upstream_at.saturating_sub(start));
+        let response = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let (kind, status) = classify(&e);
+                let detail = describe(&e);
+                m.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("upstream failed: {detail}");
+                if let Some(p) = &pending {
+                    p.failed(kind, detail.clone());
+                }
+                return Ok(local(
+                    status,
+                    &format!("loadtape: upstream {}: {detail}", self.base),
+                ));
+            }
+            Err(_) => {
+                m.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                let detail = format!("no response head within {:?}", self.config.upstream_timeout);
+                if let Some(p) = &pending {
+                    p.failed(FailureKind::Timeout, detail.clone());
+                }
+                return Ok(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("loadtape: upstream {}: {detail}", self.base),
+                ));
+            }
+        };
+        let (mut parts, body) = response.into_parts();
+        m.count_status(parts.status.as_u16());
+        // The client's connection has its own version (hyper writes HTTP/2 frames regardless);
+        // an HTTP/1.0 upstream must not turn the client's keep-alive connection into 1.0.
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        let body = match &pending {
+            Some(p) => {
+                let done = p.response_head(&parts);
+                let keep = self.capture.keep_for(&parts.headers, p.token_endpoint());
+                ProxyBody::Tapped(TapBody::new(body, keep, done))
+            }
+            None => ProxyBody::Plain(body),
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Decrements the in-flight gauge however the handler ends.
+struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response written by the proxy itself.
+fn local(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::Local(Some(Bytes::from(format!("{text}\n")))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Removes the fields that concern one connection only (RFC 9110, 7.6.1).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn add_forwarded(headers: &mut HeaderMap, connection: &Connection, host: Option<&str>) {
+    let ip = connection.client.ip().to_string();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(xff, v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(connection.scheme.as_str()),
+    );
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+}
+
+/// What kind of upstream failure an error is, and the status the client gets for it.
+fn classify(e: &hyper_util::client::legacy::Error) -> (FailureKind, StatusCode) {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return match io.kind() {
+                ConnectionRefused => (FailureKind::Refused, StatusCode::BAD_GATEWAY),
+                TimedOut => (FailureKind::Timeout, StatusCode::GATEWAY_TIMEOUT),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => {
+                    (FailureKind::Reset, StatusCode::BAD_GATEWAY)
+                }
+                _ if s.to_string().contains("certificate") || s.to_string().contains("tls") => {
+                    (FailureKind::Tls, StatusCode::BAD_GATEWAY)
+                }
+                _ => (FailureKind::Other, StatusCode::BAD_GATEWAY),
+            };
+        }
+        if s.downcast_ref::<rustls::Error>().is_some() {
+            return (FailureKind::Tls, StatusCode::BAD_GATEWAY);
+        }
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                return (FailureKind::Reset, StatusCode::BAD_GATEWAY);
+            }
+            if h.is_timeout() {
+                return (FailureKind::Timeout, StatusCode::GATEWAY_TIMEOUT);
+            }
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        return (FailureKind::Refused, StatusCode::BAD_GATEWAY);
+    }
+    (FailureKind::Other, StatusCode::BAD_GATEWAY)
+}
+
+/// The error and its causes on one line.
+fn describe(e: &dyn StdError) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}

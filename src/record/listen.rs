@@ -1,0 +1,284 @@
+//! Accepting clients: TCP, TLS termination (rustls, ALPN `h2` and `http/1.1`), and HTTP/1.1 or
+//! HTTP/2 on each connection (h2c by prior knowledge on plain TCP), until told to stop; then
+//! in-flight exchanges get the drain timeout to finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::exchange::{close_reason, Capture};
+use super::forward::Proxy;
+use super::RecordConfig;
+use crate::tape::{HttpVersion, TlsInfo};
+
+/// The bound listening socket, with its TLS settings.
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+    header_read_timeout: Duration,
+}
+
+impl Listener {
+    pub async fn bind(config: &RecordConfig) -> anyhow::Result<Listener> {
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(TlsAcceptor::from(Arc::new(server_tls(cert, key)?))),
+            None => None,
+        };
+        let tcp = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
+        Ok(Listener {
+            tcp,
+            tls,
+            header_read_timeout: config.header_read_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.tcp
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+
+    /// Serves connections until `stop`, then waits up to `drain` for them to finish.
+    pub async fn serve(
+        self,
+        proxy: Arc<Proxy>,
+        capture: Arc<Capture>,
+        stop: CancellationToken,
+        drain: Duration,
+    ) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (stream, client) = tokio::select! {
+                accepted = self.tcp.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!("cannot accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = proxy.clone();
+            let capture = capture.clone();
+            let tls = self.tls.clone();
+            let watcher = graceful.watcher();
+            let stop = stop.clone();
+            let header_read_timeout = self.header_read_timeout;
+            tokio::spawn(async move {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout);
+                let (result, connection) = match tls {
+                    None => {
+                        let connection =
+                            capture.connection_opened(client, HttpVersion::Http11, None);
+                        let service = service(proxy, connection.clone());
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        (watcher.watch(conn).await, connection)
+                    }
+                    Some(acceptor) => {
+                        let accepted =
+                            tokio::time::timeout(header_read_timeout, acceptor.accept(stream))
+                                .await;
+                        let stream = match accepted {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!("TLS handshake with {client} failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake with {client} timed out");
+                                return;
+                            }
+                        };
+                        let (_, session) = stream.get_ref();
+                        let alpn = session
+                            .alpn_protocol()
+                            .map(|p| String::from_utf8_lossy(p).into_owned());
+                        let info = TlsInfo {
+                            protocol: session
+                                .protocol_version()
+                                .and_then(|v| v.as_str())
+                                .unwrap_or("TLS")
+                                .to_string(),
+                            server_name: session.server_name().map(str::to_string),
+                            alpn: alpn.clone(),
+                        };
+                        let version = if alpn.as_deref() == Some("h2") {
+                            HttpVersion::H2
+                        } else {
+                            HttpVersion::Http11
+                        };
+                        let connection = capture.connection_opened(client, version, Some(info));
+                        let service = service(proxy, connection.clone());
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        (watcher.watch(conn).await, connection)
+                    }
+                };
+                let result = result.map_err(|e| e.to_string());
+                if let Err(e) = &result {
+                    tracing::debug!("connection from {client} ended: {e}");
+                }
+                capture.connection_closed(&connection, close_reason(result, stop.is_cancelled()));
+            });
+        }
+        // Stop accepting; let what is in flight finish.
+        drop(self.tcp);
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(drain) => {
+                tracing::warn!("in-flight exchanges did not finish within the drain timeout ({drain:?}); closing");
+            }
+        }
+    }
+}
+
+fn service(
+    proxy: Arc<Proxy>,
+    connection: Arc<super::exchange::Connection>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<super::forward::ProxyBody>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<http::Response<super::forward::ProxyBody>, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    service_fn(move |request| proxy.clone().handle(request, connection.clone()))
+}
+
+/// The listener's TLS: the given certificate chain and key, ALPN `h2` then `http/1.1`.
+fn server_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!(
+                "--tls-cert {} is not a PEM certificate chain",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        anyhow::bail!("--tls-cert {} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "cannot read a PEM private key from --tls-key {}",
+            key.display()
+        )
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS set-up")?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("--tls-cert and --tls-key do not make a usable certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// TLS towards an https upstream: the system's roots plus `--upstream-ca`, or no verification
+/// at all with `--upstream-insecure`.
+pub fn upstream_tls(config: &RecordConfig) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?;
+    if config.upstream_insecure {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_no_client_auth());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(ca) = &config.upstream_ca {
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("cannot read --upstream-ca {}", ca.display()))?
+        {
+            let cert =
+                cert.with_context(|| format!("--upstream-ca {} is not PEM", ca.display()))?;
+            roots.add(cert).with_context(|| {
+                format!(
+                    "--upstream-ca {} holds an unusable certificate",
+                    ca.display()
+                )
+            })?;
+        }
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// `--upstream-insecure`: any certificate is accepted (signatures are still checked).
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

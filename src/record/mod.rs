@@ -1,0 +1,274 @@
+//! `loadtape record`: the transparent capture proxy.
+//!
+//! Deployed in front of a staging Quay or Clair, it forwards every request untouched and streams
+//! what passed into a tape. The first rule is that it never slows or breaks the traffic it sees,
+//! which shapes every part:
+//!
+//! * bodies stream through in both directions; their length, sha256 and kept prefix are computed
+//!   on the side as the bytes pass ([`tap`]);
+//! * a finished exchange is handed to the tape writer through a queue that never blocks
+//!   ([`crate::tape::capture`]): a slow or full disk costs records, counted, never requests;
+//! * credentials are redacted before anything is queued ([`crate::redact`]).
+//!
+//! The stages: [`listen`] accepts connections (TLS and ALPN, HTTP/1.1 and HTTP/2, h2c by prior
+//! knowledge), [`forward`] sends each request upstream and the response back, [`exchange`] turns
+//! what passed into records, [`admin`] serves metrics and health.
+
+pub mod admin;
+pub mod exchange;
+pub mod forward;
+pub mod listen;
+pub mod tap;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use regex::Regex;
+use tokio_util::sync::CancellationToken;
+
+use crate::redact::Redactor;
+use crate::tape::capture::{self, CaptureLimits};
+use crate::tape::{Nanos, TapeHeader, TapeKind, TapeWriter, WriteSummary, WriterOptions};
+
+/// How much of each body the tape keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyCapture {
+    /// Length and sha256 only (pushes then cannot replay).
+    None,
+    /// The first bytes of every body; JSON and manifests up to [`WHOLE_JSON_LIMIT`] whole.
+    Prefix(usize),
+}
+
+/// JSON and manifest bodies up to this size are kept whole in every mode but `none`: a replay
+/// needs them (manifests, Clair index requests).
+pub const WHOLE_JSON_LIMIT: usize = 64 << 10;
+
+impl std::fmt::Display for BodyCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyCapture::None => f.write_str("none"),
+            BodyCapture::Prefix(n) => write!(
+                f,
+                "prefix:{}",
+                crate::inspect::human_bytes(*n as u64).replace(' ', "")
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for BodyCapture {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "none" {
+            return Ok(BodyCapture::None);
+        }
+        if let Some(size) = s.strip_prefix("prefix:") {
+            return crate::units::parse_size(size)
+                .map(|n| BodyCapture::Prefix(n as usize))
+                .map_err(|e| format!("{s:?}: {e}"));
+        }
+        Err(format!(
+            "{s:?} is not a body capture mode: use `none` or `prefix:SIZE` (e.g. `prefix:64KiB`)"
+        ))
+    }
+}
+
+/// Everything `loadtape record` is told.
+#[derive(Debug, Clone)]
+pub struct RecordConfig {
+    pub listen: SocketAddr,
+    /// `http://host:port` or `https://host:port` (a path prefix is not allowed).
+    pub upstream: http::Uri,
+    /// A tape directory (rotated files) or a `.tape` file.
+    pub out: PathBuf,
+    /// Certificate chain and key (PEM) to terminate TLS on the listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra CA (PEM) trusted for an https upstream.
+    pub upstream_ca: Option<PathBuf>,
+    /// Do not verify an https upstream's certificate.
+    pub upstream_insecure: bool,
+    /// Speak HTTP/2 without TLS (prior knowledge) to the upstream.
+    pub upstream_h2c: bool,
+    /// The `Host` the upstream sees, instead of the client's.
+    pub upstream_host: Option<String>,
+    pub bodies: BodyCapture,
+    pub redact_headers: Vec<String>,
+    pub keep_headers: Vec<String>,
+    /// Fraction of exchanges recorded (all are forwarded).
+    pub sample: f64,
+    /// Record only paths matching one of these (all when empty).
+    pub include: Vec<Regex>,
+    /// Do not record paths matching one of these.
+    pub exclude: Vec<Regex>,
+    pub rotate_size: Option<u64>,
+    pub rotate_every: Option<Duration>,
+    pub admin_listen: Option<SocketAddr>,
+    /// Add `X-Forwarded-For`, `-Proto` and `-Host`.
+    pub forwarded_headers: bool,
+    /// How long in-flight exchanges may take to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// How long the upstream may take to answer with a response head.
+    pub upstream_timeout: Duration,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    pub queue: CaptureLimits,
+}
+
+impl RecordConfig {
+    /// A configuration with the documented defaults.
+    pub fn new(listen: SocketAddr, upstream: http::Uri, out: PathBuf) -> RecordConfig {
+        RecordConfig {
+            listen,
+            upstream,
+            out,
+            tls: None,
+            upstream_ca: None,
+            upstream_insecure: false,
+            upstream_h2c: false,
+            upstream_host: None,
+            bodies: BodyCapture::Prefix(64 << 10),
+            redact_headers: Vec::new(),
+            keep_headers: Vec::new(),
+            sample: 1.0,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            rotate_size: None,
+            rotate_every: None,
+            admin_listen: None,
+            forwarded_headers: true,
+            drain_timeout: Duration::from_secs(30),
+            upstream_timeout: Duration::from_secs(300),
+            header_read_timeout: Duration::from_secs(30),
+            queue: CaptureLimits::default(),
+        }
+    }
+}
+
+/// Tape time: nanoseconds since the recording started, from a monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn now(&self) -> Nanos {
+        self.start.elapsed().as_nanos() as Nanos
+    }
+}
+
+/// What a recording did, when it ends.
+#[derive(Debug)]
+pub struct RecordSummary {
+    pub exchanges: u64,
+    pub tape: WriteSummary,
+}
+
+/// A recorder bound to its port, ready to run. Binding first lets callers (tests, the CLI
+/// banner) learn the address before traffic flows.
+pub struct Recorder {
+    config: Arc<RecordConfig>,
+    listener: listen::Listener,
+    admin: Option<tokio::net::TcpListener>,
+}
+
+impl Recorder {
+    /// Binds the listener (and the admin endpoint when asked) and checks the configuration.
+    pub async fn bind(config: RecordConfig) -> anyhow::Result<Recorder> {
+        if !matches!(config.upstream.scheme_str(), Some("http") | Some("https"))
+            || config.upstream.host().is_none()
+        {
+            anyhow::bail!(
+                "--upstream {} is not an http:// or https:// URL with a host",
+                config.upstream
+            );
+        }
+        if !(0.0..=1.0).contains(&config.sample) {
+            anyhow::bail!(
+                "--sample {} is not a fraction between 0 and 1",
+                config.sample
+            );
+        }
+        let listener = listen::Listener::bind(&config).await?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on --admin-listen {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Recorder {
+            config: Arc::new(config),
+            listener,
+            admin,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// Records until `stop` is cancelled, then drains in-flight exchanges (up to the drain
+    /// timeout), flushes and closes the tape.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<RecordSummary> {
+        let config = self.config;
+        let redactor = Redactor::new(&config.redact_headers, &config.keep_headers);
+        let mut header = TapeHeader::new(TapeKind::Capture, "loadtape record");
+        header.upstream = Some(config.upstream.to_string());
+        header.options = vec![
+            ("bodies".into(), config.bodies.to_string()),
+            (
+                "redacted_headers".into(),
+                redactor.redacted_headers().join(","),
+            ),
+            ("sample".into(), config.sample.to_string()),
+        ];
+        let options = WriterOptions {
+            rotate_size: config.rotate_size,
+            rotate_every: config.rotate_every,
+            ..WriterOptions::default()
+        };
+        let writer = TapeWriter::create(&config.out, header, options)?;
+        let (sink, capture_thread) = capture::spawn(writer, config.queue);
+        let clock = Clock {
+            start: Instant::now(),
+        };
+        let metrics = Arc::new(admin::Metrics::new(sink.counters().clone()));
+        let capture = Arc::new(exchange::Capture::new(
+            sink,
+            redactor,
+            clock,
+            config.clone(),
+            metrics.clone(),
+        ));
+        let proxy = Arc::new(forward::Proxy::new(
+            config.clone(),
+            capture.clone(),
+            metrics.clone(),
+        )?);
+
+        let admin_task = self
+            .admin
+            .map(|l| tokio::spawn(admin::serve(l, metrics.clone(), stop.clone())));
+        self.listener
+            .serve(proxy, capture.clone(), stop.clone(), config.drain_timeout)
+            .await;
+        if let Some(t) = admin_task {
+            t.abort();
+        }
+        let exchanges = capture.exchanges();
+        drop(capture);
+        let tape = tokio::task::spawn_blocking(move || capture_thread.finish())
+            .await
+            .context("the tape writer did not finish")??;
+        Ok(RecordSummary { exchanges, tape })
+    }
+}

@@ -1,0 +1,138 @@
+//! Bodies that stream through while being measured.
+//!
+//! A [`TapBody`] wraps a body on its way through the proxy and hands every frame on unchanged,
+//! the moment it arrives; on the side it counts the bytes, hashes them (sha256) and keeps the
+//! first ones. When the body ends, fails, or is dropped half-way (a client gone mid-upload), it
+//! reports a [`BodySummary`] once to whoever waits for it. Memory stays bounded by the prefix
+//! kept, whatever the body's size.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use sha2::{Digest, Sha256};
+
+/// What passed through a body.
+#[derive(Debug, Clone, Default)]
+pub struct BodySummary {
+    pub len: u64,
+    /// sha256 of the bytes that passed; `None` when none did.
+    pub sha256: Option<[u8; 32]>,
+    /// The first bytes, up to the keep limit.
+    pub prefix: Vec<u8>,
+    /// The body ended normally (not cut short).
+    pub complete: bool,
+}
+
+/// Who is told when a tapped body ends.
+pub trait TapDone: Send + Sync + 'static {
+    fn body_done(&self, summary: BodySummary);
+}
+
+/// A body passed through unchanged while [`BodySummary`] is computed. See the module docs.
+pub struct TapBody<B: Body> {
+    inner: B,
+    tap: Option<Tap>,
+}
+
+struct Tap {
+    len: u64,
+    hasher: Sha256,
+    prefix: Vec<u8>,
+    keep: usize,
+    done: Box<dyn TapDone>,
+}
+
+impl Tap {
+    fn finish(mut self, complete: bool) {
+        let sha256 = (self.len > 0).then(|| self.hasher.finalize_reset().into());
+        let summary = BodySummary {
+            len: self.len,
+            sha256,
+            prefix: std::mem::take(&mut self.prefix),
+            complete,
+        };
+        self.done.body_done(summary);
+    }
+}
+
+impl<B: Body> TapBody<B> {
+    /// Taps `inner`, keeping its first `keep` bytes, and tells `done` when it ends.
+    pub fn new(inner: B, keep: usize, done: impl TapDone) -> TapBody<B> {
+        TapBody {
+            inner,
+            tap: Some(Tap {
+                len: 0,
+                hasher: Sha256::new(),
+                prefix: Vec::new(),
+                keep,
+                done: Box::new(done),
+            }),
+        }
+    }
+}
+
+impl<B> Body for TapBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(tap)) = (frame.data_ref(), self.tap.as_mut()) {
+                    tap.len += data.len() as u64;
+                    tap.hasher.update(data);
+                    let room = tap.keep.saturating_sub(tap.prefix.len());
+                    if room > 0 {
+                        tap.prefix.extend_from_slice(&data[..room.min(data.len())]);
+                    }
+                }
+                // A body of known length is complete with its last byte: hyper need not poll
+                // it again.
+                if self.inner.is_end_stream() {
+                    if let Some(tap) = self.tap.take() {
+                        tap.finish(true);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(tap) = self.tap.take() {
+                    tap.finish(false);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(tap) = self.tap.take() {
+                    tap.finish(true);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: Body> Drop for TapBody<B> {
+    fn drop(&mut self) {
+        // Dropped before its end was seen: complete if nothing was left to read (an empty body
+        // hyper never polled), cut short otherwise (the peer went away mid-body).
+        if let Some(tap) = self.tap.take() {
+            tap.finish(self.inner.is_end_stream());
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Network set-up for the record tests: an in-process upstream for shapes no real server here
+//! gives, the recorder started in-process, certificates, and real clients as child processes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use loadtape::record::{RecordConfig, RecordSummary, Recorder};
+use sha2::Digest;
+use tokio_util::sync::CancellationToken;
+
+/// A JWT as Quay's /v2/auth issues them (issuer `quay`, one hour), throwaway.
+pub const TOKEN: &str = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJxdWF5IiwiaWF0IjoxNzk1NjQ1NTY5LCJleHAiOjE3OTU2NDkxNjl9.c2lnbmF0dXJl";
+
+/// Fails the test, naming the Debian package, when a real client is not installed.
+pub fn require(command: &str, package: &str) {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "test peer `{command}` is missing: install the Debian package `{package}` (bash .ci/test does)"
+    );
+}
+
+/// The in-process upstream:
+/// `/json`, `/echo` (answers with what it received: headers, body length and sha256),
+/// `/v2/auth` (a token), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type Reply = http::Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+
+fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    http::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()).boxed())
+        .unwrap()
+}
+
+async fn route(req: http::Request<Incoming>) -> Result<Reply, Infallible> {
+    let path = req.uri().path().to_string();
+    let mut seg = path.trim_start_matches('/').splitn(2, '/');
+    let (first, arg) = (seg.next().unwrap_or(""), seg.next().unwrap_or(""));
+    Ok(match first {
+        "json" => reply(200, "application/json", r#"{"ok": true}"#),
+        "v2" if arg == "auth" => reply(
+            200,
+            "application/json",
+            format!(r#"{{"token": "{TOKEN}"}}"#),
+        ),
+        "status" => reply(arg.parse().unwrap_or(500), "text/plain", "status\n"),
+        "slow" => {
+            tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(100))).await;
+            reply(200, "text/plain", "slow\n")
+        }
+        "bytes" => {
+            let total: usize = arg.parse().unwrap_or(0);
+            http::Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(Chunks { sent: 0, total }.boxed())
+                .unwrap()
+        }
+        "echo" => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let json = serde_json::json!({
+                "headers": headers,
+                "len": body.len(),
+                "sha256": hex(&sha2::Sha256::digest(&body)),
+            });
+            reply(200, "application/json", json.to_string())
+        }
+        _ => reply(404, "text/plain", "no such route\n"),
+    })
+}
+
+/// The bytes `/bytes/N` serves from `offset`: a pattern, so that digests are checkable.
+pub fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len).map(|i| (i % 251) as u8).collect()
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `total` pattern bytes, 64 KiB a frame: a body that is streamed, never whole in memory.
+struct Chunks {
+    sent: usize,
+    total: usize,
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let len = (self.total - self.sent).min(65536);
+        if len == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let data = Bytes::from(pattern(self.sent, len));
+        self.sent += len;
+        std::task::Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+pub async fn upstream() -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                a = listener.accept() => a.unwrap(),
+                _ = stopped.cancelled() => return,
+            };
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service_fn(route))
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, stop }
+}
+
+/// A recorder running in-process.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<RecordSummary>>,
+}
+
+impl Running {
+    /// Stops it as SIGTERM would, and waits for the tape to be closed.
+    pub async fn stop(self) -> RecordSummary {
+        self.stop.cancel();
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+/// A configuration forwarding to `upstream`, recording into `out`.
+pub fn config(upstream: SocketAddr, out: &Path) -> RecordConfig {
+    RecordConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("http://{upstream}").parse().unwrap(),
+        out.to_path_buf(),
+    )
+}
+
+pub async fn start(config: RecordConfig) -> Running {
+    let recorder = Recorder::bind(config).await.unwrap();
+    let addr = recorder.local_addr();
+    let admin = recorder.admin_addr();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(recorder.run(stop.clone()));
+    Running {
+        addr,
+        admin,
+        stop,
+        handle,
+    }
+}
+
+/// A self-signed certificate for `localhost`, written as PEM files.
+pub fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// Runs curl with `args`; returns its stdout, failing the test on a non-zero exit.
+pub async fn curl(args: &[&str]) -> String {
+    require("curl", "curl");
+    let out = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "30"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

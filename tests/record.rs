@@ -1,0 +1,354 @@
+//! `loadtape record` as a user meets it: real clients through the proxy, the tape afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::net::*;
+use common::read_one;
+use loadtape::tape::{FailureKind, HeaderValue, HttpVersion, Record, SecretKind, Stored};
+
+fn exchanges(records: &[Record]) -> Vec<&loadtape::tape::Exchange> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Exchange(e) => Some(e.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http1_h2c_and_h2_with_tls_goes_through_and_is_recorded() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = start(config(up.addr, &dir.path().join("plain"))).await;
+    let (cert, key) = certificate(dir.path());
+    let mut tls_config = config(up.addr, &dir.path().join("tls"));
+    tls_config.tls = Some((cert.clone(), key));
+    let tls = start(tls_config).await;
+
+    let url = format!("http://{}/json", plain.addr);
+    let h1 = curl(&["-w", "\n%{http_version} %{http_code}", &url]).await;
+    assert_eq!(h1, "{\"ok\": true}\n1.1 200");
+    let h2c = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        &url,
+    ])
+    .await;
+    assert_eq!(h2c, "{\"ok\": true}\n2 200");
+    let port = tls.addr.port();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let tls_url = format!("https://localhost:{port}/status/418");
+    let h2 = curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version} %{http_code}",
+        &tls_url,
+    ])
+    .await;
+    assert_eq!(h2, "2 418");
+
+    let plain_summary = plain.stop().await;
+    let tls_summary = tls.stop().await;
+    assert_eq!(plain_summary.exchanges, 2);
+    assert_eq!(tls_summary.exchanges, 1);
+
+    let (records, stats) = read_one(&dir.path().join("plain")).unwrap();
+    assert!(stats.files[0].closed, "a stopped recorder closes its tape");
+    let ex = exchanges(&records);
+    assert_eq!(ex.len(), 2);
+    assert_eq!(ex[0].request.version, HttpVersion::Http11);
+    assert_eq!(ex[1].request.version, HttpVersion::H2);
+    for e in &ex {
+        assert_eq!(e.request.target, "/json");
+        let r = e.response.as_ref().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body.whole_inline(),
+            Some(&b"{\"ok\": true}"[..]),
+            "JSON is kept whole"
+        );
+        assert!(e.timing.response_head.unwrap() <= e.timing.response_done);
+    }
+    let opened = records
+        .iter()
+        .filter(|r| matches!(r, Record::ConnectionOpened(_)))
+        .count();
+    let closed = records
+        .iter()
+        .filter(|r| matches!(r, Record::ConnectionClosed(_)))
+        .count();
+    assert_eq!(
+        (opened, closed),
+        (2, 2),
+        "curl opened one connection per run"
+    );
+
+    let (records, _) = read_one(&dir.path().join("tls")).unwrap();
+    let tls_open = records
+        .iter()
+        .find_map(|r| match r {
+            Record::ConnectionOpened(c) => Some(c.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let info = tls_open.tls.as_ref().expect("the connection is TLS");
+    assert_eq!(info.alpn.as_deref(), Some("h2"));
+    assert_eq!(info.server_name.as_deref(), Some("localhost"));
+    assert_eq!(
+        exchanges(&records)[0].response.as_ref().unwrap().status,
+        418
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    let base = format!("http://{}", rec.addr);
+    let issued = curl(&[
+        "-u",
+        "alice:s3cret-password",
+        &format!("{base}/v2/auth?service=quay&scope=x"),
+    ])
+    .await;
+    assert!(
+        issued.contains(TOKEN),
+        "the client gets the token untouched"
+    );
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    curl(&[
+        "-H",
+        &bearer,
+        "-H",
+        "Cookie: session=cookie-secret",
+        &format!("{base}/json"),
+    ])
+    .await;
+    curl(&[&format!("{base}/json?access_token=query-secret&n=1")]).await;
+    rec.stop().await;
+
+    let (records, _) = read_one(&out).unwrap();
+    let everything = serde_json::to_string(&records).unwrap();
+    for secret in [
+        TOKEN,
+        "s3cret-password",
+        "YWxpY2U6czNjcmV0LXBhc3N3b3Jk",
+        "cookie-secret",
+        "query-secret",
+    ] {
+        assert!(!everything.contains(secret), "{secret} reached the tape");
+    }
+    let ex = exchanges(&records);
+    let auth = ex[0];
+    assert!(
+        matches!(auth.response.as_ref().unwrap().body.stored, Stored::None),
+        "token bodies are not stored"
+    );
+    assert_eq!(auth.issued_secrets.len(), 1);
+    let Some(HeaderValue::Redacted(used)) = ex[1].request.headers.get("authorization") else {
+        panic!("authorization not redacted");
+    };
+    assert_eq!(used.kind, SecretKind::BearerJwt);
+    assert_eq!(
+        used.fingerprint, auth.issued_secrets[0].fingerprint,
+        "the replay can tell which token it was"
+    );
+    assert_eq!(used.jwt.as_ref().unwrap().issuer.as_deref(), Some("quay"));
+    assert!(ex[2]
+        .request
+        .target
+        .starts_with("/json?access_token=loadtape-redacted-"));
+    assert!(ex[2].request.target.ends_with("&n=1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through_with_their_digest_and_a_bounded_prefix() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    let base = format!("http://{}", rec.addr);
+    // 8 MiB up (a layer push) and 8 MiB down (a layer pull).
+    let upload = dir.path().join("layer.bin");
+    let layer = pattern(0, 8 << 20);
+    std::fs::write(&upload, &layer).unwrap();
+    let echoed = curl(&[
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("{base}/echo"),
+    ])
+    .await;
+    let echoed: serde_json::Value = serde_json::from_str(&echoed).unwrap();
+    let digest = hex(&<sha2::Sha256 as sha2::Digest>::digest(&layer));
+    assert_eq!(echoed["len"], 8 << 20);
+    assert_eq!(
+        echoed["sha256"],
+        digest.as_str(),
+        "the upstream got the bytes untouched"
+    );
+    let downloaded = dir.path().join("down.bin");
+    curl(&[
+        "-o",
+        downloaded.to_str().unwrap(),
+        &format!("{base}/bytes/{}", 8 << 20),
+    ])
+    .await;
+    assert_eq!(std::fs::read(&downloaded).unwrap(), layer);
+    rec.stop().await;
+
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges(&records);
+    let up_body = &ex[0].request.body;
+    assert_eq!(up_body.len, 8 << 20);
+    assert_eq!(hex(&up_body.sha256.unwrap()), digest);
+    assert!(up_body.complete);
+    assert!(matches!(&up_body.stored, Stored::Prefix(p) if p.len() == 64 << 10));
+    let down = &ex[1].response.as_ref().unwrap().body;
+    assert_eq!((down.len, hex(&down.sha256.unwrap())), (8 << 20, digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_fields_stay_behind_and_forwarding_fields_are_added() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = start(config(up.addr, &dir.path().join("t"))).await;
+    let echoed = curl(&[
+        "-H",
+        "Connection: keep-alive, X-Drop-Me",
+        "-H",
+        "X-Drop-Me: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "X-Forwarded-For: 10.9.8.7",
+        "-H",
+        "Host: quay.example.com",
+        &format!("http://{}/echo", rec.addr),
+    ])
+    .await;
+    rec.stop().await;
+    let headers = serde_json::from_str::<serde_json::Value>(&echoed).unwrap()["headers"].clone();
+    assert!(headers.get("x-drop-me").is_none(), "{headers}");
+    assert!(headers.get("keep-alive").is_none(), "{headers}");
+    assert_eq!(
+        headers["host"], "quay.example.com",
+        "the upstream sees the client's Host"
+    );
+    assert_eq!(headers["x-forwarded-for"], "10.9.8.7, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "quay.example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_down_or_hangs_gets_the_client_a_quick_502_or_504() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = start(config(closed, &dir.path().join("down"))).await;
+    let status = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{}/json", down.addr),
+    ])
+    .await;
+    assert_eq!(status, "502");
+    down.stop().await;
+
+    let up = upstream().await;
+    let mut c = config(up.addr, &dir.path().join("hang"));
+    c.upstream_timeout = Duration::from_millis(300);
+    let hang = start(c).await;
+    let status = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{}/slow/5000", hang.addr),
+    ])
+    .await;
+    assert_eq!(status, "504");
+    hang.stop().await;
+
+    let (records, _) = read_one(&dir.path().join("down")).unwrap();
+    let failure = exchanges(&records)[0]
+        .response
+        .as_ref()
+        .unwrap_err()
+        .clone();
+    assert_eq!(failure.kind, FailureKind::Refused, "{failure:?}");
+    let (records, _) = read_one(&dir.path().join("hang")).unwrap();
+    let failure = exchanges(&records)[0]
+        .response
+        .as_ref()
+        .unwrap_err()
+        .clone();
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_lets_in_flight_exchanges_finish_then_closes_the_tape() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let mut c = config(up.addr, &out);
+    c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let rec = start(c).await;
+    let url = format!("http://{}/slow/700", rec.addr);
+    let slow = tokio::spawn(async move { curl(&["-w", " %{http_code}", &url]).await });
+    // Stop once the slow request is in flight (the upstream saw it: poll the metrics).
+    let metrics = wait_for_in_flight(&rec).await;
+    assert!(
+        metrics.contains("loadtape_requests_in_flight 1"),
+        "{metrics}"
+    );
+    let summary = rec.stop().await;
+    assert_eq!(
+        slow.await.unwrap(),
+        "slow\n 200",
+        "the in-flight exchange finished"
+    );
+    assert_eq!(summary.exchanges, 1);
+    let (records, stats) = read_one(&out).unwrap();
+    assert!(stats.files[0].closed);
+    assert_eq!(exchanges(&records).len(), 1);
+}
+
+/// Polls the recorder until a request is in flight; returns the metrics text then.
+async fn wait_for_in_flight(rec: &Running) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(rec).await;
+        if text.contains("loadtape_requests_in_flight 1") {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request in flight: {text}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn scrape(rec: &Running) -> String {
+    // The in-process recorder counts on the same metrics the admin endpoint serves.
+    match rec.admin {
+        Some(a) => curl(&[&format!("http://{a}/metrics")]).await,
+        None => panic!("start the recorder with an admin endpoint"),
+    }
+}
