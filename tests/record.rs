@@ -352,3 +352,79 @@ async fn scrape(rec: &Running) -> String {
         None => panic!("start the recorder with an admin endpoint"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pushes_and_pulls_a_multi_layer_image_through_the_proxy_to_a_real_registry() {
+    use common::registry::*;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let out = dir.path().join("tape");
+    let rec = start(config(registry.addr, &out)).await;
+    // Layers larger than the 64 KiB the tape keeps of a body.
+    let image = oci_image(&dir.path().join("image"), &[300_000, 1 << 20, 2_500_000], 7);
+    let remote = format!("docker://{}/loadtape/web:v1", rec.addr);
+    skopeo_copy(&format!("oci:{}:v1", image.layout.display()), &remote).await;
+    let pulled = dir.path().join("pulled");
+    skopeo_copy(&remote, &format!("oci:{}:v1", pulled.display())).await;
+    let summary = rec.stop().await;
+
+    // The image came back byte for byte.
+    let listing = std::fs::read_dir(pulled.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    for digest in image.layers.iter().chain([&image.config, &image.manifest]) {
+        assert!(
+            listing.iter().any(|d| digest.ends_with(d.as_str())),
+            "{digest} not pulled: {listing:?}"
+        );
+        assert_eq!(
+            blob(&pulled, digest),
+            blob(&image.layout, digest),
+            "blob {digest}"
+        );
+    }
+
+    // The tape holds every exchange, with the registry's statuses.
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges(&records);
+    assert_eq!(ex.len() as u64, summary.exchanges);
+    let mut by_route: std::collections::BTreeMap<String, Vec<u16>> = Default::default();
+    for e in &ex {
+        let status = e
+            .response
+            .as_ref()
+            .map(|r| r.status)
+            .unwrap_or_else(|f| panic!("{f:?}"));
+        let route = loadtape::endpoint::template(e.request.method.as_str(), &e.request.target);
+        by_route.entry(route).or_default().push(status);
+    }
+    let statuses = |route: &str| by_route.get(route).cloned().unwrap_or_default();
+    assert!(
+        statuses("POST /v2/{repo}/blobs/uploads/")
+            .iter()
+            .all(|s| *s == 202),
+        "{by_route:?}"
+    );
+    let puts = statuses("PUT /v2/{repo}/blobs/uploads/{uuid}");
+    assert_eq!(
+        puts,
+        vec![201; 4],
+        "three layers and a config uploaded: {by_route:?}"
+    );
+    assert_eq!(statuses("PUT /v2/{repo}/manifests/{tag}"), vec![201]);
+    let gets = statuses("GET /v2/{repo}/blobs/{digest}");
+    assert_eq!(gets, vec![200; 4], "{by_route:?}");
+    // Each pulled layer's digest is on the tape, computed as it streamed by.
+    for layer in &image.layers {
+        let e = ex
+            .iter()
+            .find(|e| {
+                e.request.method.as_str() == "GET" && e.request.target.ends_with(layer.as_str())
+            })
+            .unwrap();
+        let body = &e.response.as_ref().unwrap().body;
+        assert_eq!(loadtape::tape::digest_string(&body.sha256.unwrap()), *layer);
+        assert_eq!(body.len as usize, blob(&image.layout, layer).len());
+    }
+}
