@@ -428,3 +428,177 @@ async fn skopeo_pushes_and_pulls_a_multi_layer_image_through_the_proxy_to_a_real
         assert_eq!(body.len as usize, blob(&image.layout, layer).len());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drops_records_not_traffic() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("tiny");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=192k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs needs root (CI runs as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+
+    let mut c = config(up.addr, &mnt.join("tapes"));
+    c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let rec = start(c).await;
+    // Incompressible JSON bodies, a new one each time: each keeps 64 KiB on the tape, so the
+    // disk fills fast.
+    let body = dir.path().join("body.json");
+    let mut state = 1u64;
+    let url = format!("http://{}/echo", rec.addr);
+    for _ in 0..40 {
+        let random: String = (0..100_000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'!' + (state >> 58) as u8)
+            })
+            .filter(|c| *c != '"' && *c != '\\')
+            .collect();
+        std::fs::write(&body, format!("{{\"pad\": \"{random}\"}}")).unwrap();
+        let reply = curl(&[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", body.display()),
+            "-w",
+            " %{http_code}",
+            &url,
+        ])
+        .await;
+        assert!(reply.ends_with(" 200"), "traffic must not suffer: {reply}");
+    }
+    let metrics = scrape(&rec).await;
+    let summary = rec.stop().await;
+    assert!(
+        summary.tape.dropped > 0,
+        "the disk filled, so records were dropped: {summary:?}"
+    );
+    let dropped_metric = metrics
+        .lines()
+        .find(|l| l.starts_with("loadtape_tape_write_errors_total"))
+        .unwrap();
+    assert_ne!(
+        dropped_metric, "loadtape_tape_write_errors_total 0",
+        "{metrics}"
+    );
+    // What was written reads back.
+    let (records, _) = read_one(&mnt.join("tapes")).unwrap();
+    assert!(exchanges(&records).len() < 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_upload_is_recorded_as_cut_short_and_the_proxy_goes_on() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    let upload = dir.path().join("big.bin");
+    std::fs::write(&upload, pattern(0, 4 << 20)).unwrap();
+    // curl gives up after half a second while uploading at 1 MiB/s.
+    require("curl", "curl");
+    let gave_up = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--limit-rate",
+            "1M",
+            "--max-time",
+            "0.5",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", upload.display()))
+        .arg(format!("http://{}/echo", rec.addr))
+        .status()
+        .await
+        .unwrap();
+    assert!(!gave_up.success(), "curl was meant to give up mid-upload");
+    let next = curl(&[&format!("http://{}/json", rec.addr)]).await;
+    assert_eq!(next, "{\"ok\": true}");
+    rec.stop().await;
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges(&records);
+    let cut = ex
+        .iter()
+        .find(|e| e.request.target == "/echo")
+        .expect("the cut upload is on the tape");
+    assert!(!cut.request.body.complete);
+    assert!(
+        cut.request.body.len > 0 && cut.request.body.len < 4 << 20,
+        "{:?}",
+        cut.request.body.len
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tapes");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(common::loadtape_bin())
+        .args(["record", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &format!("http://{}", up.addr)])
+        .arg("--out")
+        .arg(&out)
+        .env("LOADTAPE_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "loadtape record did not start"
+        );
+        tokio::task::yield_now().await;
+    }
+    // 50 requests on one connection.
+    let urls: Vec<String> = (0..50)
+        .map(|i| format!("http://127.0.0.1:{port}/status/{}", 200 + i % 5))
+        .collect();
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    curl(&args).await;
+    // Frames are flushed at least every second: wait until all 50 are on disk, then kill -9.
+    let flushed = loop {
+        if let Ok((records, _)) = read_one(&out) {
+            if exchanges(&records).len() == 50 {
+                break records;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recorder never flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let (records, stats) = read_one(&out).unwrap();
+    assert!(!stats.files[0].closed, "killed: no index was written");
+    assert_eq!(
+        records, flushed,
+        "everything flushed before the kill reads back"
+    );
+}

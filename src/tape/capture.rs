@@ -205,5 +205,14 @@ fn drain(
         let bytes = c.pending_drop_bytes.swap(0, Ordering::Relaxed);
         let _ = writer.note_dropped(drops, bytes, now());
     }
-    writer.finish()
+    let (summary, error) = writer.finish_best_effort();
+    if let Some(e) = error {
+        c.write_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("{e}; the tape reads up to its last whole frame");
+    }
+    c.dropped.store(
+        summary.dropped.max(c.dropped.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+    Ok(summary)
 }

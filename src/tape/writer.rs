@@ -309,6 +309,22 @@ impl TapeWriter {
         Ok(self.summary)
     }
 
+    /// Like [`TapeWriter::finish`], for a writer that must not fail its caller: what cannot be
+    /// written (a full disk) is counted as dropped, and the file is left readable up to its last
+    /// whole frame. Returns the summary and the error met, if any.
+    pub fn finish_best_effort(mut self) -> (WriteSummary, Option<TapeError>) {
+        let flushed = self.flush();
+        let closed = match &flushed {
+            Ok(()) => self.close_current(),
+            Err(_) => {
+                // Leave the file as it is: readable up to its last frame, without an index.
+                self.current = None;
+                Ok(())
+            }
+        };
+        (self.summary, flushed.err().or(closed.err()))
+    }
+
     fn rotate(&mut self) -> Result<(), TapeError> {
         self.close_current()?;
         self.header.seq += 1;
