@@ -602,3 +602,138 @@ async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
         "everything flushed before the kill reads back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_head_and_bodiless_statuses_pass_as_http_says() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    let base = format!("http://{}", rec.addr);
+    // curl sends `Expect: 100-continue` for bodies over 1 MiB and waits for the 100.
+    let upload = dir.path().join("two-mib.bin");
+    std::fs::write(&upload, pattern(0, 2 << 20)).unwrap();
+    let echoed = curl(&[
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("{base}/echo"),
+    ])
+    .await;
+    assert!(echoed.contains(&format!("\"len\":{}", 2 << 20)), "{echoed}");
+    let head = curl(&[
+        "--head",
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &format!("{base}/json"),
+    ])
+    .await;
+    assert_eq!(head, "200");
+    for status in ["204", "304"] {
+        let got = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            &format!("{base}/status/{status}"),
+        ])
+        .await;
+        assert_eq!(got, format!("{status} 0"), "no body with {status}");
+    }
+    rec.stop().await;
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges(&records);
+    assert_eq!(ex[0].request.body.len, 2 << 20);
+    assert!(ex[0].request.body.complete);
+    assert_eq!(ex[1].request.method.as_str(), "HEAD");
+    for e in &ex[1..] {
+        let body = &e.response.as_ref().unwrap().body;
+        assert_eq!(
+            (body.len, body.complete),
+            (0, true),
+            "{} {}",
+            e.request.method,
+            e.request.target
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(up.addr, &dir.path().join("t"));
+    c.header_read_timeout = Duration::from_millis(300);
+    let rec = start(c).await;
+    let mut slow = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+    slow.write_all(b"GET /json HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The proxy answers 408 or closes; either way the read ends well before the test's limit.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow client was never cut off");
+    let reply = curl(&[&format!("http://{}/json", rec.addr)]).await;
+    assert_eq!(reply, "{\"ok\": true}", "others are served meanwhile");
+    rec.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_h2c_upstreams_and_a_fixed_upstream_host() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // An https upstream: a TLS-terminating recorder in front of the plain one.
+    let (cert, key) = certificate(dir.path());
+    let mut front = config(up.addr, &dir.path().join("front"));
+    front.tls = Some((cert.clone(), key));
+    let front = start(front).await;
+    let mut via_tls = config(up.addr, &dir.path().join("via-tls"));
+    via_tls.upstream = format!("https://localhost:{}", front.addr.port())
+        .parse()
+        .unwrap();
+    via_tls.upstream_ca = Some(cert.clone());
+    via_tls.upstream_host = Some("registry.internal".into());
+    let via_tls = start(via_tls).await;
+    let echoed = curl(&[&format!("http://{}/echo", via_tls.addr)]).await;
+    let echoed: serde_json::Value = serde_json::from_str(&echoed).unwrap();
+    assert_eq!(echoed["headers"]["host"], "registry.internal", "{echoed}");
+
+    // Without the CA the upstream's certificate is refused: 502, and a TLS failure on tape.
+    let mut untrusted = config(up.addr, &dir.path().join("untrusted"));
+    untrusted.upstream = format!("https://localhost:{}", front.addr.port())
+        .parse()
+        .unwrap();
+    let untrusted = start(untrusted).await;
+    let status = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{}/json", untrusted.addr),
+    ])
+    .await;
+    assert_eq!(status, "502");
+
+    // h2c by prior knowledge to a plain upstream.
+    let mut h2c = config(up.addr, &dir.path().join("h2c"));
+    h2c.upstream_h2c = true;
+    let h2c = start(h2c).await;
+    let echoed = curl(&[&format!("http://{}/echo", h2c.addr)]).await;
+    let echoed: serde_json::Value = serde_json::from_str(&echoed).unwrap();
+    assert_eq!(echoed["version"], "HTTP/2.0", "{echoed}");
+
+    for r in [via_tls, untrusted, h2c, front] {
+        r.stop().await;
+    }
+    let (records, _) = read_one(&dir.path().join("untrusted")).unwrap();
+    let failure = exchanges(&records)[0]
+        .response
+        .as_ref()
+        .unwrap_err()
+        .clone();
+    assert_eq!(failure.kind, FailureKind::Tls, "{failure:?}");
+}

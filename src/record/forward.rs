@@ -74,11 +74,41 @@ impl Body for ProxyBody {
     }
 }
 
+/// Connects to the configured upstream whatever authority a request names. Requests carry the
+/// client's `Host` as their authority, so that an HTTP/2 upstream sees it as `:authority`
+/// (Quay builds its token realm and `Location` URLs from it); the connection, SNI and
+/// certificate check are the upstream's own.
+#[derive(Clone)]
+pub struct FixedUpstream<C> {
+    inner: C,
+    upstream: http::Uri,
+}
+
+impl<C> tower_service::Service<http::Uri> for FixedUpstream<C>
+where
+    C: tower_service::Service<http::Uri>,
+{
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = C::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _requested: http::Uri) -> Self::Future {
+        self.inner.call(self.upstream.clone())
+    }
+}
+
 /// Sends requests upstream and responses back. One per recorder, shared by all connections.
 pub struct Proxy {
     config: Arc<RecordConfig>,
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
-    /// `scheme://authority` of the upstream, to which each request's path and query are added.
+    client: Client<FixedUpstream<HttpsConnector<HttpConnector>>, ProxyBody>,
+    /// The scheme of the upstream, for request URIs.
+    scheme: http::uri::Scheme,
+    upstream_authority: String,
+    /// `scheme://authority` of the upstream, for messages.
     base: String,
     capture: Arc<Capture>,
     metrics: Arc<Metrics>,
@@ -103,20 +133,29 @@ impl Proxy {
         } else {
             builder.enable_all_versions().wrap_connector(http)
         };
+        let upstream_authority = config
+            .upstream
+            .authority()
+            .context("the upstream URL has no host")?
+            .to_string();
+        let scheme = config
+            .upstream
+            .scheme()
+            .cloned()
+            .unwrap_or(http::uri::Scheme::HTTP);
+        let base = format!("{scheme}://{upstream_authority}");
+        let fixed = FixedUpstream {
+            inner: https,
+            upstream: base.parse().context("the upstream URL")?,
+        };
         let client = Client::builder(TokioExecutor::new())
             .http2_only(config.upstream_h2c)
-            .build(https);
-        let base = format!(
-            "{}://{}",
-            config.upstream.scheme_str().unwrap_or("http"),
-            config
-                .upstream
-                .authority()
-                .context("the upstream URL has no host")?
-        );
+            .build(fixed);
         Ok(Proxy {
             config,
             client,
+            scheme,
+            upstream_authority,
             base,
             capture,
             metrics,
@@ -148,8 +187,16 @@ impl Proxy {
                 .map(str::to_string)
         });
 
+        // The request names the Host the upstream should see; FixedUpstream connects to the
+        // upstream whatever it names.
+        let host = self
+            .config
+            .upstream_host
+            .clone()
+            .or(client_authority.clone())
+            .unwrap_or_else(|| self.upstream_authority.clone());
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = match format!("{}{}", self.base, path).parse::<http::Uri>() {
+        let uri = match format!("{}://{host}{path}", self.scheme).parse::<http::Uri>() {
             Ok(u) => u,
             Err(e) => {
                 return Ok(local(
@@ -159,12 +206,7 @@ impl Proxy {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
-        let host = self
-            .config
-            .upstream_host
-            .clone()
-            .or(client_authority.clone());
-        if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        if let Ok(host) = HeaderValue::from_str(&host) {
             parts.headers.insert(header::HOST, host);
         }
         if self.config.forwarded_headers {

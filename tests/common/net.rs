@@ -79,6 +79,7 @@ async fn route(req: http::Request<Incoming>) -> Result<Reply, Infallible> {
                 .unwrap()
         }
         "echo" => {
+            let version = format!("{:?}", req.version());
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
                 .iter()
@@ -91,6 +92,7 @@ async fn route(req: http::Request<Incoming>) -> Result<Reply, Infallible> {
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
             let json = serde_json::json!({
+                "version": version,
                 "headers": headers,
                 "len": body.len(),
                 "sha256": hex(&sha2::Sha256::digest(&body)),
