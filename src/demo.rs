@@ -87,8 +87,11 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
         println!("   a credential as the tape keeps it: {example}");
     }
 
-    println!("\nStill to come (see the open issues): `record`, the capture proxy in front of a staging Quay;");
-    println!("`replay` at x1 and x10 against a test cluster; `diff` with a verdict a CI can gate on, and an HTML report.");
+    println!("\n`loadtape record` records such tapes in front of a staging Quay (see the README).");
+    println!("Still to come (see the open issues): `replay` at x1 and x10 against a test cluster;");
+    println!(
+        "`diff` with a verdict a CI can gate on, and an HTML report; a demo that runs all of it."
+    );
     println!("\nEverything is in {}", display(&dir));
     Ok(DemoOutput {
         tape_dir,

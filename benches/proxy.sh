@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The recording proxy beside nginx, in one run on loopback.
+#
+# An nginx origin serves a 1 KiB file. wrk drives it, in alternating rounds, straight to the
+# origin, through nginx as a reverse proxy, and through `loadtape record` with capture on and
+# off (--sample 0: forwarding only). Then oha, open-loop (--latency-correction), measures
+# latency at half of nginx's saturated throughput through nginx and through loadtape.
+# With SOAK=300 it also records under load for 5 minutes and samples loadtape's resident
+# memory.
+#
+#   bash benches/proxy.sh            # ROUNDS=5 DURATION=10s CONNS=64 by default
+#
+# Needs nginx and wrk (Debian packages) and oha (`cargo install oha`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+SOAK=${SOAK:-0}
+
+need() {
+  command -v "$1" >/dev/null || { echo "benches/proxy.sh needs $1: $2" >&2; exit 2; }
+}
+need nginx "apt-get install nginx"
+need wrk "apt-get install wrk"
+need oha "cargo install oha"
+
+cargo build --release --quiet
+loadtape=target/release/loadtape
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+mkdir -p "$work/www"
+head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$work/www/data"
+
+nginx_conf() { # name port body
+  cat > "$work/$1.conf" <<EOF
+worker_processes $4;
+pid $work/$1.pid;
+error_log $work/$1-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/$1-body;
+  proxy_temp_path $work/$1-proxy;
+  upstream origin { server 127.0.0.1:18000; keepalive 128; }
+  server { listen 127.0.0.1:$2; $3 }
+}
+EOF
+  nginx -c "$work/$1.conf" -g 'daemon off;' &
+  pids+=($!)
+}
+nginx_conf origin 18000 "location / { root $work/www; }" 1
+nginx_conf proxy 18001 'location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }' auto
+LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 --out "$work/on" &
+pids+=($!)
+on_pid=$!
+LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18003 --upstream http://127.0.0.1:18000 --out "$work/off" --sample 0 &
+pids+=($!)
+for port in 18000 18001 18002 18003; do
+  for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/data" && break; sleep 0.1; done
+done
+
+declare -A names=([18000]="nginx origin (direct)" [18001]="nginx reverse proxy" [18002]="loadtape, capture on" [18003]="loadtape, capture off")
+results="$work/results"
+: > "$results"
+for round in $(seq "$ROUNDS"); do
+  for port in 18000 18001 18002 18003; do
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$port/data")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    echo "$port $round $rps $p50 $p99" >> "$results"
+    echo "round $round  ${names[$port]}: $rps req/s  p50 $p50  p99 $p99"
+  done
+done
+
+python3 - "$results" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+def ms(v):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if v.endswith(unit): return float(v[: -len(unit)]) * f
+    return float(v)
+by = {}
+for port, rnd, rps, p50, p99 in rows:
+    by.setdefault(port, []).append((float(rps), ms(p50), ms(p99)))
+names = {"18000": "nginx origin (direct)", "18001": "nginx reverse proxy", "18002": "loadtape, capture on", "18003": "loadtape, capture off"}
+print("\nsaturated, wrk closed loop (median of rounds, [min..max]):")
+med = {}
+for port in ["18000", "18001", "18002", "18003"]:
+    r = by[port]
+    rps = [x[0] for x in r]
+    med[port] = statistics.median(rps)
+    print(f"  {names[port]:24} {med[port]:10.0f} req/s [{min(rps):.0f}..{max(rps):.0f}]  p50 {statistics.median(x[1] for x in r):.2f} ms  p99 {statistics.median(x[2] for x in r):.2f} ms")
+on_vs_nginx = [a[0] / b[0] for a, b in zip(by["18002"], by["18001"])]
+on_vs_off = [a[0] / b[0] for a, b in zip(by["18002"], by["18003"])]
+print(f"  loadtape (capture on) / nginx proxy: {statistics.median(on_vs_nginx):.2f}x [{min(on_vs_nginx):.2f}..{max(on_vs_nginx):.2f}] per round")
+print(f"  capture on / capture off:            {statistics.median(on_vs_off):.2f}x [{min(on_vs_off):.2f}..{max(on_vs_off):.2f}] per round")
+open(sys.argv[1] + ".half", "w").write(str(int(med["18001"] / 2)))
+EOF
+
+rate=$(cat "$results.half")
+echo
+echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-correction, $DURATION each:"
+for port in 18001 18002; do
+  out=$(oha -z "$DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui "http://127.0.0.1:$port/data")
+  p50=$(awk '/50.00% in/ {print $3, $4}' <<<"$out")
+  p99=$(awk '/99.00% in/ {print $3, $4}' <<<"$out")
+  echo "  ${names[$port]}: p50 $p50  p99 $p99"
+done
+
+if [ "$SOAK" -gt 0 ]; then
+  echo
+  echo "resident memory of loadtape (capture on) under load for ${SOAK}s:"
+  wrk -t"$THREADS" -c"$CONNS" -d"${SOAK}s" "http://127.0.0.1:18002/data" > /dev/null &
+  load=$!
+  for i in $(seq 0 10 "$SOAK"); do
+    echo "  t=${i}s rss $(awk '/VmRSS/ {print $2, $3}' "/proc/$on_pid/status")"
+    sleep 10
+  done
+  wait "$load" || true
+fi
