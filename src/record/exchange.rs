@@ -165,6 +165,7 @@ impl Capture {
             body: Body::empty(),
         };
         let keep = self.keep_for(&parts.headers, false);
+        self.sink.exchange_started(start);
         Arc::new(Pending {
             capture: self.clone(),
             id: self.next_exchange.fetch_add(1, Ordering::Relaxed),
@@ -297,6 +298,7 @@ impl Pending {
 
     fn build(&self) {
         let Some(mut request) = self.request.get().cloned() else {
+            self.capture.sink.exchange_abandoned(self.start);
             return;
         };
         let (req_body, req_done) = self.request_body.get().cloned().unwrap_or_default();
@@ -324,7 +326,10 @@ impl Pending {
                 (Ok(response), Some(at.saturating_sub(self.start)), issued)
             }
             Some(ResponsePart::Failed(failure)) => (Err(failure.clone()), None, Vec::new()),
-            None => return,
+            None => {
+                self.capture.sink.exchange_abandoned(self.start);
+                return;
+            }
         };
         let exchange = Exchange {
             id: self.id,
@@ -356,6 +361,15 @@ fn body_of(summary: BodySummary, keep: bool) -> Body {
             Stored::None
         },
         complete: summary.complete,
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Never finished (a task cancelled half-way): no record will come for it.
+        if self.remaining.load(Ordering::Acquire) > 0 {
+            self.capture.sink.exchange_abandoned(self.start);
+        }
     }
 }
 

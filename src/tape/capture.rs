@@ -33,6 +33,39 @@ impl Default for CaptureLimits {
     }
 }
 
+/// Seconds of exchange starts the in-flight tracker tells apart; an exchange in flight longer
+/// than this may come after the watermark passed it (the reader then flags it as late).
+const IN_FLIGHT_SECONDS: usize = 128;
+
+/// Exchanges started but not yet written, counted per second of their start. The writer's
+/// watermark is the start of the oldest second with one in flight: every exchange that started
+/// before it is on the tape. Atomic counters, no lock: a started exchange costs one increment,
+/// a written (or dropped) one a decrement.
+#[derive(Debug)]
+struct InFlight {
+    seconds: [AtomicU64; IN_FLIGHT_SECONDS],
+}
+
+impl InFlight {
+    fn slot(&self, start: Nanos) -> &AtomicU64 {
+        &self.seconds[(start / 1_000_000_000) as usize % IN_FLIGHT_SECONDS]
+    }
+
+    /// The watermark at tape time `now`: the oldest second with an exchange in flight, or a
+    /// second before `now` when there is none (the margin covers the proxy's and the writer's
+    /// clocks differing slightly).
+    fn watermark(&self, now: Nanos) -> Nanos {
+        let now_s = now / 1_000_000_000;
+        let oldest = now_s.saturating_sub(IN_FLIGHT_SECONDS as u64 - 1);
+        for s in oldest..=now_s + 1 {
+            if self.seconds[s as usize % IN_FLIGHT_SECONDS].load(Ordering::Acquire) > 0 {
+                return s * 1_000_000_000;
+            }
+        }
+        now.saturating_sub(1_000_000_000)
+    }
+}
+
 /// Counters shared by the producers, the writer thread and whoever reports on them.
 #[derive(Debug, Default)]
 pub struct CaptureCounters {
@@ -49,6 +82,18 @@ pub struct CaptureCounters {
     /// See [`CaptureSink::set_watermark`].
     watermark: AtomicU64,
     closing: AtomicBool,
+    in_flight: Option<InFlight>,
+}
+
+impl CaptureCounters {
+    /// An exchange announced as started was written or dropped.
+    fn exchange_settled(&self, start: Nanos) {
+        if let Some(f) = &self.in_flight {
+            let slot = f.slot(start);
+            // Never below zero: an exchange not announced (no tracking) settles to nothing.
+            let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
 }
 
 /// The producer side. Cheap to clone; every clone feeds the same tape.
@@ -68,17 +113,30 @@ impl CaptureSink {
         let queued = c.queued_bytes.fetch_add(size, Ordering::Relaxed);
         if queued + size > self.max_bytes {
             c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.count_drop(size);
+            self.count_drop(&record, size);
             return false;
         }
         match self.tx.try_send((record, size)) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full((record, _))) | Err(TrySendError::Disconnected((record, _))) => {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.count_drop(size);
+                self.count_drop(&record, size);
                 false
             }
         }
+    }
+
+    /// An exchange starting at `start` is under way; its record will be offered, or it must be
+    /// given up with [`CaptureSink::exchange_abandoned`]. Lets the writer set the watermark.
+    pub fn exchange_started(&self, start: Nanos) {
+        if let Some(f) = &self.counters.in_flight {
+            f.slot(start).fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// An exchange announced with [`CaptureSink::exchange_started`] will have no record.
+    pub fn exchange_abandoned(&self, start: Nanos) {
+        self.counters.exchange_settled(start);
     }
 
     /// Declares that every exchange starting before `ts` has been offered (the proxy knows which
@@ -91,7 +149,10 @@ impl CaptureSink {
         &self.counters
     }
 
-    fn count_drop(&self, size: usize) {
+    fn count_drop(&self, record: &Record, size: usize) {
+        if let Record::Exchange(e) = record {
+            self.counters.exchange_settled(e.timing.start);
+        }
         let c = &self.counters;
         c.pending_drops.fetch_add(1, Ordering::Relaxed);
         c.pending_drop_bytes
@@ -122,12 +183,36 @@ impl CaptureThread {
 
 /// Starts the writer thread for `writer` behind a queue bounded by `limits`.
 pub fn spawn(writer: TapeWriter, limits: CaptureLimits) -> (CaptureSink, CaptureThread) {
+    spawn_with(writer, limits, None)
+}
+
+/// Like [`spawn`], for a producer that announces exchanges as they start
+/// ([`CaptureSink::exchange_started`]): the writer then keeps the frame watermark itself, with
+/// `clock` telling it the tape time (ns since the tape epoch) the producer stamps exchanges with.
+pub fn spawn_tracking(
+    writer: TapeWriter,
+    limits: CaptureLimits,
+    clock: Arc<dyn Fn() -> Nanos + Send + Sync>,
+) -> (CaptureSink, CaptureThread) {
+    spawn_with(writer, limits, Some(clock))
+}
+
+fn spawn_with(
+    writer: TapeWriter,
+    limits: CaptureLimits,
+    clock: Option<Arc<dyn Fn() -> Nanos + Send + Sync>>,
+) -> (CaptureSink, CaptureThread) {
     let (tx, rx) = sync_channel(limits.records);
-    let counters = Arc::new(CaptureCounters::default());
+    let counters = Arc::new(CaptureCounters {
+        in_flight: clock.is_some().then(|| InFlight {
+            seconds: std::array::from_fn(|_| AtomicU64::new(0)),
+        }),
+        ..CaptureCounters::default()
+    });
     let thread_counters = counters.clone();
     let handle = std::thread::Builder::new()
         .name("tape-writer".into())
-        .spawn(move || drain(writer, rx, &thread_counters))
+        .spawn(move || drain(writer, rx, &thread_counters, clock))
         .expect("the OS lets us start a thread");
     (
         CaptureSink {
@@ -143,6 +228,7 @@ fn drain(
     mut writer: TapeWriter,
     rx: Receiver<(Record, usize)>,
     c: &CaptureCounters,
+    clock: Option<Arc<dyn Fn() -> Nanos + Send + Sync>>,
 ) -> Result<WriteSummary, TapeError> {
     let epoch = writer.header().epoch_unix_ns;
     let now = || (super::now_unix_ns() - epoch).max(0) as Nanos;
@@ -153,7 +239,13 @@ fn drain(
             Ok((record, size)) => {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 c.written.fetch_add(1, Ordering::Relaxed);
-                writer.write(&record)
+                let written = writer.write(&record);
+                // Settled only once in the writer's frame: the watermark never passes a record
+                // still in the queue.
+                if let Record::Exchange(e) = &record {
+                    c.exchange_settled(e.timing.start);
+                }
+                written
             }
             Err(RecvTimeoutError::Timeout) => Ok(()),
             Err(RecvTimeoutError::Disconnected) => break,
@@ -162,6 +254,9 @@ fn drain(
         if drops > 0 && result.is_ok() {
             let bytes = c.pending_drop_bytes.swap(0, Ordering::Relaxed);
             result = writer.note_dropped(drops, bytes, now());
+        }
+        if let (Some(f), Some(clock)) = (&c.in_flight, &clock) {
+            writer.set_watermark(f.watermark(clock()));
         }
         writer.set_watermark(c.watermark.load(Ordering::Relaxed));
         if result.is_ok() {

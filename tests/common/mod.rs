@@ -94,3 +94,15 @@ pub fn frame_records(bytes: &[u8]) -> Vec<usize> {
         .map(|&s| u32::from_le_bytes(bytes[s + 12..s + 16].try_into().unwrap()) as usize)
         .collect()
 }
+
+/// The watermark of each frame, in order.
+pub fn frame_watermarks(bytes: &[u8]) -> Vec<u64> {
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let mut starts = vec![loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4];
+    let ends = frame_ends(bytes);
+    starts.extend(ends.iter().take(ends.len().saturating_sub(1)).copied());
+    starts
+        .iter()
+        .map(|&s| u64::from_le_bytes(bytes[s + 36..s + 44].try_into().unwrap()))
+        .collect()
+}
