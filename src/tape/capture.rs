@@ -8,7 +8,7 @@
 //! even when traffic stops, and survives write errors: a full disk costs records, not traffic.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -233,23 +233,40 @@ fn drain(
     let epoch = writer.header().epoch_unix_ns;
     let now = || (super::now_unix_ns() - epoch).max(0) as Nanos;
     let mut failing = false;
-    let tick = Duration::from_millis(50);
+    // The writer wakes on its own every few milliseconds and takes what has queued, rather
+    // than being woken per record: a producer's `offer` then never has to wake a thread (a
+    // system call), and the writer costs a few hundred wake-ups a second at any rate.
+    let nap = Duration::from_millis(5);
     loop {
-        let mut result = match rx.recv_timeout(tick) {
-            Ok((record, size)) => {
-                c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                c.written.fetch_add(1, Ordering::Relaxed);
-                let written = writer.write(&record);
-                // Settled only once in the writer's frame: the watermark never passes a record
-                // still in the queue.
-                if let Record::Exchange(e) = &record {
-                    c.exchange_settled(e.timing.start);
+        let mut result = Ok(());
+        let mut disconnected = false;
+        let mut taken = 0;
+        while result.is_ok() && taken < 4096 {
+            match rx.try_recv() {
+                Ok((record, size)) => {
+                    taken += 1;
+                    c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                    c.written.fetch_add(1, Ordering::Relaxed);
+                    result = writer.write(&record);
+                    // Settled only once in the writer's frame: the watermark never passes a
+                    // record still in the queue.
+                    if let Record::Exchange(e) = &record {
+                        c.exchange_settled(e.timing.start);
+                    }
                 }
-                written
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
             }
-            Err(RecvTimeoutError::Timeout) => Ok(()),
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
+        }
+        if disconnected {
+            break;
+        }
+        if taken == 0 && !c.closing.load(Ordering::Relaxed) {
+            std::thread::sleep(nap);
+        }
         let drops = c.pending_drops.swap(0, Ordering::Relaxed);
         if drops > 0 && result.is_ok() {
             let bytes = c.pending_drop_bytes.swap(0, Ordering::Relaxed);
