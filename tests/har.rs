@@ -15,16 +15,6 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn exchanges_of(records: &[Record]) -> Vec<&Exchange> {
-    records
-        .iter()
-        .filter_map(|r| match r {
-            Record::Exchange(e) => Some(e.as_ref()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn import_to(har: &Path, dir: &Path) -> (Vec<Record>, PathBuf) {
     let out = dir.join(format!(
         "{}.tape",
@@ -75,7 +65,7 @@ fn the_real_quay_session_imports_with_every_status_and_no_credential() {
     let dir = tempfile::tempdir().unwrap();
     let har = fixture("quay-session.har");
     let (records, tape) = import_to(&har, dir.path());
-    let exchanges = exchanges_of(&records);
+    let exchanges = exchanges_in(&records);
     assert_eq!(exchanges.len(), 63);
 
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&har).unwrap()).unwrap();
@@ -123,7 +113,7 @@ fn the_real_quay_session_imports_with_every_status_and_no_credential() {
 fn a_token_issued_by_v2_auth_is_recognised_where_it_is_used() {
     let dir = tempfile::tempdir().unwrap();
     let (records, _) = import_to(&fixture("quay-session.har"), dir.path());
-    let exchanges = exchanges_of(&records);
+    let exchanges = exchanges_in(&records);
     let auth: Vec<&&Exchange> = exchanges
         .iter()
         .filter(|e| e.request.path() == "/v2/auth" && e.response.as_ref().unwrap().status == 200)
@@ -170,7 +160,7 @@ fn a_token_issued_by_v2_auth_is_recognised_where_it_is_used() {
 fn the_real_clair_session_keeps_index_report_bodies_and_etags() {
     let dir = tempfile::tempdir().unwrap();
     let (records, _) = import_to(&fixture("clair-session.har"), dir.path());
-    let exchanges = exchanges_of(&records);
+    let exchanges = exchanges_in(&records);
     assert_eq!(exchanges.len(), 28);
     let post = exchanges
         .iter()
@@ -206,7 +196,7 @@ fn export_then_import_gives_back_the_same_exchanges() {
     let har = dir.path().join("again.har");
     std::fs::write(&har, export_har(&tape)).unwrap();
     let (again, _) = import_to(&har, dir.path());
-    let (a, b) = (exchanges_of(&records), exchanges_of(&again));
+    let (a, b) = (exchanges_in(&records), exchanges_in(&again));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.request.method, y.request.method);
@@ -244,7 +234,7 @@ fn sparse_hars_from_other_producers_import() {
     )
     .unwrap();
     let (records, _) = import_to(&har, dir.path());
-    let ex = exchanges_of(&records);
+    let ex = exchanges_in(&records);
     assert_eq!(ex.len(), 2);
     let conns = records
         .iter()

@@ -5,18 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::net::*;
-use common::read_one;
+use common::{exchanges_in, read_one};
 use loadtape::tape::{FailureKind, HeaderValue, HttpVersion, Record, SecretKind, Stored};
-
-fn exchanges(records: &[Record]) -> Vec<&loadtape::tape::Exchange> {
-    records
-        .iter()
-        .filter_map(|r| match r {
-            Record::Exchange(e) => Some(e.as_ref()),
-            _ => None,
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_over_http1_h2c_and_h2_with_tls_goes_through_and_is_recorded() {
@@ -63,7 +53,7 @@ async fn curl_over_http1_h2c_and_h2_with_tls_goes_through_and_is_recorded() {
 
     let (records, stats) = read_one(&dir.path().join("plain")).unwrap();
     assert!(stats.files[0].closed, "a stopped recorder closes its tape");
-    let ex = exchanges(&records);
+    let ex = exchanges_in(&records);
     assert_eq!(ex.len(), 2);
     assert_eq!(ex[0].request.version, HttpVersion::Http11);
     assert_eq!(ex[1].request.version, HttpVersion::H2);
@@ -104,7 +94,7 @@ async fn curl_over_http1_h2c_and_h2_with_tls_goes_through_and_is_recorded() {
     assert_eq!(info.alpn.as_deref(), Some("h2"));
     assert_eq!(info.server_name.as_deref(), Some("localhost"));
     assert_eq!(
-        exchanges(&records)[0].response.as_ref().unwrap().status,
+        exchanges_in(&records)[0].response.as_ref().unwrap().status,
         418
     );
 }
@@ -149,7 +139,7 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
     ] {
         assert!(!everything.contains(secret), "{secret} reached the tape");
     }
-    let ex = exchanges(&records);
+    let ex = exchanges_in(&records);
     let auth = ex[0];
     assert!(
         matches!(auth.response.as_ref().unwrap().body.stored, Stored::None),
@@ -208,7 +198,7 @@ async fn large_bodies_stream_through_with_their_digest_and_a_bounded_prefix() {
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
-    let ex = exchanges(&records);
+    let ex = exchanges_in(&records);
     let up_body = &ex[0].request.body;
     assert_eq!(up_body.len, 8 << 20);
     assert_eq!(hex(&up_body.sha256.unwrap()), digest);
@@ -286,14 +276,14 @@ async fn an_upstream_that_is_down_or_hangs_gets_the_client_a_quick_502_or_504() 
     hang.stop().await;
 
     let (records, _) = read_one(&dir.path().join("down")).unwrap();
-    let failure = exchanges(&records)[0]
+    let failure = exchanges_in(&records)[0]
         .response
         .as_ref()
         .unwrap_err()
         .clone();
     assert_eq!(failure.kind, FailureKind::Refused, "{failure:?}");
     let (records, _) = read_one(&dir.path().join("hang")).unwrap();
-    let failure = exchanges(&records)[0]
+    let failure = exchanges_in(&records)[0]
         .response
         .as_ref()
         .unwrap_err()
@@ -326,7 +316,7 @@ async fn stopping_lets_in_flight_exchanges_finish_then_closes_the_tape() {
     assert_eq!(summary.exchanges, 1);
     let (records, stats) = read_one(&out).unwrap();
     assert!(stats.files[0].closed);
-    assert_eq!(exchanges(&records).len(), 1);
+    assert_eq!(exchanges_in(&records).len(), 1);
 }
 
 /// Polls the recorder until a request is in flight; returns the metrics text then.
@@ -387,7 +377,7 @@ async fn skopeo_pushes_and_pulls_a_multi_layer_image_through_the_proxy_to_a_real
 
     // The tape holds every exchange, with the registry's statuses.
     let (records, _) = read_one(&out).unwrap();
-    let ex = exchanges(&records);
+    let ex = exchanges_in(&records);
     assert_eq!(ex.len() as u64, summary.exchanges);
     let mut by_route: std::collections::BTreeMap<String, Vec<u16>> = Default::default();
     for e in &ex {
@@ -499,7 +489,7 @@ async fn a_full_disk_drops_records_not_traffic() {
     );
     // What was written reads back.
     let (records, _) = read_one(&mnt.join("tapes")).unwrap();
-    assert!(exchanges(&records).len() < 40);
+    assert!(exchanges_in(&records).len() < 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,7 +521,7 @@ async fn a_client_gone_mid_upload_is_recorded_as_cut_short_and_the_proxy_goes_on
     assert_eq!(next, "{\"ok\": true}");
     rec.stop().await;
     let (records, _) = read_one(&out).unwrap();
-    let ex = exchanges(&records);
+    let ex = exchanges_in(&records);
     let cut = ex
         .iter()
         .find(|e| e.request.target == "/echo")
@@ -583,7 +573,7 @@ async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
     // Frames are flushed at least every second: wait until all 50 are on disk, then kill -9.
     let flushed = loop {
         if let Ok((records, _)) = read_one(&out) {
-            if exchanges(&records).len() == 50 {
+            if exchanges_in(&records).len() == 50 {
                 break records;
             }
         }
@@ -645,7 +635,7 @@ async fn expect_continue_head_and_bodiless_statuses_pass_as_http_says() {
     }
     rec.stop().await;
     let (records, _) = read_one(&out).unwrap();
-    let ex = exchanges(&records);
+    let ex = exchanges_in(&records);
     assert_eq!(ex[0].request.body.len, 2 << 20);
     assert!(ex[0].request.body.complete);
     assert_eq!(ex[1].request.method.as_str(), "HEAD");
@@ -730,7 +720,7 @@ async fn https_and_h2c_upstreams_and_a_fixed_upstream_host() {
         r.stop().await;
     }
     let (records, _) = read_one(&dir.path().join("untrusted")).unwrap();
-    let failure = exchanges(&records)[0]
+    let failure = exchanges_in(&records)[0]
         .response
         .as_ref()
         .unwrap_err()

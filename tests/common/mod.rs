@@ -106,3 +106,14 @@ pub fn frame_watermarks(bytes: &[u8]) -> Vec<u64> {
         .map(|&s| u64::from_le_bytes(bytes[s + 36..s + 44].try_into().unwrap()))
         .collect()
 }
+
+/// The exchanges among `records`.
+pub fn exchanges_in(records: &[Record]) -> Vec<&loadtape::tape::Exchange> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Exchange(e) => Some(e.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
