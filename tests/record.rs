@@ -727,3 +727,45 @@ async fn https_and_h2c_upstreams_and_a_fixed_upstream_host() {
         .clone();
     assert_eq!(failure.kind, FailureKind::Tls, "{failure:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_passes_through_and_is_noted_on_the_tape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    let mut ws = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: quay.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    // After the switch, bytes go both ways untouched.
+    ws.write_all(b"frames after the switch").await.unwrap();
+    let mut echo = [0u8; 23];
+    tokio::time::timeout(Duration::from_secs(10), ws.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"frames after the switch");
+    drop(ws);
+    rec.stop().await;
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges_in(&records);
+    assert_eq!(ex[0].response.as_ref().unwrap().status, 101);
+    assert!(ex[0].upgraded);
+}

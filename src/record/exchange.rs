@@ -180,6 +180,7 @@ impl Capture {
             response: OnceLock::new(),
             response_body: OnceLock::new(),
             remaining: AtomicU8::new(2),
+            upgraded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -245,6 +246,8 @@ pub struct Pending {
     response_body: OnceLock<(BodySummary, Nanos)>,
     /// Parts still to come: the request body, and the response (with its body).
     remaining: AtomicU8,
+    /// The connection switched protocols after this exchange (WebSocket).
+    upgraded: std::sync::atomic::AtomicBool,
 }
 
 impl Pending {
@@ -278,6 +281,11 @@ impl Pending {
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
         });
         ResponseDone(self.clone())
+    }
+
+    /// The connection switches protocols after this exchange.
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
     }
 
     /// The upstream gave no response.
@@ -345,7 +353,7 @@ impl Pending {
             request,
             response,
             issued_secrets: issued,
-            upgraded: false,
+            upgraded: self.upgraded.load(Ordering::Relaxed),
         };
         self.capture.offer(exchange);
     }

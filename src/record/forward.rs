@@ -165,9 +165,19 @@ impl Proxy {
     /// Handles one request from `connection`.
     pub async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         connection: Arc<Connection>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        // A protocol switch (WebSocket): the upgrade fields go on to the upstream, and after its
+        // 101 the two connections are joined byte for byte. The tape notes the exchange as
+        // upgraded; what follows the switch is not recorded.
+        let upgrade = upgrade_requested(request.headers()).then(|| {
+            let fields = (
+                request.headers().get(header::UPGRADE).cloned(),
+                request.headers().get(header::CONNECTION).cloned(),
+            );
+            (hyper::upgrade::on(&mut request), fields)
+        });
         let start = self.capture.clock().now();
         let m = &self.metrics;
         m.requests.fetch_add(1, Ordering::Relaxed);
@@ -206,6 +216,12 @@ impl Proxy {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
+        if let Some((_, (Some(protocol), _))) = &upgrade {
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         if let Ok(host) = HeaderValue::from_str(&host) {
             parts.headers.insert(header::HOST, host);
         }
@@ -252,6 +268,11 @@ impl Proxy {
                 ));
             }
         };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some((client_side, _)) = upgrade {
+                return Ok(self.switch(client_side, response, pending.as_ref()));
+            }
+        }
         let (mut parts, body) = response.into_parts();
         m.count_status(parts.status.as_u16());
         // The client's connection has its own version (hyper writes HTTP/2 frames regardless);
@@ -268,6 +289,51 @@ impl Proxy {
         };
         Ok(Response::from_parts(parts, body))
     }
+}
+
+impl Proxy {
+    /// The upstream agreed to switch protocols: answer the client's 101 and, once both sides
+    /// have switched, copy bytes both ways until either closes.
+    fn switch(
+        &self,
+        client_side: hyper::upgrade::OnUpgrade,
+        mut response: Response<Incoming>,
+        pending: Option<&Arc<super::exchange::Pending>>,
+    ) -> Response<ProxyBody> {
+        self.metrics.count_status(101);
+        let upstream_side = hyper::upgrade::on(&mut response);
+        let (parts, body) = response.into_parts();
+        if let Some(p) = pending {
+            p.set_upgraded();
+            let done = p.response_head(&parts);
+            // A 101 has no body: its tap ends at once.
+            drop(TapBody::new(body, 0, done));
+        }
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!("protocol switch failed: {e}");
+                    return;
+                }
+            };
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        });
+        Response::from_parts(parts, ProxyBody::Local(None))
+    }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` and `Upgrade`).
+fn upgrade_requested(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// Decrements the in-flight gauge however the handler ends.

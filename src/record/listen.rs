@@ -91,7 +91,8 @@ impl Listener {
                         let connection =
                             capture.connection_opened(client, HttpVersion::Http11, None);
                         let service = service(proxy, connection.clone());
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         (watcher.watch(conn).await, connection)
                     }
                     Some(acceptor) => {
@@ -129,7 +130,8 @@ impl Listener {
                         };
                         let connection = capture.connection_opened(client, version, Some(info));
                         let service = service(proxy, connection.clone());
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         (watcher.watch(conn).await, connection)
                     }
                 };

@@ -33,7 +33,8 @@ pub fn require(command: &str, package: &str) {
 
 /// The in-process upstream:
 /// `/json`, `/echo` (answers with what it received: headers, body length and sha256),
-/// `/v2/auth` (a token), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed).
+/// `/v2/auth` (a token), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
+/// protocol switch, then an echo).
 pub struct Upstream {
     pub addr: SocketAddr,
     stop: CancellationToken,
@@ -55,12 +56,28 @@ fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Reply {
         .unwrap()
 }
 
-async fn route(req: http::Request<Incoming>) -> Result<Reply, Infallible> {
+async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
     let path = req.uri().path().to_string();
     let mut seg = path.trim_start_matches('/').splitn(2, '/');
     let (first, arg) = (seg.next().unwrap_or(""), seg.next().unwrap_or(""));
     Ok(match first {
         "json" => reply(200, "application/json", r#"{"ok": true}"#),
+        // A protocol switch, then an echo of whatever bytes come.
+        "ws" => {
+            let upgraded = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(io) = upgraded.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            http::Response::builder()
+                .status(101)
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .body(Full::new(Bytes::new()).boxed())
+                .unwrap()
+        }
         "v2" if arg == "auth" => reply(
             200,
             "application/json",
@@ -149,7 +166,7 @@ pub async fn upstream() -> Upstream {
             };
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service_fn(route))
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(route))
                     .await;
             });
         }
