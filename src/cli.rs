@@ -146,10 +146,14 @@ struct RecordArgs {
     /// The Host the upstream sees, instead of the client's.
     #[arg(long, value_name = "NAME")]
     upstream_host: Option<String>,
-    /// How much of each body to keep: `none` or `prefix:SIZE`. JSON and manifests up to 64 KiB
-    /// are kept whole unless `none`.
+    /// How much of each body to keep: `none`, `prefix:SIZE` or `full` (whole bodies up to
+    /// --max-body, stored once per tape directory). JSON and manifests up to 64 KiB are kept
+    /// whole unless `none`.
     #[arg(long, value_name = "MODE", default_value = "prefix:64KiB")]
     bodies: crate::record::BodyCapture,
+    /// With --bodies full: larger bodies keep length and sha256 only.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    max_body: u64,
     /// Also redact this header. Repeatable.
     #[arg(long, value_name = "NAME")]
     redact_header: Vec<String>,
@@ -235,6 +239,7 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     config.upstream_h2c = args.upstream_h2c;
     config.upstream_host = args.upstream_host;
     config.bodies = args.bodies;
+    config.max_body = args.max_body;
     config.redact_headers = args.redact_header;
     config.keep_headers = args.keep_header;
     config.sample = args.sample;

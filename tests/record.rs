@@ -769,3 +769,83 @@ async fn a_websocket_upgrade_passes_through_and_is_noted_on_the_tape() {
     assert_eq!(ex[0].response.as_ref().unwrap().status, 101);
     assert!(ex[0].upgraded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_whole_bodies_each_layer_is_stored_once_however_often_it_passes() {
+    use common::registry::*;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    let out = dir.path().join("tape");
+    let mut c = config(registry.addr, &out);
+    c.bodies = loadtape::record::BodyCapture::Full;
+    let rec = start(c).await;
+    let image = oci_image(&dir.path().join("image"), &[200_000, 700_000], 9);
+    let remote = format!("docker://{}/loadtape/full:v1", rec.addr);
+    skopeo_copy(&format!("oci:{}:v1", image.layout.display()), &remote).await;
+    for pull in ["a", "b"] {
+        let into = dir.path().join(pull);
+        skopeo_copy(&remote, &format!("oci:{}:v1", into.display())).await;
+    }
+    rec.stop().await;
+    assert!(!out.join(".spool").exists(), "the spool is cleaned up");
+
+    let (records, _) = read_one(&out).unwrap();
+    let blobs: Vec<&loadtape::tape::Blob> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Blob(b) => Some(b.as_ref()),
+            _ => None,
+        })
+        .collect();
+    // Two layers: pushed once and pulled twice, stored once each.
+    assert_eq!(
+        blobs.len(),
+        2,
+        "{:?}",
+        blobs
+            .iter()
+            .map(|b| loadtape::tape::digest_string(&b.sha256))
+            .collect::<Vec<_>>()
+    );
+    for layer in &image.layers {
+        let blob = blobs
+            .iter()
+            .find(|b| loadtape::tape::digest_string(&b.sha256) == *layer)
+            .expect("each layer is a blob");
+        assert_eq!(blob.data, common::registry::blob(&image.layout, layer));
+        // Every pull of it refers to the blob, which comes first on the tape.
+        let position = records
+            .iter()
+            .position(|r| matches!(r, Record::Blob(b) if b.sha256 == blob.sha256))
+            .unwrap();
+        let pulls: Vec<usize> = records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                matches!(r, Record::Exchange(e)
+                if e.request.method.as_str() == "GET" && e.request.target.ends_with(layer.as_str()))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(pulls.len(), 2);
+        // And so does the push that uploaded it (its request body).
+        let push = records
+            .iter()
+            .position(|r| matches!(r, Record::Exchange(e) if e.request.body.stored == Stored::Full(blob.sha256)))
+            .expect("the upload refers to the blob");
+        assert!(position < push, "the blob precedes its upload");
+        for i in pulls {
+            let Record::Exchange(e) = &records[i] else {
+                unreachable!()
+            };
+            assert_eq!(
+                e.response.as_ref().unwrap().body.stored,
+                Stored::Full(blob.sha256)
+            );
+            assert!(
+                position < i,
+                "the blob precedes the exchanges that refer to it"
+            );
+        }
+    }
+}

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::admin::Metrics;
+use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
 use crate::redact::{is_token_endpoint, Redactor};
@@ -31,6 +32,8 @@ pub struct Capture {
     next_exchange: AtomicU64,
     next_connection: AtomicU64,
     exchanges: AtomicU64,
+    /// With `--bodies full`: where bodies larger than the inline limit go.
+    spool: Option<Arc<Spool>>,
 }
 
 /// A client connection, as the exchanges on it need to know it.
@@ -48,6 +51,7 @@ impl Capture {
         clock: Clock,
         config: Arc<RecordConfig>,
         metrics: Arc<Metrics>,
+        spool: Option<Arc<Spool>>,
     ) -> Capture {
         Capture {
             sink,
@@ -58,7 +62,13 @@ impl Capture {
             next_exchange: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
             exchanges: AtomicU64::new(0),
+            spool,
         }
+    }
+
+    /// Where a body that outgrows its kept prefix is spooled whole (`--bodies full`).
+    pub fn spool(&self) -> Option<Arc<Spool>> {
+        self.spool.clone()
     }
 
     pub fn clock(&self) -> Clock {
@@ -164,7 +174,13 @@ impl Capture {
             headers,
             body: Body::empty(),
         };
-        let keep = self.keep_for(&parts.headers, false);
+        // A token endpoint's request may carry a password or client secret: never kept.
+        let token_endpoint = is_token_endpoint(parts.uri.path());
+        let keep = if token_endpoint {
+            0
+        } else {
+            self.keep_for(&parts.headers, false)
+        };
         self.sink.exchange_started(start);
         Arc::new(Pending {
             capture: self.clone(),
@@ -173,7 +189,7 @@ impl Capture {
             stream,
             client: connection.client,
             start,
-            token_endpoint: is_token_endpoint(parts.uri.path()),
+            token_endpoint,
             request: OnceLock::from(request),
             request_keep: keep,
             request_body: OnceLock::new(),
@@ -189,6 +205,8 @@ impl Capture {
         let prefix = match self.config.bodies {
             BodyCapture::None => return if token_response { WHOLE_JSON_LIMIT } else { 0 },
             BodyCapture::Prefix(n) => n,
+            // Whole bodies: up to the inline limit as a prefix, beyond it spooled as blobs.
+            BodyCapture::Full => WHOLE_JSON_LIMIT,
         };
         let json = headers
             .get(http::header::CONTENT_TYPE)
@@ -310,7 +328,11 @@ impl Pending {
             return;
         };
         let (req_body, req_done) = self.request_body.get().cloned().unwrap_or_default();
-        request.body = body_of(req_body, self.capture.config.bodies != BodyCapture::None);
+        let mut spooled = [req_body.spooled, None];
+        request.body = body_of(
+            req_body,
+            self.capture.config.bodies != BodyCapture::None && !self.token_endpoint,
+        );
         let (resp_body, resp_done) = self.response_body.get().cloned().unwrap_or_default();
         let (response, response_head, issued) = match self.response.get() {
             Some(ResponsePart::Head {
@@ -325,6 +347,7 @@ impl Pending {
                 } else {
                     Vec::new()
                 };
+                spooled[1] = resp_body.spooled.filter(|_| *keep_body);
                 let response = Response {
                     status: *status,
                     version: *version,
@@ -355,7 +378,20 @@ impl Pending {
             issued_secrets: issued,
             upgraded: self.upgraded.load(Ordering::Relaxed),
         };
-        self.capture.offer(exchange);
+        match (&self.capture.spool, spooled) {
+            (Some(spool), ids) if ids.iter().any(Option::is_some) => {
+                self.capture.exchanges.fetch_add(1, Ordering::Relaxed);
+                self.capture
+                    .metrics
+                    .recorded
+                    .fetch_add(1, Ordering::Relaxed);
+                // After its blobs; if the spool is swamped, with its prefixes instead.
+                if let Err(exchange) = spool.exchange(exchange, ids) {
+                    self.capture.sink.offer(Record::Exchange(exchange));
+                }
+            }
+            _ => self.capture.offer(exchange),
+        }
     }
 }
 

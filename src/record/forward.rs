@@ -33,6 +33,8 @@ use super::RecordConfig;
 use crate::tape::FailureKind;
 
 /// A body on its way through the proxy.
+// One per body, moved once into hyper: boxing the tap would cost an allocation per body.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     /// Recorded: measured as it passes.
     Tapped(TapBody<Incoming>),
@@ -231,7 +233,12 @@ impl Proxy {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let body = match &pending {
-            Some(p) => ProxyBody::Tapped(TapBody::new(body, p.request_keep(), p.request_tap())),
+            Some(p) => ProxyBody::Tapped(TapBody::spooling(
+                body,
+                p.request_keep(),
+                self.capture.spool().filter(|_| p.request_keep() > 0),
+                p.request_tap(),
+            )),
             None => ProxyBody::Plain(body),
         };
         let upstream = Request::from_parts(parts, body);
@@ -283,7 +290,8 @@ impl Proxy {
             Some(p) => {
                 let done = p.response_head(&parts);
                 let keep = self.capture.keep_for(&parts.headers, p.token_endpoint());
-                ProxyBody::Tapped(TapBody::new(body, keep, done))
+                let spool = self.capture.spool().filter(|_| !p.token_endpoint());
+                ProxyBody::Tapped(TapBody::spooling(body, keep, spool, done))
             }
             None => ProxyBody::Plain(body),
         };

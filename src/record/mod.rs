@@ -18,6 +18,7 @@ pub mod admin;
 pub mod exchange;
 pub mod forward;
 pub mod listen;
+pub mod spool;
 pub mod tap;
 
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ pub enum BodyCapture {
     None,
     /// The first bytes of every body; JSON and manifests up to [`WHOLE_JSON_LIMIT`] whole.
     Prefix(usize),
+    /// Whole bodies up to `--max-body`: up to 64 KiB inline, larger ones as blobs ([`spool`]).
+    Full,
 }
 
 /// JSON and manifest bodies up to this size are kept whole in every mode but `none`: a replay
@@ -50,6 +53,7 @@ impl std::fmt::Display for BodyCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyCapture::None => f.write_str("none"),
+            BodyCapture::Full => f.write_str("full"),
             BodyCapture::Prefix(n) => write!(
                 f,
                 "prefix:{}",
@@ -66,13 +70,16 @@ impl std::str::FromStr for BodyCapture {
         if s == "none" {
             return Ok(BodyCapture::None);
         }
+        if s == "full" {
+            return Ok(BodyCapture::Full);
+        }
         if let Some(size) = s.strip_prefix("prefix:") {
             return crate::units::parse_size(size)
                 .map(|n| BodyCapture::Prefix(n as usize))
                 .map_err(|e| format!("{s:?}: {e}"));
         }
         Err(format!(
-            "{s:?} is not a body capture mode: use `none` or `prefix:SIZE` (e.g. `prefix:64KiB`)"
+            "{s:?} is not a body capture mode: use `none`, `prefix:SIZE` (e.g. `prefix:64KiB`) or `full`"
         ))
     }
 }
@@ -96,6 +103,10 @@ pub struct RecordConfig {
     /// The `Host` the upstream sees, instead of the client's.
     pub upstream_host: Option<String>,
     pub bodies: BodyCapture,
+    /// With `--bodies full`: bodies larger than this keep length and sha256 only.
+    pub max_body: u64,
+    /// With `--bodies full`: bytes being spooled at once, across all bodies.
+    pub spool_budget: u64,
     pub redact_headers: Vec<String>,
     pub keep_headers: Vec<String>,
     /// Fraction of exchanges recorded (all are forwarded).
@@ -131,6 +142,8 @@ impl RecordConfig {
             upstream_h2c: false,
             upstream_host: None,
             bodies: BodyCapture::Prefix(64 << 10),
+            max_body: 64 << 20,
+            spool_budget: 256 << 20,
             redact_headers: Vec::new(),
             keep_headers: Vec::new(),
             sample: 1.0,
@@ -157,6 +170,15 @@ pub struct Clock {
 impl Clock {
     pub fn now(&self) -> Nanos {
         self.start.elapsed().as_nanos() as Nanos
+    }
+}
+
+/// Where whole bodies wait before they become blobs: beside the tapes.
+fn spool_dir(out: &std::path::Path) -> PathBuf {
+    if out.extension().is_some_and(|e| e == "tape") {
+        out.with_extension("spool")
+    } else {
+        out.join(".spool")
     }
 }
 
@@ -242,12 +264,27 @@ impl Recorder {
             start: Instant::now(),
         };
         let metrics = Arc::new(admin::Metrics::new(sink.counters().clone()));
+        let spool = match config.bodies {
+            BodyCapture::Full => {
+                let dir = spool_dir(&config.out);
+                let (spool, thread) = spool::Spool::start(
+                    dir.clone(),
+                    sink.clone(),
+                    config.spool_budget,
+                    config.max_body,
+                )
+                .with_context(|| format!("cannot spool bodies in {}", dir.display()))?;
+                Some((spool, thread))
+            }
+            _ => None,
+        };
         let capture = Arc::new(exchange::Capture::new(
             sink,
             redactor,
             clock,
             config.clone(),
             metrics.clone(),
+            spool.as_ref().map(|(s, _)| s.clone()),
         ));
         let proxy = Arc::new(forward::Proxy::new(
             config.clone(),
@@ -266,6 +303,11 @@ impl Recorder {
         }
         let exchanges = capture.exchanges();
         drop(capture);
+        if let Some((_, thread)) = spool {
+            tokio::task::spawn_blocking(move || thread.finish())
+                .await
+                .ok();
+        }
         let tape = tokio::task::spawn_blocking(move || capture_thread.finish())
             .await
             .context("the tape writer did not finish")??;

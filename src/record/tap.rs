@@ -7,11 +7,14 @@
 //! kept, whatever the body's size.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256};
+
+use super::spool::{Spool, SpoolBody};
 
 /// What passed through a body.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +26,8 @@ pub struct BodySummary {
     pub prefix: Vec<u8>,
     /// The body ended normally (not cut short).
     pub complete: bool,
+    /// Spooled whole ([`super::spool`]) under this id.
+    pub spooled: Option<u64>,
 }
 
 /// Who is told when a tapped body ends.
@@ -41,17 +46,25 @@ struct Tap {
     hasher: Sha256,
     prefix: Vec<u8>,
     keep: usize,
+    /// With `--bodies full`: where the body goes once it outgrows the prefix.
+    spool: Option<Arc<Spool>>,
+    spooling: Option<SpoolBody>,
     done: Box<dyn TapDone>,
 }
 
 impl Tap {
     fn finish(mut self, complete: bool) {
         let sha256 = (self.len > 0).then(|| self.hasher.finalize_reset().into());
+        let spooled = match self.spooling.take() {
+            Some(body) if complete => body.finish(),
+            _ => None,
+        };
         let summary = BodySummary {
             len: self.len,
             sha256,
             prefix: std::mem::take(&mut self.prefix),
             complete,
+            spooled,
         };
         self.done.body_done(summary);
     }
@@ -60,6 +73,16 @@ impl Tap {
 impl<B: Body> TapBody<B> {
     /// Taps `inner`, keeping its first `keep` bytes, and tells `done` when it ends.
     pub fn new(inner: B, keep: usize, done: impl TapDone) -> TapBody<B> {
+        TapBody::spooling(inner, keep, None, done)
+    }
+
+    /// Like [`TapBody::new`], spooling the whole body into `spool` once it outgrows `keep`.
+    pub fn spooling(
+        inner: B,
+        keep: usize,
+        spool: Option<Arc<Spool>>,
+        done: impl TapDone,
+    ) -> TapBody<B> {
         TapBody {
             inner,
             tap: Some(Tap {
@@ -67,6 +90,8 @@ impl<B: Body> TapBody<B> {
                 hasher: Sha256::new(),
                 prefix: Vec::new(),
                 keep,
+                spool,
+                spooling: None,
                 done: Box::new(done),
             }),
         }
@@ -91,8 +116,20 @@ where
                     tap.len += data.len() as u64;
                     tap.hasher.update(data);
                     let room = tap.keep.saturating_sub(tap.prefix.len());
-                    if room > 0 {
-                        tap.prefix.extend_from_slice(&data[..room.min(data.len())]);
+                    let took = room.min(data.len());
+                    if took > 0 {
+                        tap.prefix.extend_from_slice(&data[..took]);
+                    }
+                    if let Some(spooling) = tap.spooling.as_mut() {
+                        spooling.push(data);
+                    } else if tap.len > tap.keep as u64 {
+                        if let Some(spool) = &tap.spool {
+                            // The body outgrew the prefix: from now on it is spooled whole.
+                            let mut body = spool.body();
+                            body.push(&Bytes::copy_from_slice(&tap.prefix));
+                            body.push(&data.slice(took..));
+                            tap.spooling = Some(body);
+                        }
                     }
                 }
                 // A body of known length is complete with its last byte: hyper need not poll
