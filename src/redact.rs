@@ -8,8 +8,6 @@
 //! recording, which is what a replay needs to tell which requests shared a token; nobody can
 //! test a guessed secret against a fingerprint without the key, which is never written.
 
-use std::collections::HashSet;
-
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -56,7 +54,8 @@ pub fn is_token_endpoint(path: &str) -> bool {
 /// Replaces credentials by [`Redaction`]s. See the module docs.
 pub struct Redactor {
     key: [u8; 32],
-    redacted: HashSet<String>,
+    /// Lowercase names; a short list, searched without allocating.
+    redacted: Vec<String>,
 }
 
 impl Default for Redactor {
@@ -71,22 +70,20 @@ impl Redactor {
     pub fn new(extra: &[String], keep: &[String]) -> Redactor {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).expect("the OS provides random bytes for the redaction key");
-        let mut redacted: HashSet<String> = DEFAULT_REDACTED_HEADERS
+        let mut redacted: Vec<String> = DEFAULT_REDACTED_HEADERS
             .iter()
             .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_ascii_lowercase()))
+            .filter(|name| !keep.iter().any(|k| k.eq_ignore_ascii_case(name)))
             .collect();
-        redacted.extend(extra.iter().map(|s| s.to_ascii_lowercase()));
-        for k in keep {
-            redacted.remove(&k.to_ascii_lowercase());
-        }
+        redacted.sort();
+        redacted.dedup();
         Redactor { key, redacted }
     }
 
     /// The names redacted, sorted (for the start banner and the tape header).
     pub fn redacted_headers(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.redacted.iter().map(|s| s.as_str()).collect();
-        v.sort_unstable();
-        v
+        self.redacted.iter().map(|s| s.as_str()).collect()
     }
 
     /// The keyed fingerprint of a secret.
@@ -99,7 +96,7 @@ impl Redactor {
 
     /// Appends a header to `headers`, redacted when its name says it holds a credential.
     pub fn push_header(&self, headers: &mut Headers, name: &str, value: &[u8]) {
-        if self.redacted.contains(name) || self.redacted.contains(&name.to_ascii_lowercase()) {
+        if self.redacted.iter().any(|r| r.eq_ignore_ascii_case(name)) {
             headers.push_redacted(name, self.redact_value(name, value));
         } else {
             headers.push(name, value);

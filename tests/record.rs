@@ -57,6 +57,11 @@ async fn curl_over_http1_h2c_and_h2_with_tls_goes_through_and_is_recorded() {
     assert_eq!(ex.len(), 2);
     assert_eq!(ex[0].request.version, HttpVersion::Http11);
     assert_eq!(ex[1].request.version, HttpVersion::H2);
+    assert_eq!(
+        (ex[0].stream, ex[1].stream),
+        (0, 1),
+        "HTTP/2 requests carry their stream id"
+    );
     for e in &ex {
         assert_eq!(e.request.target, "/json");
         let r = e.response.as_ref().unwrap();
@@ -848,4 +853,37 @@ async fn with_whole_bodies_each_layer_is_stored_once_however_often_it_passes() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_one_http2_connection_get_their_stream_ids() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    // nghttp2's client: 6 requests, 3 at a time, multiplexed on one h2c connection.
+    require("h2load", "nghttp2-client");
+    let run = tokio::process::Command::new("h2load")
+        .args(["-n", "6", "-c", "1", "-m", "3"])
+        .arg(format!("http://{}/json", rec.addr))
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(report.contains("6 succeeded"), "{report}");
+    rec.stop().await;
+    let (records, _) = read_one(&out).unwrap();
+    let mut streams: Vec<(u32, u64)> = exchanges_in(&records)
+        .iter()
+        .map(|e| (e.stream, e.connection))
+        .collect();
+    streams.sort();
+    assert_eq!(
+        streams.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [1, 3, 5, 7, 9, 11]
+    );
+    assert!(
+        streams.iter().all(|s| s.1 == streams[0].1),
+        "one connection"
+    );
 }

@@ -3,12 +3,12 @@
 //! An exchange is finished by two parties that run on different tasks: the request body's tap
 //! (polled by the upstream connection) and the response side (the response body's tap, or the
 //! handler when the upstream failed). Each leaves its part in a [`Pending`] and counts down; the
-//! last one builds the [`Exchange`], redacted, and offers it to the tape. No lock: parts are
-//! written once (`OnceLock`) and the count is atomic.
+//! last one builds the [`Exchange`], redacted, and offers it to the tape. The count is atomic;
+//! each part sits in a slot written once and taken once, so its lock is never contended.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use super::admin::Metrics;
 use super::spool::Spool;
@@ -42,6 +42,21 @@ pub struct Connection {
     pub client: SocketAddr,
     pub scheme: Scheme,
     pub exchanges: AtomicU64,
+    /// HTTP/2 requests seen on this connection.
+    h2_requests: std::sync::atomic::AtomicU32,
+}
+
+impl Connection {
+    /// The HTTP/2 stream id of the next request: hyper does not expose it, but a client opens
+    /// streams with increasing odd ids, one per request, so the n-th request is stream 2n-1.
+    /// 0 on HTTP/1.x.
+    pub fn stream_of(&self, version: http::Version) -> u32 {
+        if version != http::Version::HTTP_2 {
+            return 0;
+        }
+        let n = self.h2_requests.fetch_add(1, Ordering::Relaxed) + 1;
+        n.saturating_mul(2) - 1
+    }
 }
 
 impl Capture {
@@ -106,6 +121,7 @@ impl Capture {
             client,
             scheme,
             exchanges: AtomicU64::new(0),
+            h2_requests: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -190,11 +206,11 @@ impl Capture {
             client: connection.client,
             start,
             token_endpoint,
-            request: OnceLock::from(request),
+            request: Slot::with(request),
             request_keep: keep,
-            request_body: OnceLock::new(),
-            response: OnceLock::new(),
-            response_body: OnceLock::new(),
+            request_body: Slot::default(),
+            response: Slot::default(),
+            response_body: Slot::default(),
             remaining: AtomicU8::new(2),
             upgraded: std::sync::atomic::AtomicBool::new(false),
         })
@@ -248,6 +264,32 @@ enum ResponsePart {
     Failed(UpstreamFailure),
 }
 
+/// A part of an exchange, left by one task and taken by the one that builds the record. The
+/// lock is never contended: each slot is written once, then read once by the last party.
+struct Slot<T>(std::sync::Mutex<Option<T>>);
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot(std::sync::Mutex::new(None))
+    }
+}
+
+impl<T> Slot<T> {
+    fn with(value: T) -> Self {
+        Slot(std::sync::Mutex::new(Some(value)))
+    }
+
+    fn put(&self, value: T) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.get_or_insert(value);
+        }
+    }
+
+    fn take(&self) -> Option<T> {
+        self.0.lock().ok()?.take()
+    }
+}
+
 /// An exchange under way. See the module docs.
 pub struct Pending {
     capture: Arc<Capture>,
@@ -257,11 +299,11 @@ pub struct Pending {
     client: SocketAddr,
     start: Nanos,
     token_endpoint: bool,
-    request: OnceLock<Request>,
+    request: Slot<Request>,
     request_keep: usize,
-    request_body: OnceLock<(BodySummary, Nanos)>,
-    response: OnceLock<ResponsePart>,
-    response_body: OnceLock<(BodySummary, Nanos)>,
+    request_body: Slot<(BodySummary, Nanos)>,
+    response: Slot<ResponsePart>,
+    response_body: Slot<(BodySummary, Nanos)>,
     /// Parts still to come: the request body, and the response (with its body).
     remaining: AtomicU8,
     /// The connection switched protocols after this exchange (WebSocket).
@@ -291,7 +333,7 @@ impl Pending {
                 .redactor
                 .push_header(&mut headers, name.as_str(), value.as_bytes());
         }
-        let _ = self.response.set(ResponsePart::Head {
+        self.response.put(ResponsePart::Head {
             status: parts.status.as_u16(),
             version: version_of(parts.version),
             headers,
@@ -309,10 +351,9 @@ impl Pending {
     /// The upstream gave no response.
     pub fn failed(&self, kind: FailureKind, detail: String) {
         let at = self.capture.clock.now();
-        let _ = self
-            .response
-            .set(ResponsePart::Failed(UpstreamFailure { kind, detail }));
-        let _ = self.response_body.set((BodySummary::default(), at));
+        self.response
+            .put(ResponsePart::Failed(UpstreamFailure { kind, detail }));
+        self.response_body.put((BodySummary::default(), at));
         self.part_done();
     }
 
@@ -323,18 +364,18 @@ impl Pending {
     }
 
     fn build(&self) {
-        let Some(mut request) = self.request.get().cloned() else {
+        let Some(mut request) = self.request.take() else {
             self.capture.sink.exchange_abandoned(self.start);
             return;
         };
-        let (req_body, req_done) = self.request_body.get().cloned().unwrap_or_default();
+        let (req_body, req_done) = self.request_body.take().unwrap_or_default();
         let mut spooled = [req_body.spooled, None];
         request.body = body_of(
             req_body,
             self.capture.config.bodies != BodyCapture::None && !self.token_endpoint,
         );
-        let (resp_body, resp_done) = self.response_body.get().cloned().unwrap_or_default();
-        let (response, response_head, issued) = match self.response.get() {
+        let (resp_body, resp_done) = self.response_body.take().unwrap_or_default();
+        let (response, response_head, issued) = match self.response.take() {
             Some(ResponsePart::Head {
                 status,
                 version,
@@ -347,16 +388,16 @@ impl Pending {
                 } else {
                     Vec::new()
                 };
-                spooled[1] = resp_body.spooled.filter(|_| *keep_body);
+                spooled[1] = resp_body.spooled.filter(|_| keep_body);
                 let response = Response {
-                    status: *status,
-                    version: *version,
-                    headers: headers.clone(),
-                    body: body_of(resp_body, *keep_body),
+                    status,
+                    version,
+                    headers,
+                    body: body_of(resp_body, keep_body),
                 };
                 (Ok(response), Some(at.saturating_sub(self.start)), issued)
             }
-            Some(ResponsePart::Failed(failure)) => (Err(failure.clone()), None, Vec::new()),
+            Some(ResponsePart::Failed(failure)) => (Err(failure), None, Vec::new()),
             None => {
                 self.capture.sink.exchange_abandoned(self.start);
                 return;
@@ -422,7 +463,7 @@ struct RequestDone(Arc<Pending>);
 impl TapDone for RequestDone {
     fn body_done(&self, summary: BodySummary) {
         let now = self.0.capture.clock.now();
-        let _ = self.0.request_body.set((summary, now));
+        self.0.request_body.put((summary, now));
         self.0.part_done();
     }
 }
@@ -432,7 +473,7 @@ struct ResponseDone(Arc<Pending>);
 impl TapDone for ResponseDone {
     fn body_done(&self, summary: BodySummary) {
         let now = self.0.capture.clock.now();
-        let _ = self.0.response_body.set((summary, now));
+        self.0.response_body.put((summary, now));
         self.0.part_done();
     }
 }

@@ -164,11 +164,12 @@ impl Proxy {
         })
     }
 
-    /// Handles one request from `connection`.
+    /// Handles one request from `connection` (on HTTP/2 stream `stream`, 0 on HTTP/1.x).
     pub async fn handle(
         self: Arc<Self>,
         mut request: Request<Incoming>,
         connection: Arc<Connection>,
+        stream: u32,
     ) -> Result<Response<ProxyBody>, Infallible> {
         // A protocol switch (WebSocket): the upgrade fields go on to the upstream, and after its
         // 101 the two connections are joined byte for byte. The tape notes the exchange as
@@ -190,7 +191,7 @@ impl Proxy {
         let pending = self
             .capture
             .wants(parts.uri.path())
-            .then(|| self.capture.begin(&connection, 0, &parts, start));
+            .then(|| self.capture.begin(&connection, stream, &parts, start));
         let client_authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
             parts
                 .headers

@@ -164,7 +164,12 @@ fn service(
         Output = Result<http::Response<super::forward::ProxyBody>, std::convert::Infallible>,
     > + Send,
 > + Clone {
-    service_fn(move |request| proxy.clone().handle(request, connection.clone()))
+    service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        // Called by hyper as it accepts each request, in stream order: the place to number
+        // HTTP/2 streams.
+        let stream = connection.stream_of(request.version());
+        proxy.clone().handle(request, connection.clone(), stream)
+    })
 }
 
 /// The listener's TLS: the given certificate chain and key, ALPN `h2` then `http/1.1`.
