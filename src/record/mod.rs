@@ -50,15 +50,19 @@ pub enum BodyCapture {
 pub const WHOLE_JSON_LIMIT: usize = 64 << 10;
 
 impl std::fmt::Display for BodyCapture {
+    /// As the flag is written, so that the banner and the tape header can be pasted back.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyCapture::None => f.write_str("none"),
             BodyCapture::Full => f.write_str("full"),
-            BodyCapture::Prefix(n) => write!(
-                f,
-                "prefix:{}",
-                crate::inspect::human_bytes(*n as u64).replace(' ', "")
-            ),
+            BodyCapture::Prefix(n) => {
+                let (n, unit) = match *n {
+                    n if n >= 1 << 20 && n % (1 << 20) == 0 => (n >> 20, "MiB"),
+                    n if n >= 1 << 10 && n % (1 << 10) == 0 => (n >> 10, "KiB"),
+                    n => (n, ""),
+                };
+                write!(f, "prefix:{n}{unit}")
+            }
         }
     }
 }
@@ -312,5 +316,20 @@ impl Recorder {
             .await
             .context("the tape writer did not finish")??;
         Ok(RecordSummary { exchanges, tape })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BodyCapture;
+
+    #[test]
+    fn body_capture_modes_parse_and_print_as_written() {
+        for text in ["none", "full", "prefix:64KiB", "prefix:1MiB", "prefix:100"] {
+            let mode: BodyCapture = text.parse().unwrap();
+            assert_eq!(mode.to_string(), text);
+        }
+        let err = "whole".parse::<BodyCapture>().unwrap_err();
+        assert!(err.contains("`none`, `prefix:SIZE`"), "{err}");
     }
 }
