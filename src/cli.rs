@@ -251,7 +251,9 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     config.forwarded_headers = !args.no_forwarded_headers;
     config.drain_timeout = args.drain_timeout;
     config.upstream_timeout = args.upstream_timeout;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The proxy runs on threads of its own (one runtime per core); this runtime only waits for
+    // signals and serves the admin endpoint.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -24,7 +24,7 @@ use crate::tape::{HttpVersion, TlsInfo};
 
 /// The bound listening socket, with its TLS settings.
 pub struct Listener {
-    tcp: TcpListener,
+    tcp: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
 }
@@ -35,9 +35,10 @@ impl Listener {
             Some((cert, key)) => Some(TlsAcceptor::from(Arc::new(server_tls(cert, key)?))),
             None => None,
         };
-        let tcp = TcpListener::bind(config.listen)
-            .await
+        let tcp = std::net::TcpListener::bind(config.listen)
             .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
+        tcp.set_nonblocking(true)
+            .context("cannot make the listening socket non-blocking")?;
         Ok(Listener {
             tcp,
             tls,
@@ -51,18 +52,78 @@ impl Listener {
             .expect("a bound socket has an address")
     }
 
-    /// Serves connections until `stop`, then waits up to `drain` for them to finish.
-    pub async fn serve(
+    /// Serves connections on `threads` threads, each with its own single-threaded runtime and
+    /// upstream client (`make_proxy`), until `stop`; then each waits up to `drain` for its
+    /// connections to finish. A connection, its exchanges and their upstream connections stay on
+    /// one thread: no wake-up crosses threads on the request path.
+    pub fn serve(
         self,
-        proxy: Arc<Proxy>,
+        threads: usize,
+        make_proxy: impl Fn() -> anyhow::Result<Arc<Proxy>>,
         capture: Arc<Capture>,
         stop: CancellationToken,
         drain: Duration,
-    ) {
+    ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let tcp = self
+                .tcp
+                .try_clone()
+                .context("cannot share the listening socket")?;
+            let proxy = make_proxy()?;
+            let one = OneThread {
+                tls: self.tls.clone(),
+                header_read_timeout: self.header_read_timeout,
+                proxy,
+                capture: capture.clone(),
+                stop: stop.clone(),
+                drain,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a single-threaded runtime starts");
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(tcp) {
+                            Ok(tcp) => one.serve(tcp).await,
+                            Err(e) => tracing::error!("cannot listen on this thread: {e}"),
+                        }
+                    });
+                })
+                .context("cannot start a proxy thread")?;
+            handles.push(handle);
+        }
+        Ok(handles)
+    }
+}
+
+/// What one proxy thread needs.
+struct OneThread {
+    tls: Option<TlsAcceptor>,
+    header_read_timeout: Duration,
+    proxy: Arc<Proxy>,
+    capture: Arc<Capture>,
+    stop: CancellationToken,
+    drain: Duration,
+}
+
+impl OneThread {
+    async fn serve(self, tcp: TcpListener) {
+        let OneThread {
+            tls: self_tls,
+            header_read_timeout,
+            proxy,
+            capture,
+            stop,
+            drain,
+        } = self;
         let graceful = GracefulShutdown::new();
         loop {
             let (stream, client) = tokio::select! {
-                accepted = self.tcp.accept() => match accepted {
+                accepted = tcp.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: pause rather than spin.
@@ -76,10 +137,9 @@ impl Listener {
             let _ = stream.set_nodelay(true);
             let proxy = proxy.clone();
             let capture = capture.clone();
-            let tls = self.tls.clone();
+            let tls = self_tls.clone();
             let watcher = graceful.watcher();
             let stop = stop.clone();
-            let header_read_timeout = self.header_read_timeout;
             tokio::spawn(async move {
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
@@ -143,7 +203,7 @@ impl Listener {
             });
         }
         // Stop accepting; let what is in flight finish.
-        drop(self.tcp);
+        drop(tcp);
         tokio::select! {
             _ = graceful.shutdown() => {}
             _ = tokio::time::sleep(drain) => {

@@ -290,18 +290,27 @@ impl Recorder {
             metrics.clone(),
             spool.as_ref().map(|(s, _)| s.clone()),
         ));
-        let proxy = Arc::new(forward::Proxy::new(
-            config.clone(),
-            capture.clone(),
-            metrics.clone(),
-        )?);
+        let make_proxy =
+            || forward::Proxy::new(config.clone(), capture.clone(), metrics.clone()).map(Arc::new);
 
         let admin_task = self
             .admin
             .map(|l| tokio::spawn(admin::serve(l, metrics.clone(), stop.clone())));
-        self.listener
-            .serve(proxy, capture.clone(), stop.clone(), config.drain_timeout)
-            .await;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let proxies = self.listener.serve(
+            threads,
+            make_proxy,
+            capture.clone(),
+            stop.clone(),
+            config.drain_timeout,
+        )?;
+        tokio::task::spawn_blocking(move || {
+            for p in proxies {
+                let _ = p.join();
+            }
+        })
+        .await
+        .ok();
         if let Some(t) = admin_task {
             t.abort();
         }
