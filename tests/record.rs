@@ -449,6 +449,8 @@ async fn a_full_disk_drops_records_not_traffic() {
 
     let mut c = config(up.addr, &mnt.join("tapes"));
     c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    // Small files, so that rotations meet the full disk too.
+    c.rotate_size = Some(16 << 10);
     let rec = start(c).await;
     // Incompressible JSON bodies, a new one each time: each keeps 64 KiB on the tape, so the
     // disk fills fast.

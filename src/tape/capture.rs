@@ -300,7 +300,15 @@ fn drain(
                 }
                 failing = true;
             }
-            Err(other) => return Err(other),
+            Err(other) => {
+                // Rotation or closing failed (a full disk): traffic goes on, the writer retries
+                // at its next frame.
+                c.write_errors.fetch_add(1, Ordering::Relaxed);
+                if !failing {
+                    tracing::warn!("{other}; capture records may be dropped while this lasts");
+                }
+                failing = true;
+            }
         }
         if c.closing.load(Ordering::Relaxed) {
             // Drain what is queued, then close.

@@ -238,14 +238,19 @@ impl TapeWriter {
         self.frame_ordered = true;
         self.frame_started = None;
         if let Err(source) = result {
-            let f = self.current.as_mut().expect("a file is open while writing");
-            // Cut back to the last whole frame so the file stays readable.
-            let _ = f.file.set_len(f.len);
-            let _ = f.file.seek(SeekFrom::Start(f.len));
             self.summary.dropped += records as u64;
-            f.dropped += records as u64;
+            let path = match self.current.as_mut() {
+                Some(f) => {
+                    // Cut back to the last whole frame so the file stays readable.
+                    let _ = f.file.set_len(f.len);
+                    let _ = f.file.seek(SeekFrom::Start(f.len));
+                    f.dropped += records as u64;
+                    f.path.clone()
+                }
+                None => self.target_path().to_path_buf(),
+            };
             return Err(TapeError::Write {
-                path: f.path.clone(),
+                path,
                 records_lost: records as u64,
                 source,
             });
@@ -284,7 +289,11 @@ impl TapeWriter {
             watermark: self.watermark,
             payload_crc: crc32c::crc32c(payload),
         };
-        let f = self.current.as_mut().expect("a file is open while writing");
+        if self.current.is_none() {
+            // An earlier rotation could not open its file (a full disk): try again now.
+            self.open_next().map_err(std::io::Error::other)?;
+        }
+        let f = self.current.as_mut().expect("opened above");
         let offset = f.len;
         let head = header.encode();
         f.file.write_all(&head)?;
@@ -326,9 +335,18 @@ impl TapeWriter {
     }
 
     fn rotate(&mut self) -> Result<(), TapeError> {
-        self.close_current()?;
+        // A file whose index cannot be written still reads up to its last frame: go on.
+        let closed = self.close_current();
         self.header.seq += 1;
-        self.open_next()
+        self.open_next()?;
+        closed
+    }
+
+    fn target_path(&self) -> &Path {
+        match &self.target {
+            Target::File(p) => p,
+            Target::Dir { dir, .. } => dir,
+        }
     }
 
     fn close_current(&mut self) -> Result<(), TapeError> {
