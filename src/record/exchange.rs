@@ -168,18 +168,7 @@ impl Capture {
             self.redactor
                 .push_header(&mut headers, name.as_str(), value.as_bytes());
         }
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        let authority = client_authority(parts).unwrap_or_default();
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let request = Request {
             method: Method::parse(parts.method.as_str()),
@@ -236,10 +225,29 @@ impl Capture {
     }
 
     fn offer(&self, exchange: Exchange) {
-        self.exchanges.fetch_add(1, Ordering::Relaxed);
-        self.metrics.recorded.fetch_add(1, Ordering::Relaxed);
+        self.count_recorded();
         self.sink.offer(Record::Exchange(Box::new(exchange)));
     }
+
+    fn count_recorded(&self) {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        self.metrics.recorded.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The authority the client named: the request URI's (HTTP/2, absolute form) or its `Host`.
+pub fn client_authority(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
 }
 
 /// HTTP version as the tape writes it.
@@ -321,7 +329,7 @@ impl Pending {
 
     /// The request body's tap.
     pub fn request_tap(self: &Arc<Self>) -> impl TapDone {
-        RequestDone(self.clone())
+        BodyDone(self.clone(), Side::Request)
     }
 
     /// The upstream answered with this head; the response body's tap follows.
@@ -340,7 +348,7 @@ impl Pending {
             at: capture.clock.now(),
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
         });
-        ResponseDone(self.clone())
+        BodyDone(self.clone(), Side::Response)
     }
 
     /// The connection switches protocols after this exchange.
@@ -458,23 +466,25 @@ impl Drop for Pending {
     }
 }
 
-struct RequestDone(Arc<Pending>);
-
-impl TapDone for RequestDone {
-    fn body_done(&self, summary: BodySummary) {
-        let now = self.0.capture.clock.now();
-        self.0.request_body.put((summary, now));
-        self.0.part_done();
-    }
+/// Which body of an exchange a tap measures.
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response,
 }
 
-struct ResponseDone(Arc<Pending>);
+/// Leaves a tapped body's summary in its exchange, and counts the part done.
+struct BodyDone(Arc<Pending>, Side);
 
-impl TapDone for ResponseDone {
+impl TapDone for BodyDone {
     fn body_done(&self, summary: BodySummary) {
-        let now = self.0.capture.clock.now();
-        self.0.response_body.put((summary, now));
-        self.0.part_done();
+        let pending = &self.0;
+        let part = (summary, pending.capture.clock.now());
+        match self.1 {
+            Side::Request => pending.request_body.put(part),
+            Side::Response => pending.response_body.put(part),
+        }
+        pending.part_done();
     }
 }
 

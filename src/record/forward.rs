@@ -175,11 +175,8 @@ impl Proxy {
         // 101 the two connections are joined byte for byte. The tape notes the exchange as
         // upgraded; what follows the switch is not recorded.
         let upgrade = upgrade_requested(request.headers()).then(|| {
-            let fields = (
-                request.headers().get(header::UPGRADE).cloned(),
-                request.headers().get(header::CONNECTION).cloned(),
-            );
-            (hyper::upgrade::on(&mut request), fields)
+            let protocol = request.headers().get(header::UPGRADE).cloned();
+            (hyper::upgrade::on(&mut request), protocol)
         });
         let start = self.capture.clock().now();
         let m = &self.metrics;
@@ -192,13 +189,7 @@ impl Proxy {
             .capture
             .wants(parts.uri.path())
             .then(|| self.capture.begin(&connection, stream, &parts, start));
-        let client_authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
+        let client_authority = super::exchange::client_authority(&parts);
 
         // The request names the Host the upstream should see; FixedUpstream connects to the
         // upstream whatever it names.
@@ -219,7 +210,7 @@ impl Proxy {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
-        if let Some((_, (Some(protocol), _))) = &upgrade {
+        if let Some((_, Some(protocol))) = &upgrade {
             parts.headers.insert(header::UPGRADE, protocol.clone());
             parts
                 .headers

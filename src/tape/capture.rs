@@ -79,8 +79,6 @@ pub struct CaptureCounters {
     pub written: AtomicU64,
     /// Failed writes (each loses one frame).
     pub write_errors: AtomicU64,
-    /// See [`CaptureSink::set_watermark`].
-    watermark: AtomicU64,
     closing: AtomicBool,
     in_flight: Option<InFlight>,
 }
@@ -137,12 +135,6 @@ impl CaptureSink {
     /// An exchange announced with [`CaptureSink::exchange_started`] will have no record.
     pub fn exchange_abandoned(&self, start: Nanos) {
         self.counters.exchange_settled(start);
-    }
-
-    /// Declares that every exchange starting before `ts` has been offered (the proxy knows which
-    /// are still in flight). Readers then reorder with little buffering.
-    pub fn set_watermark(&self, ts: Nanos) {
-        self.counters.watermark.fetch_max(ts, Ordering::Relaxed);
     }
 
     pub fn counters(&self) -> &Arc<CaptureCounters> {
@@ -275,7 +267,6 @@ fn drain(
         if let (Some(f), Some(clock)) = (&c.in_flight, &clock) {
             writer.set_watermark(f.watermark(clock()));
         }
-        writer.set_watermark(c.watermark.load(Ordering::Relaxed));
         if result.is_ok() {
             result = writer.tick();
         }
