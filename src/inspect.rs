@@ -81,6 +81,21 @@ pub struct Summariser {
     in_second: u64,
 }
 
+/// Counts a request starting at `start` into the totals, time span and peak rate.
+fn count_request(s: &mut Summary, second: &mut Option<u64>, in_second: &mut u64, start: u64) {
+    s.records += 1;
+    s.first_ts = Some(s.first_ts.map_or(start, |f| f.min(start)));
+    s.last_ts = Some(s.last_ts.map_or(start, |l| l.max(start)));
+    let sec = start / 1_000_000_000;
+    if *second == Some(sec) {
+        *in_second += 1;
+    } else {
+        *second = Some(sec);
+        *in_second = 1;
+    }
+    s.peak_rate = s.peak_rate.max(*in_second);
+}
+
 impl Summariser {
     pub fn add(&mut self, record: &Record) {
         let s = &mut self.summary;
@@ -89,18 +104,7 @@ impl Summariser {
             .or_default() += 1;
         match record {
             Record::Exchange(e) => {
-                s.records += 1;
-                let start = e.timing.start;
-                s.first_ts = Some(s.first_ts.map_or(start, |f| f.min(start)));
-                s.last_ts = Some(s.last_ts.map_or(start, |l| l.max(start)));
-                let sec = start / 1_000_000_000;
-                if self.second == Some(sec) {
-                    self.in_second += 1;
-                } else {
-                    self.second = Some(sec);
-                    self.in_second = 1;
-                }
-                s.peak_rate = s.peak_rate.max(self.in_second);
+                count_request(s, &mut self.second, &mut self.in_second, e.timing.start);
                 *s.methods.entry(e.request.method.to_string()).or_default() += 1;
                 match &e.response {
                     Ok(r) => {
@@ -114,6 +118,22 @@ impl Summariser {
                 s.redacted_values += e.request.headers.redactions().len() as u64;
                 let class = endpoint::template(e.request.method.as_str(), &e.request.target);
                 *self.endpoints.entry(class).or_default() += 1;
+            }
+            // A results tape: its records are the replayed requests, its statuses the live ones.
+            Record::Replayed(r) => {
+                count_request(s, &mut self.second, &mut self.in_second, r.intended);
+                *s.methods.entry(r.method.to_string()).or_default() += 1;
+                match &r.outcome {
+                    crate::tape::Outcome::Status(status) => {
+                        *s.status_counts.entry(status.to_string()).or_default() += 1
+                    }
+                    crate::tape::Outcome::Failed(f) => {
+                        *s.failures.entry(f.kind.as_str().to_string()).or_default() += 1
+                    }
+                }
+                s.request_body_bytes += r.bytes_sent;
+                s.response_body_bytes += r.bytes_received;
+                *self.endpoints.entry(r.endpoint.clone()).or_default() += 1;
             }
             Record::Dropped(d) => s.dropped += d.records,
             _ => {}

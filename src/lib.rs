@@ -12,9 +12,14 @@ pub mod inspect;
 #[cfg(feature = "net")]
 pub mod record;
 pub mod redact;
+#[cfg(feature = "net")]
+pub mod replay;
+pub mod report;
 pub mod select;
 pub mod synth;
 pub mod tape;
+#[cfg(feature = "net")]
+pub mod tls;
 pub mod units;
 
 #[cfg(feature = "cli")]

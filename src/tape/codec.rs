@@ -21,7 +21,8 @@ use super::format::{bincode_config, bincode_config_small};
 use super::headers::{HeaderName, KNOWN_NAMES};
 use super::record::{
     kind, Blob, Body, ConnectionClosed, ConnectionOpened, Dropped, Exchange, Headers, HttpVersion,
-    Method, Record, Redaction, Request, Response, Scheme, Stored, Timing, UpstreamFailure,
+    Method, Record, Redaction, Replayed, Request, Response, Scheme, Stored, Timing,
+    UpstreamFailure,
 };
 
 /// Bytes in front of every record's payload.
@@ -65,6 +66,7 @@ impl FrameEncoder {
             Record::ConnectionClosed(c) => bincode::encode_into_std_write(c.as_ref(), out, cfg),
             Record::Blob(b) => bincode::encode_into_std_write(b.as_ref(), out, cfg),
             Record::Dropped(d) => bincode::encode_into_std_write(d, out, cfg),
+            Record::Replayed(r) => bincode::encode_into_std_write(r.as_ref(), out, cfg),
             Record::Unknown { code, payload } => {
                 if *code == kind::EXCHANGE {
                     // An exchange from a newer writer, copied as is: the reader will run its
@@ -179,6 +181,7 @@ fn decode_body(code: u8, body: &[u8], cache: &mut FrameState) -> Result<Record, 
                 .map_err(|e| e.to_string())?,
         )),
         kind::DROPPED => Record::Dropped(one::<Dropped>(body)?),
+        kind::REPLAYED => Record::Replayed(Box::new(one::<Replayed>(body)?)),
         code => Record::Unknown {
             code,
             payload: body.to_vec(),

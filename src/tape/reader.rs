@@ -705,6 +705,7 @@ impl Reorder {
 
 /// The files of one recording (one tape id), read in rotation order into one ordered stream.
 struct Recording {
+    tape_id: [u8; 16],
     /// A frame whose records go out as they are decoded (see [`Recording::fill`]).
     streaming: Option<Streaming>,
     /// A frame's records on their way to the reorder buffer (kept to reuse its memory).
@@ -868,6 +869,7 @@ fn shift_record(record: &mut Record, by: Nanos) {
         Record::ConnectionClosed(c) => c.at += by,
         Record::Blob(b) => b.at += by,
         Record::Dropped(d) => d.at += by,
+        Record::Replayed(r) => r.intended += by,
         Record::Unknown { .. } => {}
     }
 }
@@ -880,6 +882,7 @@ pub struct TapeReader {
     base_epoch_unix_ns: i64,
     stats: ReadStats,
     last_out_of_order: bool,
+    last_source: usize,
     failed: bool,
 }
 
@@ -916,6 +919,7 @@ impl TapeReader {
             .map(|mut g| {
                 g.sort_by_key(|s| s.header.seq);
                 Recording {
+                    tape_id: g[0].header.tape_id,
                     streaming: None,
                     batch: Vec::new(),
                     shift: (g[0].header.epoch_unix_ns - base) as Nanos,
@@ -935,6 +939,7 @@ impl TapeReader {
             base_epoch_unix_ns: base,
             stats: ReadStats::default(),
             last_out_of_order: false,
+            last_source: 0,
             failed: false,
         }
     }
@@ -957,6 +962,16 @@ impl TapeReader {
     /// What reading has found so far; complete once the iterator has ended.
     pub fn stats(&self) -> &ReadStats {
         &self.stats
+    }
+
+    /// The tape ids of the recordings being read; [`TapeReader::last_source`] indexes it.
+    pub fn source_ids(&self) -> Vec<[u8; 16]> {
+        self.recordings.iter().map(|r| r.tape_id).collect()
+    }
+
+    /// Which recording the record last returned came from (ids are unique within one).
+    pub fn last_source(&self) -> usize {
+        self.last_source
     }
 
     /// Whether the record last returned came after its reorder window had passed.
@@ -998,6 +1013,7 @@ impl Iterator for TapeReader {
                 return Ok(None);
             };
             let (record, late) = self.heads[i].take().expect("chosen above");
+            self.last_source = i;
             self.advance(i)?;
             Ok(Some((record, late)))
         })();

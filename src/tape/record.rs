@@ -30,6 +30,9 @@ pub mod kind {
     pub const CONNECTION_CLOSED: u8 = 3;
     pub const BLOB: u8 = 4;
     pub const DROPPED: u8 = 5;
+    /// What a replay did with one recorded exchange (results tapes).
+    pub const REPLAYED: u8 = 16;
+    // 32..: observation samples (target metrics, database activity) on the replay's timeline.
 }
 
 /// One record of a tape.
@@ -41,6 +44,7 @@ pub enum Record {
     ConnectionClosed(Box<ConnectionClosed>),
     Blob(Box<Blob>),
     Dropped(Dropped),
+    Replayed(Box<Replayed>),
     /// A record of a kind this build does not know (written by a newer loadtape). Kept whole so
     /// that tools copying tapes lose nothing.
     Unknown {
@@ -59,6 +63,7 @@ impl Record {
             Record::ConnectionClosed(_) => kind::CONNECTION_CLOSED,
             Record::Blob(_) => kind::BLOB,
             Record::Dropped(_) => kind::DROPPED,
+            Record::Replayed(_) => kind::REPLAYED,
             Record::Unknown { code, .. } => *code,
         }
     }
@@ -71,6 +76,7 @@ impl Record {
             Record::ConnectionClosed(_) => "connection_closed",
             Record::Blob(_) => "blob",
             Record::Dropped(_) => "dropped",
+            Record::Replayed(_) => "replayed",
             Record::Unknown { .. } => "unknown",
         }
     }
@@ -83,6 +89,7 @@ impl Record {
             Record::ConnectionClosed(c) => c.at,
             Record::Blob(b) => b.at,
             Record::Dropped(d) => d.at,
+            Record::Replayed(r) => r.intended,
             Record::Unknown { .. } => 0,
         }
     }
@@ -91,6 +98,7 @@ impl Record {
     pub fn end(&self) -> Nanos {
         match self {
             Record::Exchange(e) => e.timing.end(),
+            Record::Replayed(r) => r.intended.saturating_add(r.latency()),
             other => other.start(),
         }
     }
@@ -460,6 +468,95 @@ pub struct Dropped {
     /// Records dropped since the previous `Dropped` record of this recording.
     pub records: u64,
     pub bytes: u64,
+}
+
+/// What a replay did with one recorded exchange: when it was meant to go and went, how long each
+/// phase took, what came back, beside what the recording says of the same exchange. Results
+/// tapes hold these; their header's `source` options list the tapes replayed, in the order
+/// [`Replayed::source`] counts them.
+///
+/// Times are like wrk2's and vegeta's: `intended` is the schedule's instant, and latency counts
+/// from it (no coordinated omission); `sent` tells how late the request actually went.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct Replayed {
+    /// Index of the source recording in the results header's `source` list.
+    pub source: u32,
+    /// The recorded exchange's id and connection (ids are unique per source recording).
+    pub exchange: u64,
+    pub connection: u64,
+    /// The `--loop` pass, from 0.
+    pub pass: u32,
+    pub method: Method,
+    /// The endpoint class (`GET /v2/{repo}/blobs/{digest}`).
+    pub endpoint: String,
+    /// When the schedule meant it to go out (ns since the results tape's epoch, which is the
+    /// schedule's zero).
+    pub intended: Nanos,
+    /// Offset from `intended` at which the scheduler handed it to its connection: loadtape's own
+    /// lag, which decides whether the run is valid.
+    pub dispatched: u64,
+    /// Offset from `intended` at which the request went out: includes waiting for a busy
+    /// connection, the in-flight cap or an earlier exchange it depends on.
+    pub sent: u64,
+    /// Connection set-up this request waited for (a fresh connection), ns: TCP connect, TLS.
+    pub connect: Option<u64>,
+    pub tls: Option<u64>,
+    /// Offsets from `sent`: the response head arrived; the response was read whole, or the
+    /// request failed.
+    pub first_byte: Option<u64>,
+    pub done: u64,
+    pub outcome: Outcome,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// What the recording says of the same exchange.
+    pub recorded: RecordedOutcome,
+    /// [`replayed_flags`].
+    pub flags: u32,
+}
+
+impl Replayed {
+    /// From the intended send time to the response's last byte.
+    pub fn latency(&self) -> u64 {
+        self.sent.saturating_add(self.done)
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self.outcome {
+            Outcome::Status(s) => Some(s),
+            Outcome::Failed(_) => None,
+        }
+    }
+}
+
+/// Bits of [`Replayed::flags`].
+pub mod replayed_flags {
+    /// The request was changed from the recording (headers, path, host).
+    pub const REWRITTEN: u32 = 1;
+    /// Its body was not on the tape and was generated with the recorded length.
+    pub const SYNTHESISED: u32 = 2;
+    /// It went out later than intended because it waited (busy connection, in-flight cap,
+    /// an exchange it depends on).
+    pub const LATE: u32 = 4;
+}
+
+/// What came back to a replayed request.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Status(u16),
+    /// No response: the connection was refused, reset, timed out, TLS failed.
+    Failed(UpstreamFailure),
+}
+
+/// The recorded exchange's outcome and upstream timings, for like-for-like comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct RecordedOutcome {
+    /// `None` when the upstream failed.
+    pub status: Option<u16>,
+    /// From the request's head to the upstream's response head, ns.
+    pub first_byte: Option<u64>,
+    /// From the request's head to the response's last byte, ns.
+    pub total: u64,
 }
 
 /// `sha256:<hex>`, as registries write digests.

@@ -3,6 +3,8 @@
 //! Exit codes: 0 success, 2 an error (bad input, a corrupt tape, I/O). Later commands that
 //! give verdicts (`diff`) add 1 for "regression".
 
+mod replay;
+
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +43,10 @@ enum Command {
     Export(ExportArgs),
     /// Turn a HAR file (browsers, mitmproxy, Charles) into a tape, credentials redacted.
     Import(ImportArgs),
+    /// Re-issue tapes against a test target on schedule, and record what came back.
+    Replay(Box<ReplayArgs>),
+    /// Join the results tapes of a replay's shards into one.
+    Merge(MergeArgs),
     /// Run the built-in Quay/Clair session end to end; needs nothing installed.
     Demo(DemoArgs),
 }
@@ -189,6 +195,107 @@ struct RecordArgs {
     upstream_timeout: Duration,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnectionsArg {
+    Preserve,
+    Pooled,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReplayArgs {
+    /// Tape files, or directories of rotated tape files.
+    #[arg(required = true, value_name = "TAPE_OR_DIR")]
+    paths: Vec<PathBuf>,
+    /// Where to send: http://HOST[:PORT] or https://HOST[:PORT]. Nothing is sent elsewhere.
+    #[arg(long, value_name = "URL")]
+    target: Option<http::Uri>,
+    /// Replay at this multiple of the recorded speed (inter-arrival times divided by X).
+    #[arg(long, value_name = "X", conflicts_with_all = ["rate", "ramp"])]
+    speed: Option<f64>,
+    /// Send at this constant rate (requests per second), in the tape's order.
+    #[arg(long, value_name = "RPS", conflicts_with = "ramp")]
+    rate: Option<f64>,
+    /// Raise the rate linearly, e.g. `10:500:5m`, then hold it.
+    #[arg(long, value_name = "FROM:TO:DURATION")]
+    ramp: Option<String>,
+    /// Only the tape from this time: an offset from its start (`90s`) or an RFC 3339 date-time.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    from: Option<TimeArg>,
+    /// Only the tape before this time (same forms as --from).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    to: Option<TimeArg>,
+    /// Stop planning requests this long after the start.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Send at most this many requests (over all shards).
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Start the tape over when it ends (until --duration, --limit or Ctrl-C).
+    #[arg(long = "loop")]
+    looped: bool,
+    /// A replay profile (TOML; see replay-profiles/): these flags and filters in a file.
+    /// Flags given here win.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Write a results tape (one record per request) here.
+    #[arg(long, value_name = "RESULTS")]
+    out: Option<PathBuf>,
+    /// At most this many requests in flight; the rest wait and count as late.
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// `preserve`: one live connection per recorded one, as the tape opened and closed them;
+    /// `pooled`: requests spread over a pool.
+    #[arg(long, value_enum)]
+    connections: Option<ConnectionsArg>,
+    /// Replay shard K of N (0 <= K < N): whole recorded connections, timing kept.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<crate::replay::Shard>,
+    /// Start the schedule at this wall-clock time (RFC 3339), so that shards keep one timeline.
+    #[arg(long, value_name = "TIME")]
+    start_at: Option<String>,
+    /// Set this header on every request, e.g. 'Authorization: Bearer ...'. Repeatable.
+    #[arg(long = "header", value_name = "'NAME: VALUE'")]
+    headers: Vec<String>,
+    /// Do not verify an https target's certificate.
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
+    /// Trust this CA (PEM) for an https target, besides the system's.
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Speak HTTP/1.1 to the target whatever the tape recorded.
+    #[arg(long, conflicts_with = "http2")]
+    http1: bool,
+    /// Speak HTTP/2 to the target whatever the tape recorded (h2c on http://).
+    #[arg(long)]
+    http2: bool,
+    /// A request's limit, from sending to its last byte.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Mark the run invalid when loadtape's own schedule lag p99 exceeds this.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    lag_limit: Option<Duration>,
+    /// Send nothing: print what would be sent (requests per endpoint, writes, rewrites,
+    /// credentials, duration, peak rate).
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Skip damaged frames instead of stopping.
+    #[arg(long)]
+    lenient: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct MergeArgs {
+    /// Results tapes (the --out of each shard's `loadtape replay`).
+    #[arg(required = true, value_name = "RESULTS")]
+    paths: Vec<PathBuf>,
+    /// The merged results tape.
+    #[arg(long, value_name = "RESULTS")]
+    out: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Where to write the demo's tapes and exports (default: a new temporary directory).
@@ -226,6 +333,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => inspect(args),
         Command::Export(args) => export(args),
         Command::Import(args) => import(args),
+        Command::Replay(args) => replay::replay(*args),
+        Command::Merge(args) => replay::merge(args),
         Command::Demo(args) => crate::demo::run(&args.out).map(|_| ExitCode::SUCCESS),
     }
 }
@@ -371,21 +480,10 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 /// Opens the tapes of `args` with their time range resolved against the first tape's epoch.
 fn open(args: &ReadArgs) -> anyhow::Result<(TapeReader, Selection)> {
     let sources = discover(&args.paths)?;
-    let epoch = sources
-        .iter()
-        .map(|s| s.header.epoch_unix_ns)
-        .min()
-        .unwrap_or(0);
-    let resolve = |t: &TimeArg| -> Nanos {
-        match t {
-            TimeArg::Offset(d) => d.as_nanos() as Nanos,
-            TimeArg::At(unix_ns) => (unix_ns - epoch).max(0) as Nanos,
-        }
-    };
     let options = ReadOptions {
         lenient: args.lenient,
-        from: args.from.as_ref().map(resolve),
-        to: args.to.as_ref().map(resolve),
+        from: resolve_time(&sources, args.from.as_ref()),
+        to: resolve_time(&sources, args.to.as_ref()),
         reorder_window: args.reorder_window.as_nanos() as Nanos,
     };
     let selection = Selection {
@@ -393,6 +491,19 @@ fn open(args: &ReadArgs) -> anyhow::Result<(TapeReader, Selection)> {
         endpoint: args.endpoint.clone(),
     };
     Ok((TapeReader::from_sources(sources, &options), selection))
+}
+
+/// A `--from`/`--to` as tape time: ns since the earliest of the tapes' epochs.
+fn resolve_time(sources: &[crate::tape::reader::SourceFile], t: Option<&TimeArg>) -> Option<Nanos> {
+    let epoch = sources
+        .iter()
+        .map(|s| s.header.epoch_unix_ns)
+        .min()
+        .unwrap_or(0);
+    t.map(|t| match t {
+        TimeArg::Offset(d) => d.as_nanos() as Nanos,
+        TimeArg::At(unix_ns) => (unix_ns - epoch).max(0) as Nanos,
+    })
 }
 
 /// Creates an output file readable by its owner only (exports hold traffic too).

@@ -1,0 +1,538 @@
+//! Live connections to the target, and one request's trip over them.
+//!
+//! A connection task owns one connection (TCP, TLS by rustls, then HTTP/1.1 or HTTP/2 by hyper's
+//! low-level client, so that connect, TLS and first-byte times are measured where they happen)
+//! and a queue of [`Job`]s from the clock. On HTTP/1.1 it sends them one after the other, as the
+//! recorded client did; on HTTP/2 each goes out as its own stream at once. A connection the
+//! target closed is opened again for the next request (the set-up is charged to it). Redirects
+//! are responses like any other: nothing is ever sent anywhere but the target.
+//!
+//! Every request ends as one [`Replayed`] record on the results channel, whatever happened.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::plan::Planned;
+use super::request::ReplayBody;
+use crate::tape::{
+    replayed_flags, FailureKind, HttpVersion, Nanos, Outcome, Replayed, UpstreamFailure,
+};
+
+/// Where requests go.
+pub struct Target {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    pub authority: http::uri::Authority,
+    /// TLS offering h2 and http/1.1 by ALPN, and offering http/1.1 only.
+    pub tls_h2: Option<Arc<rustls::ClientConfig>>,
+    pub tls_h1: Option<Arc<rustls::ClientConfig>>,
+    pub server_name: Option<ServerName<'static>>,
+    /// `--http1` / `--http2`: instead of what the tape recorded.
+    pub force: Option<Protocol>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Target {
+    /// The protocol to speak for a connection recorded with `version`.
+    pub fn protocol_for(&self, version: HttpVersion) -> Protocol {
+        self.force.unwrap_or(match version {
+            HttpVersion::H2 | HttpVersion::H3 => Protocol::Http2,
+            _ => Protocol::Http1,
+        })
+    }
+}
+
+/// Counters the progress line and the end of the run read; written with relaxed atomics.
+#[derive(Default)]
+pub struct Live {
+    pub dispatched: AtomicU64,
+    pub sent: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    /// The intended instant of the latest dispatched request, ns (tape time, scaled).
+    pub clock: AtomicU64,
+    /// p99 of latency over the last second, µs (the results thread updates it).
+    pub recent_p99_us: AtomicU64,
+    pub connections_opened: AtomicU64,
+    /// Dispatched but never sent: the run was stopped.
+    pub abandoned: AtomicU64,
+}
+
+impl Live {
+    pub fn in_flight(&self) -> u64 {
+        self.dispatched
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.completed.load(Ordering::Relaxed))
+            .saturating_sub(self.abandoned.load(Ordering::Relaxed))
+    }
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    pub target: Target,
+    /// The schedule's zero.
+    pub t0: Instant,
+    pub results: UnboundedSender<Replayed>,
+    pub in_flight: Option<Arc<tokio::sync::Semaphore>>,
+    pub live: Arc<Live>,
+    /// How long a request may take, from its sending to its last byte.
+    pub timeout: Duration,
+    /// Set on Ctrl-C: queued requests are abandoned, not sent.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+impl Shared {
+    fn now(&self) -> Nanos {
+        self.t0.elapsed().as_nanos() as Nanos
+    }
+}
+
+/// How far past its instant a request may go out and still count as on time, ns.
+pub const LATE_AFTER: u64 = 1_000_000;
+
+/// A request handed to a connection.
+pub struct Job {
+    pub planned: Box<Planned>,
+    /// When the clock handed it over, ns from the schedule's zero.
+    pub dispatched: Nanos,
+}
+
+enum Sender {
+    H1(http1::SendRequest<ReplayBody>),
+    H2(http2::SendRequest<ReplayBody>),
+}
+
+/// Set-up times of a fresh connection, ns.
+#[derive(Clone, Copy, Default)]
+struct Setup {
+    connect: Option<u64>,
+    tls: Option<u64>,
+}
+
+/// Runs one live connection: takes jobs until the clock drops the queue, then closes.
+/// `on_idle` is called whenever the queue runs dry after a job (the pool's bookkeeping).
+pub async fn run_connection(
+    shared: Arc<Shared>,
+    mut jobs: UnboundedReceiver<Job>,
+    protocol: Protocol,
+    open_now: bool,
+    on_idle: Option<Box<dyn Fn() + Send + Sync>>,
+) {
+    let mut sender: Option<Sender> = None;
+    let mut setup: Option<Setup> = None;
+    if open_now {
+        // Opened at the recorded instant, before its first request: the set-up is reported
+        // with that request, which did not wait for it.
+        if let Ok((s, su)) = open(&shared, protocol).await {
+            sender = Some(s);
+            setup = Some(su);
+        }
+    }
+    while let Some(job) = jobs.recv().await {
+        if shared.stop.is_cancelled() {
+            shared.live.abandoned.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = &job.planned.done {
+                d.set();
+            }
+            continue;
+        }
+        let job_setup = setup.take();
+        // Wait for what this request depends on before taking the connection.
+        let waited = wait_turn(&shared, &job).await;
+        let permit = match &shared.in_flight {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        // A connection the target closed (keep-alive timeout, `Connection: close`) is opened
+        // again; the request was not sent, so nothing is lost.
+        let usable = match sender.take() {
+            Some(Sender::H1(mut h)) => h.ready().await.is_ok().then_some(Sender::H1(h)),
+            Some(Sender::H2(h)) => (!h.is_closed()).then_some(Sender::H2(h)),
+            None => None,
+        };
+        let (s, job_setup) = match usable {
+            Some(s) => (s, job_setup),
+            None => match open(&shared, protocol).await {
+                Ok((s, su)) => (s, Some(su)),
+                Err(failure) => {
+                    finish(&shared, job, waited, None, Err(failure), 0);
+                    drop(permit);
+                    continue;
+                }
+            },
+        };
+        match s {
+            Sender::H1(mut h1) => {
+                let ok = exchange_h1(&shared, &mut h1, job, waited, job_setup).await;
+                drop(permit);
+                if ok {
+                    sender = Some(Sender::H1(h1));
+                }
+                if jobs.is_empty() {
+                    if let Some(f) = &on_idle {
+                        f();
+                    }
+                }
+            }
+            Sender::H2(h2) => {
+                let task_shared = shared.clone();
+                let stream = h2.clone();
+                tokio::spawn(async move {
+                    exchange_h2(&task_shared, stream, job, waited, job_setup).await;
+                    drop(permit);
+                });
+                sender = Some(Sender::H2(h2));
+            }
+        }
+    }
+}
+
+/// Waits for an earlier exchange this one depends on; true when it had to.
+async fn wait_turn(_shared: &Shared, job: &Job) -> bool {
+    match &job.planned.after {
+        Some(d) if !d.is_set() => {
+            d.wait().await;
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn open(shared: &Shared, protocol: Protocol) -> Result<(Sender, Setup), UpstreamFailure> {
+    let t = &shared.target;
+    let started = Instant::now();
+    let tcp = tokio::time::timeout(
+        shared.timeout,
+        TcpStream::connect((t.host.as_str(), t.port)),
+    )
+    .await
+    .map_err(|_| failure(FailureKind::Timeout, "connecting timed out"))?
+    .map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            FailureKind::Refused
+        } else {
+            FailureKind::Other
+        };
+        failure(kind, &format!("cannot connect: {e}"))
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let connect = started.elapsed().as_nanos() as u64;
+    shared
+        .live
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
+    let mut setup = Setup {
+        connect: Some(connect),
+        tls: None,
+    };
+    if !t.https {
+        let io = TokioIo::new(tcp);
+        return handshake(io, protocol).await.map(|s| (s, setup));
+    }
+    let config = match protocol {
+        Protocol::Http2 => t.tls_h2.clone(),
+        Protocol::Http1 => t.tls_h1.clone(),
+    }
+    .expect("https targets have TLS configurations");
+    let name = t.server_name.clone().expect("https targets have a name");
+    let tls_started = Instant::now();
+    let tls = tokio::time::timeout(
+        shared.timeout,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| failure(FailureKind::Timeout, "TLS handshake timed out"))?
+    .map_err(|e| failure(FailureKind::Tls, &format!("TLS handshake failed: {e}")))?;
+    setup.tls = Some(tls_started.elapsed().as_nanos() as u64);
+    // The server may decline h2: speak what ALPN settled.
+    let negotiated = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    handshake(TokioIo::new(tls), negotiated)
+        .await
+        .map(|s| (s, setup))
+}
+
+async fn handshake<T>(io: TokioIo<T>, protocol: Protocol) -> Result<Sender, UpstreamFailure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let fail = |e: hyper::Error| failure(FailureKind::Other, &format!("HTTP handshake: {e}"));
+    match protocol {
+        Protocol::Http1 => {
+            let (sender, conn) = http1::handshake(io).await.map_err(fail)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H1(sender))
+        }
+        Protocol::Http2 => {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(fail)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(Sender::H2(sender))
+        }
+    }
+}
+
+fn failure(kind: FailureKind, detail: &str) -> UpstreamFailure {
+    UpstreamFailure {
+        kind,
+        detail: detail.to_string(),
+    }
+}
+
+/// Builds the hyper request of a job: origin-form for HTTP/1.1, absolute for HTTP/2 (where the
+/// URI gives `:scheme` and `:authority`).
+fn build(shared: &Shared, job: &mut Job, absolute: bool) -> (http::Request<ReplayBody>, u64) {
+    let p = &mut job.planned.request;
+    let uri = if absolute {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(if shared.target.https {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        parts.authority = Some(shared.target.authority.clone());
+        parts.path_and_query = Some(p.path.clone());
+        http::Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+    } else {
+        http::Uri::from(p.path.clone())
+    };
+    let body = std::mem::replace(&mut p.body, super::request::BodySource::Empty);
+    let len = body.len();
+    let mut headers = std::mem::take(&mut p.headers);
+    if absolute {
+        // HTTP/2 carries the authority in the URI.
+        headers.remove(http::header::HOST);
+    }
+    let mut req = http::Request::new(body.into_body());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    if absolute {
+        *req.version_mut() = http::Version::HTTP_2;
+    }
+    (req, len)
+}
+
+/// One request over HTTP/1.1; false when the connection cannot be used again.
+async fn exchange_h1(
+    shared: &Shared,
+    sender: &mut http1::SendRequest<ReplayBody>,
+    mut job: Job,
+    waited: bool,
+    setup: Option<Setup>,
+) -> bool {
+    let (req, len) = build(shared, &mut job, false);
+    if sender.ready().await.is_err() {
+        finish(
+            shared,
+            job,
+            waited,
+            setup,
+            Err(failure(
+                FailureKind::Reset,
+                "the target closed the connection",
+            )),
+            0,
+        );
+        return false;
+    }
+    let sent = shared.now();
+    shared.live.sent.fetch_add(1, Ordering::Relaxed);
+    let result =
+        tokio::time::timeout(shared.timeout, roundtrip(sender.send_request(req), shared)).await;
+    let (outcome, reusable) = match result {
+        Ok(Ok(r)) => (Ok(r), true),
+        Ok(Err(f)) => (Err(f), false),
+        Err(_) => (
+            Err(failure(
+                FailureKind::Timeout,
+                "no complete response in time",
+            )),
+            false,
+        ),
+    };
+    finish_sent(shared, job, waited, setup, sent, outcome, len);
+    reusable
+}
+
+async fn exchange_h2(
+    shared: &Shared,
+    mut sender: http2::SendRequest<ReplayBody>,
+    mut job: Job,
+    waited: bool,
+    setup: Option<Setup>,
+) {
+    let (req, len) = build(shared, &mut job, true);
+    if sender.ready().await.is_err() {
+        finish(
+            shared,
+            job,
+            waited,
+            setup,
+            Err(failure(
+                FailureKind::Reset,
+                "the target closed the connection",
+            )),
+            0,
+        );
+        return;
+    }
+    let sent = shared.now();
+    shared.live.sent.fetch_add(1, Ordering::Relaxed);
+    let result =
+        tokio::time::timeout(shared.timeout, roundtrip(sender.send_request(req), shared)).await;
+    let outcome = match result {
+        Ok(r) => r,
+        Err(_) => Err(failure(
+            FailureKind::Timeout,
+            "no complete response in time",
+        )),
+    };
+    finish_sent(shared, job, waited, setup, sent, outcome, len);
+}
+
+/// Status, first byte and last byte (ns from the schedule's zero), bytes received.
+struct Response {
+    status: u16,
+    first_byte: Nanos,
+    done: Nanos,
+    bytes: u64,
+}
+
+async fn roundtrip(
+    send: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>>,
+    shared: &Shared,
+) -> Result<Response, UpstreamFailure> {
+    let response = send.await.map_err(|e| classify(&e))?;
+    let first_byte = shared.now();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| classify(&e))?;
+        if let Some(d) = frame.data_ref() {
+            bytes += d.len() as u64;
+        }
+    }
+    Ok(Response {
+        status,
+        first_byte,
+        done: shared.now(),
+        bytes,
+    })
+}
+
+fn classify(e: &hyper::Error) -> UpstreamFailure {
+    let kind = if e.is_timeout() {
+        FailureKind::Timeout
+    } else if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        FailureKind::Reset
+    } else {
+        FailureKind::Other
+    };
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    failure(kind, &detail)
+}
+
+/// Ends a job that never went out (no connection).
+fn finish(
+    shared: &Shared,
+    job: Job,
+    waited: bool,
+    setup: Option<Setup>,
+    outcome: Result<Response, UpstreamFailure>,
+    len: u64,
+) {
+    let now = shared.now();
+    finish_sent(shared, job, waited, setup, now, outcome, len)
+}
+
+fn finish_sent(
+    shared: &Shared,
+    job: Job,
+    waited: bool,
+    setup: Option<Setup>,
+    sent: Nanos,
+    outcome: Result<Response, UpstreamFailure>,
+    len: u64,
+) {
+    let p = job.planned;
+    if let Some(d) = &p.done {
+        d.set();
+    }
+    let setup = setup.unwrap_or_default();
+    let mut flags = p.flags;
+    // Late: it went out more than a millisecond after its instant, whatever held it (a busy
+    // connection, the in-flight cap, an exchange it depends on, or loadtape itself).
+    if waited || sent.saturating_sub(p.at) > LATE_AFTER {
+        flags |= replayed_flags::LATE;
+    }
+    let (outcome, first_byte, done, bytes_received, bytes_sent) = match outcome {
+        Ok(r) => (
+            Outcome::Status(r.status),
+            Some(r.first_byte.saturating_sub(sent)),
+            r.done.saturating_sub(sent),
+            r.bytes,
+            len,
+        ),
+        Err(f) => {
+            shared.live.failed.fetch_add(1, Ordering::Relaxed);
+            (
+                Outcome::Failed(f),
+                None,
+                shared.now().saturating_sub(sent),
+                0,
+                0,
+            )
+        }
+    };
+    let record = Replayed {
+        source: p.conn.source,
+        exchange: p.exchange,
+        connection: p.conn.id,
+        pass: p.conn.pass,
+        method: p.method,
+        endpoint: p.endpoint,
+        intended: p.at,
+        dispatched: job.dispatched.saturating_sub(p.at),
+        sent: sent.saturating_sub(p.at),
+        connect: setup.connect,
+        tls: setup.tls,
+        first_byte,
+        done,
+        outcome,
+        bytes_sent,
+        bytes_received,
+        recorded: p.recorded,
+        flags,
+    };
+    shared.live.completed.fetch_add(1, Ordering::Relaxed);
+    let _ = shared.results.send(record);
+}

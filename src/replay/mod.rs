@@ -1,0 +1,438 @@
+//! Replay: re-issue a tape against a test target, on schedule, and record what came back.
+//!
+//! ```text
+//!  tapes --> plan thread --(bounded channel of Steps)--> clock thread --(per-connection queue)-->
+//!            (plan.rs, request.rs:                        (clock.rs: sleeps, spins,   connection tasks
+//!             which requests, when, built)                 dispatches)               (conn.rs, tokio)
+//!                                                                                        |
+//!                    results tape + Stats  <--(channel of Replayed)-- results thread <---+
+//!                                                                     (results.rs)
+//! ```
+//!
+//! The model is open, as in wrk2 and vegeta: each request has an intended instant and is handed
+//! to its connection then, whatever earlier requests are doing; latency counts from the intended
+//! instant, so a stalled target shows as growing latency rather than as fewer requests. Two lags
+//! are kept apart: the *dispatch* lag (the clock's own, from the intended instant to the hand-off)
+//! says whether loadtape kept the schedule, and decides the run's validity; the *send* lag adds
+//! the waits a real client would have had too (a busy HTTP/1.1 connection, `--max-in-flight`, an
+//! earlier write to the same resource).
+//!
+//! Nothing is sent anywhere but `--target`: requests carry only their recorded path and query,
+//! redirects are not followed.
+
+mod clock;
+pub mod conn;
+pub mod plan;
+pub mod profile;
+pub mod request;
+mod results;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use http::header::{HeaderName, HeaderValue};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub use conn::{Live, Protocol};
+pub use plan::{
+    ConnectionMode, Filter, Plan, PlanCounters, PlanOptions, PlanSummary, Schedule, Shard,
+};
+
+use crate::report::Stats;
+use crate::tape::reader::discover;
+use crate::tape::{TapeHeader, TapeKind, TapeWriter, WriteSummary, WriterOptions};
+
+/// Everything a replay needs.
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    pub tapes: Vec<PathBuf>,
+    /// `http://HOST[:PORT]` or `https://HOST[:PORT]`.
+    pub target: http::Uri,
+    pub plan: PlanOptions,
+    /// Where to write the results tape.
+    pub out: Option<PathBuf>,
+    /// At most this many requests in flight; more wait (and count as late).
+    pub max_in_flight: Option<usize>,
+    /// `--header 'Name: value'`: set on every request.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub insecure: bool,
+    pub ca: Option<PathBuf>,
+    /// Speak this protocol whatever the tape recorded.
+    pub force: Option<Protocol>,
+    /// The schedule's zero as a wall-clock instant (ns since the Unix epoch), so that shards
+    /// on several machines keep one timeline.
+    pub start_at: Option<i64>,
+    /// A request's limit, from sending to its last byte.
+    pub timeout: Duration,
+    /// A run whose dispatch lag p99 exceeds this is invalid.
+    pub lag_limit: Duration,
+    /// After the last request (or Ctrl-C), how long in-flight requests may take to finish.
+    pub drain: Duration,
+    /// Pooled mode: the most connections (HTTP/1.1), or the connections requests take in turn
+    /// (HTTP/2).
+    pub pool_size: usize,
+    /// Provenance written into the results header.
+    pub provenance: Vec<(String, String)>,
+}
+
+impl ReplayConfig {
+    pub fn new(tapes: Vec<PathBuf>, target: http::Uri) -> ReplayConfig {
+        ReplayConfig {
+            tapes,
+            target,
+            plan: PlanOptions {
+                schedule: Schedule::Speed(1.0),
+                read: crate::tape::ReadOptions::default(),
+                duration: None,
+                limit: None,
+                looped: false,
+                shard: None,
+                filter: Filter::default(),
+                connections: ConnectionMode::Preserve,
+            },
+            out: None,
+            max_in_flight: None,
+            headers: Vec::new(),
+            insecure: false,
+            ca: None,
+            force: None,
+            start_at: None,
+            timeout: Duration::from_secs(60),
+            lag_limit: Duration::from_millis(5),
+            drain: Duration::from_secs(10),
+            pool_size: 256,
+            provenance: Vec::new(),
+        }
+    }
+}
+
+/// How a run went.
+#[derive(Debug)]
+pub struct ReplayReport {
+    pub stats: Stats,
+    pub plan: PlanCounters,
+    pub dispatched: u64,
+    pub completed: u64,
+    /// Dispatched but not sent: the run was stopped, or the drain time ran out.
+    pub abandoned: u64,
+    pub connections_opened: u64,
+    pub elapsed: Duration,
+    /// Whether loadtape kept its schedule (dispatch lag p99 within the limit).
+    pub valid: bool,
+    pub lag_limit: Duration,
+    pub stopped: bool,
+    pub results: Option<WriteSummary>,
+    /// The results tape could not be written whole (the replay went on).
+    pub results_error: Option<String>,
+}
+
+impl ReplayReport {
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let s = &self.stats;
+        let mut out = String::new();
+        let lag = |q| crate::report::micros(s.dispatch_lag.value_at_quantile(q));
+        let send = |q| crate::report::micros(s.send_lag.value_at_quantile(q));
+        let _ = writeln!(
+            out,
+            "{} requests replayed in {:.1} s{}: {} answered, {} failed without a response, {} abandoned",
+            s.all.replayed.count,
+            self.elapsed.as_secs_f64(),
+            if self.stopped { " (stopped early)" } else { "" },
+            s.all.replayed.count - s.failed,
+            s.failed,
+            self.abandoned,
+        );
+        let p = &self.plan;
+        let _ = writeln!(
+            out,
+            "accounting: {} as recorded, {} rewritten, {} with synthesised bodies, {} skipped by filters, {} upgrades not replayed, {} unmappable, {} late (sent > 1 ms after their instant), {} connections opened",
+            s.all.replayed.count - s.rewritten,
+            s.rewritten,
+            s.synthesised,
+            p.filtered,
+            p.upgrades,
+            p.unmappable,
+            s.late,
+            self.connections_opened,
+        );
+        let _ = writeln!(
+            out,
+            "schedule lag (loadtape's own): p50 {}  p99 {}  max {}",
+            lag(0.5),
+            lag(0.99),
+            crate::report::micros(s.dispatch_lag.max()),
+        );
+        let _ = writeln!(
+            out,
+            "send lag (waits included):     p50 {}  p99 {}  max {}",
+            send(0.5),
+            send(0.99),
+            crate::report::micros(s.send_lag.max()),
+        );
+        if !self.valid {
+            let _ = writeln!(
+                out,
+                "INVALID RUN: loadtape could not keep the schedule (dispatch lag p99 {} > {}); a verdict on it would be about loadtape, not the target. Lower the rate, or shard the replay over more machines.",
+                lag(0.99),
+                crate::report::micros(self.lag_limit.as_micros() as u64),
+            );
+        }
+        out.push('\n');
+        out.push_str(&s.to_text(20));
+        if let Some(r) = &self.results {
+            let _ = writeln!(
+                out,
+                "\nresults: {} records in {}",
+                r.records,
+                r.files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(e) = &self.results_error {
+            let _ = writeln!(out, "results tape incomplete: {e}");
+        }
+        out
+    }
+
+    pub fn to_json(&self) -> ReportJson {
+        ReportJson {
+            valid: self.valid,
+            stopped: self.stopped,
+            elapsed_s: self.elapsed.as_secs_f64(),
+            dispatched: self.dispatched,
+            completed: self.completed,
+            abandoned: self.abandoned,
+            connections_opened: self.connections_opened,
+            plan: self.plan.clone(),
+            summary: self.stats.to_json(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReportJson {
+    pub valid: bool,
+    pub stopped: bool,
+    pub elapsed_s: f64,
+    pub dispatched: u64,
+    pub completed: u64,
+    pub abandoned: u64,
+    pub connections_opened: u64,
+    pub plan: PlanCounters,
+    pub summary: crate::report::SummaryJson,
+}
+
+/// The target, checked: only a scheme, a host and a port.
+fn target(config: &ReplayConfig) -> anyhow::Result<conn::Target> {
+    let uri = &config.target;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            bail!("--target {uri} must start with http:// or https:// (e.g. http://quay-test:8080)")
+        }
+    };
+    let Some(authority) = uri.authority().cloned() else {
+        bail!("--target {uri} names no host: write e.g. http://quay-test:8080");
+    };
+    if uri.path() != "/" && !uri.path().is_empty() {
+        bail!(
+            "--target {uri} has a path: requests keep their recorded paths, so give only scheme, host and port"
+        );
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let (tls_h2, tls_h1, server_name) = if https {
+        let base = crate::tls::client_config(config.insecure, config.ca.as_deref(), "--ca")?;
+        let mut h2 = base.clone();
+        h2.alpn_protocols = match config.force {
+            Some(Protocol::Http1) => vec![b"http/1.1".to_vec()],
+            _ => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        let mut h1 = base;
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .with_context(|| format!("--target host {host:?} is not a valid TLS server name"))?;
+        (Some(Arc::new(h2)), Some(Arc::new(h1)), Some(name))
+    } else {
+        (None, None, None)
+    };
+    Ok(conn::Target {
+        https,
+        host: host.to_string(),
+        port,
+        authority,
+        tls_h2,
+        tls_h1,
+        server_name,
+        force: config.force,
+    })
+}
+
+fn plan(config: &ReplayConfig) -> anyhow::Result<Plan> {
+    let files = discover(&config.tapes)?;
+    let host = HeaderValue::from_str(config.target.authority().map_or("", |a| a.as_str()))
+        .context("--target's host is not a valid Host header")?;
+    let template = request::RequestTemplate {
+        host,
+        headers: config.headers.clone(),
+    };
+    Ok(Plan::new(
+        config.plan.clone(),
+        plan::Sources {
+            files,
+            read: config.plan.read.clone(),
+        },
+        template,
+    )?)
+}
+
+/// `--dry-run`: the plan, without sending anything.
+pub fn dry_run(config: &ReplayConfig) -> anyhow::Result<PlanSummary> {
+    target(config)?;
+    Ok(plan(config)?.summarise(config.target.to_string())?)
+}
+
+/// Runs a replay until its plan ends or `stop` is cancelled. `live` is for a progress display.
+/// Blocking: it runs the clock on the calling thread and the connections on a runtime of its own.
+pub fn run(
+    config: &ReplayConfig,
+    stop: CancellationToken,
+    live: Arc<Live>,
+) -> anyhow::Result<ReplayReport> {
+    let target = target(config)?;
+    let mut plan = plan(config)?;
+    let now_unix = crate::tape::now_unix_ns();
+    // A short lead lets the plan fill its channel before the first instant.
+    let lead: i64 = 50_000_000;
+    let epoch = config.start_at.unwrap_or(now_unix + lead);
+    let t0 = Instant::now() + Duration::from_nanos((epoch - now_unix).max(0) as u64);
+    let t0 = if epoch < now_unix {
+        // A --start-at in the past: keep its timeline (the lag will show it).
+        Instant::now()
+            .checked_sub(Duration::from_nanos((now_unix - epoch) as u64))
+            .unwrap_or_else(Instant::now)
+    } else {
+        t0
+    };
+
+    let writer = match &config.out {
+        Some(out) => {
+            let mut header = TapeHeader::new(TapeKind::Results, "loadtape replay");
+            header.epoch_unix_ns = epoch;
+            header.upstream = Some(config.target.to_string());
+            header.options = config.provenance.clone();
+            for id in plan.source_ids() {
+                header.options.push(("source".into(), crate::tape::hex(id)));
+            }
+            Some(
+                TapeWriter::create(out, header, WriterOptions::default())
+                    .with_context(|| format!("cannot create the results tape {}", out.display()))?,
+            )
+        }
+        None => None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        )
+        .thread_name("loadtape-replay")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = results::spawn(results_rx, writer, live.clone());
+    let shared = Arc::new(conn::Shared {
+        target,
+        t0,
+        results: results_tx,
+        in_flight: config
+            .max_in_flight
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+        live: live.clone(),
+        timeout: config.timeout,
+        stop: stop.clone(),
+    });
+
+    // The plan runs ahead of the clock by a bounded number of steps.
+    let (steps_tx, steps_rx) = std::sync::mpsc::sync_channel(4096);
+    let planner = std::thread::Builder::new()
+        .name("loadtape-plan".into())
+        .spawn(move || {
+            loop {
+                match plan.next_step() {
+                    Ok(Some(step)) => {
+                        if steps_tx.send(Ok(step)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = steps_tx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+            plan.counters
+        })
+        .expect("a thread can be started");
+
+    let pool_cap = match config.max_in_flight {
+        Some(n) => n.min(config.pool_size),
+        None => config.pool_size,
+    };
+    let mut clock = clock::Clock::new(
+        shared.clone(),
+        runtime.handle().clone(),
+        config.plan.connections,
+        pool_cap,
+        stop.clone(),
+    );
+    let clock_result = clock.run(steps_rx);
+    clock.close_all();
+    let stopped = stop.is_cancelled();
+    // Let what is in flight finish (or be abandoned, after a stop), within the drain time.
+    let drain_until = Instant::now() + config.drain;
+    while live.in_flight() > 0 && Instant::now() < drain_until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = t0.elapsed();
+    drop(clock);
+    drop(shared);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let plan_counters = planner.join().expect("the plan thread does not panic");
+    let collected = collector.join().expect("the results thread does not panic");
+    clock_result?;
+
+    let completed = live.completed.load(Ordering::Relaxed);
+    let dispatched = live.dispatched.load(Ordering::Relaxed);
+    let lag_p99 = collected.stats.dispatch_lag.value_at_quantile(0.99);
+    Ok(ReplayReport {
+        valid: lag_p99 <= config.lag_limit.as_micros() as u64,
+        lag_limit: config.lag_limit,
+        plan: plan_counters,
+        dispatched,
+        completed,
+        abandoned: dispatched - completed.min(dispatched),
+        connections_opened: live.connections_opened.load(Ordering::Relaxed),
+        elapsed,
+        stopped,
+        stats: collected.stats,
+        results: collected.tape,
+        results_error: collected.error.map(|e| e.to_string()),
+    })
+}

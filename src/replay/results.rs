@@ -1,0 +1,67 @@
+//! The results thread: every replayed request's record goes into the results tape and into the
+//! live statistics, on one thread, so that connection tasks never share a lock or a histogram.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::conn::Live;
+use crate::report::Stats;
+use crate::tape::{Record, Replayed, TapeError, TapeWriter, WriteSummary};
+
+/// What the results thread hands back at the end.
+pub struct Collected {
+    pub stats: Stats,
+    pub tape: Option<WriteSummary>,
+    /// A write error: the results tape stopped there (the replay itself went on).
+    pub error: Option<TapeError>,
+}
+
+pub fn spawn(
+    mut rx: UnboundedReceiver<Replayed>,
+    mut writer: Option<TapeWriter>,
+    live: Arc<Live>,
+) -> std::thread::JoinHandle<Collected> {
+    std::thread::Builder::new()
+        .name("loadtape-results".into())
+        .spawn(move || {
+            let mut stats = Stats::default();
+            let mut error = None;
+            let mut recent = Histogram::<u64>::new(3).expect("valid precision");
+            let mut window = Instant::now();
+            while let Some(r) = rx.blocking_recv() {
+                stats.add(&r);
+                recent
+                    .record(r.latency() / 1000)
+                    .expect("auto-resizing histograms take any u64");
+                if window.elapsed() >= Duration::from_secs(1) {
+                    live.recent_p99_us
+                        .store(recent.value_at_quantile(0.99), Ordering::Relaxed);
+                    recent.reset();
+                    window = Instant::now();
+                }
+                if let Some(w) = writer.as_mut() {
+                    let written = w
+                        .write(&Record::Replayed(Box::new(r)))
+                        .and_then(|_| w.tick());
+                    if let Err(e) = written {
+                        error = Some(e);
+                        writer = None;
+                    }
+                }
+            }
+            let tape = match writer.map(|w| w.finish()) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    error.get_or_insert(e);
+                    None
+                }
+                None => None,
+            };
+            Collected { stats, tape, error }
+        })
+        .expect("a thread can be started")
+}
