@@ -182,6 +182,32 @@ fn arb_record(index: usize) -> impl Strategy<Value = Record> {
                 Record::Blob(Box::new(Blob { at: start, sha256, data }))
             }),
             1 => (any::<u64>(), any::<u64>()).prop_map(move |(records, bytes)| Record::Dropped(Dropped { at: start, records, bytes })),
+            1 => (any::<u64>(), any::<u32>(), any::<Option<u16>>(), any::<bool>()).prop_map(move |(n, flags, status, failed)| {
+                Record::Replayed(Box::new(Replayed {
+                    source: flags % 3,
+                    exchange: n,
+                    connection: n / 7,
+                    pass: flags % 2,
+                    method: if failed { Method::Other("PROPFIND".into()) } else { Method::Put },
+                    endpoint: "PUT /v2/{repo}/blobs/uploads/{uuid}".into(),
+                    intended: start,
+                    dispatched: n % 10_000,
+                    sent: n % 1_000_000,
+                    connect: status.map(u64::from),
+                    tls: None,
+                    first_byte: Some(n >> 20),
+                    done: n >> 16,
+                    outcome: if failed {
+                        Outcome::Failed(UpstreamFailure { kind: FailureKind::Refused, detail: "connection refused".into() })
+                    } else {
+                        Outcome::Status(status.unwrap_or(201))
+                    },
+                    bytes_sent: n,
+                    bytes_received: n / 3,
+                    recorded: RecordedOutcome { status, first_byte: None, total: n % 77 },
+                    flags,
+                }))
+            }),
         ]
     })
 }

@@ -423,6 +423,11 @@ impl Plan {
                     continue;
                 }
             };
+            // The pass's zero is its first record, whichever shard or filter keeps it: every
+            // shard must compute the same instants.
+            if self.pass_origin.is_none() && !matches!(record, Record::Unknown { .. }) {
+                self.pass_origin = Some(record.start());
+            }
             let source = self.reader.last_source();
             let preserve = self.options.connections == ConnectionMode::Preserve;
             match record {

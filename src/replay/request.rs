@@ -142,7 +142,7 @@ pub fn prepare(
             }
             TapeValue::Redacted(r) => {
                 if !template.headers.iter().any(|(n, _)| *n == name) {
-                    dropped_credentials.push(format!("{:?}", r.kind).to_lowercase());
+                    dropped_credentials.push(r.kind.as_str().to_string());
                 }
             }
         }

@@ -105,6 +105,21 @@ pub enum SecretKind {
     Other,
 }
 
+impl SecretKind {
+    /// As markers and summaries write it: `bearer_jwt`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SecretKind::Basic => "basic",
+            SecretKind::Bearer => "bearer",
+            SecretKind::BearerJwt => "bearer_jwt",
+            SecretKind::Cookie => "cookie",
+            SecretKind::QueryParam => "query_param",
+            SecretKind::IssuedToken => "issued_token",
+            SecretKind::Other => "other",
+        }
+    }
+}
+
 /// A credential, replaced by what a replay needs to know of it: its kind and length, and a
 /// fingerprint (a keyed hash, under a key that is never stored) by which equal secrets within one
 /// recording are recognisably equal.
@@ -159,15 +174,7 @@ impl<'a> HeaderValue<'a> {
 impl Redaction {
     /// How a redacted value shows in exports: `[redacted bearer_jwt len=812 fp=1a2b...]`.
     pub fn marker(&self) -> String {
-        let kind = match self.kind {
-            SecretKind::Basic => "basic",
-            SecretKind::Bearer => "bearer",
-            SecretKind::BearerJwt => "bearer_jwt",
-            SecretKind::Cookie => "cookie",
-            SecretKind::QueryParam => "query_param",
-            SecretKind::IssuedToken => "issued_token",
-            SecretKind::Other => "other",
-        };
+        let kind = self.kind.as_str();
         format!(
             "[redacted {kind} len={} fp={:016x}]",
             self.len, self.fingerprint

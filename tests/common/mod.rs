@@ -4,6 +4,7 @@
 
 pub mod net;
 pub mod registry;
+pub mod sink;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,684 @@
+//! Replay: the schedule kept against a sink that stamps arrivals, the open model with a stalled
+//! target, real registry pulls replayed, redirects not followed, shards merged, and the flags.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::sink::{id_of, sink, witness, Behaviour};
+use common::*;
+use loadtape::replay::{self, ConnectionMode, Live, ReplayConfig, ReplayReport, Schedule, Shard};
+use loadtape::tape::{
+    Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, Headers, HttpVersion, Method,
+    Outcome, Record, Replayed, Request, Response, Scheme, Timing,
+};
+use tokio_util::sync::CancellationToken;
+
+const MS: u64 = 1_000_000;
+
+/// A recorded GET of `/r/{id}` on connection `conn`, starting at `start` ns.
+fn get(id: u64, conn: u64, start: u64, version: HttpVersion) -> Record {
+    let mut headers = Headers::new();
+    headers.push(
+        "user-agent",
+        "containers/5.23 (github.com/containers/image)",
+    );
+    Record::Exchange(Box::new(Exchange {
+        id,
+        connection: conn,
+        stream: 0,
+        client: None,
+        timing: Timing {
+            start,
+            request_done: 0,
+            response_head: Some(MS),
+            response_done: 2 * MS,
+        },
+        request: Request {
+            method: Method::Get,
+            scheme: Scheme::Http,
+            authority: "quay.staging:8080".into(),
+            target: format!("/r/{id}"),
+            version,
+            headers,
+            body: Body::empty(),
+        },
+        response: Ok(Response {
+            status: 200,
+            version,
+            headers: Headers::new(),
+            body: Body::empty(),
+        }),
+        issued_secrets: vec![],
+        upgraded: false,
+    }))
+}
+
+fn opened(id: u64, at: u64, version: HttpVersion) -> Record {
+    Record::ConnectionOpened(Box::new(ConnectionOpened {
+        id,
+        at,
+        client: None,
+        version,
+        tls: None,
+    }))
+}
+
+fn closed(id: u64, at: u64, exchanges: u64) -> Record {
+    Record::ConnectionClosed(Box::new(ConnectionClosed {
+        id,
+        at,
+        reason: CloseReason::Client,
+        exchanges,
+    }))
+}
+
+/// A tape of one request per connection at the given instants, each connection opened 5 ms
+/// before its request, as a client that connects then asks.
+fn tape_at(dir: &Path, starts: &[u64]) -> PathBuf {
+    let mut records = Vec::new();
+    for (i, &s) in starts.iter().enumerate() {
+        let id = i as u64 + 1;
+        records.push(opened(id, s.saturating_sub(5 * MS), HttpVersion::Http11));
+        records.push(get(id, id, s, HttpVersion::Http11));
+        records.push(closed(id, s + 3 * MS, 1));
+    }
+    records.sort_by_key(|r| r.start());
+    let path = dir.join("recorded.tape");
+    write(&path, &records, Default::default(), true);
+    path
+}
+
+fn config(tape: &Path, target: std::net::SocketAddr) -> ReplayConfig {
+    ReplayConfig::new(
+        vec![tape.to_path_buf()],
+        format!("http://{target}").parse().unwrap(),
+    )
+}
+
+/// Runs a replay off the test's runtime (it keeps its own) and returns its report.
+async fn run(config: ReplayConfig) -> ReplayReport {
+    tokio::task::spawn_blocking(move || {
+        replay::run(&config, CancellationToken::new(), Arc::new(Live::default()))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+fn results(path: &Path) -> Vec<Replayed> {
+    let (records, _) = read_one(path).unwrap();
+    records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Replayed(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Recorded instants with bursts: 5 requests 1 ms apart, then quiet, then another burst.
+fn bursty() -> Vec<u64> {
+    let mut starts = Vec::new();
+    let mut t = 20 * MS;
+    for burst in 0..6u64 {
+        for k in 0..5 {
+            starts.push(t + k * MS);
+        }
+        t += (150 + 40 * burst) * MS;
+    }
+    starts
+}
+
+/// Checks that arrivals keep the recorded gaps divided by `speed`, within `tolerance`.
+fn assert_follows(arrivals: &[common::sink::Arrival], starts: &[u64], speed: f64, tolerance: u64) {
+    assert_eq!(arrivals.len(), starts.len(), "every request arrived");
+    let mut by_id: Vec<_> = arrivals
+        .iter()
+        .map(|a| (id_of(&a.path).unwrap(), a.at))
+        .collect();
+    by_id.sort();
+    let first = by_id[0].1;
+    let mut worst = 0i64;
+    for (i, (id, at)) in by_id.iter().enumerate() {
+        assert_eq!(*id, i as u64 + 1);
+        let expected = ((starts[i] - starts[0]) as f64 / speed) as i64;
+        let got = at.duration_since(first).as_nanos() as i64;
+        worst = worst.max((got - expected).abs());
+        assert!(
+            (got - expected).unsigned_abs() <= tolerance,
+            "request {id} arrived {:.3} ms after the first, the schedule says {:.3} ms",
+            got as f64 / 1e6,
+            expected as f64 / 1e6
+        );
+    }
+    eprintln!(
+        "x{speed}: worst arrival error {:.3} ms over {} requests",
+        worst as f64 / 1e6,
+        by_id.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrivals_follow_the_recorded_timing_at_x1_and_x10_bursts_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let starts = bursty();
+    let tape = tape_at(dir.path(), &starts);
+    for speed in [1.0, 10.0] {
+        let target = sink(Behaviour::default(), None).await;
+        let mut c = config(&tape, target.addr);
+        c.plan.schedule = Schedule::Speed(speed);
+        c.out = Some(dir.path().join(format!("x{speed}.tape")));
+        let report = run(c).await;
+        assert!(report.valid, "{}", report.to_text());
+        // A burst's 1 ms gaps become 0.1 ms at x10: the tolerance is well under the gaps
+        // between bursts (>= 15 ms at x10), so a wrong speed fails.
+        assert_follows(&target.arrivals(), &starts, speed, 3 * MS);
+        // One live connection per recorded one, as the tape opened them.
+        assert_eq!(report.connections_opened, starts.len() as u64);
+        // The results say when each request was meant to go: the recorded instants, scaled.
+        let mut res = results(&dir.path().join(format!("x{speed}.tape")));
+        res.sort_by_key(|r| r.exchange);
+        let zero = res[0].intended;
+        for (r, s) in res.iter().zip(&starts) {
+            let expected = ((s - starts[0]) as f64 / speed) as u64;
+            assert!((r.intended - zero).abs_diff(expected) <= 1000, "{r:?}");
+            assert_eq!(r.outcome, Outcome::Status(200));
+            assert_eq!(r.recorded.status, Some(200));
+            assert!(r.first_byte.is_some() && r.done >= r.first_byte.unwrap());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewer_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    // 60 requests at a constant 100 per second; the target holds /r/11 to /r/20 for 300 ms.
+    let starts: Vec<u64> = (0..60).map(|i| i * 10 * MS).collect();
+    let tape = tape_at(dir.path(), &starts);
+    let target = sink(
+        Behaviour {
+            stall: Some((11..21, Duration::from_millis(300))),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let mut c = config(&tape, target.addr);
+    c.plan.schedule = Schedule::Rate(100.0);
+    c.plan.connections = ConnectionMode::Pooled;
+    let out = dir.path().join("results.tape");
+    c.out = Some(out.clone());
+    let report = run(c).await;
+    assert!(report.valid, "{}", report.to_text());
+    let mut res = results(&out);
+    res.sort_by_key(|r| r.exchange);
+    assert_eq!(res.len(), 60);
+    let latency_ms = |id: u64| res[id as usize - 1].latency() as f64 / 1e6;
+    // Open model: requests kept going out on schedule during the stall.
+    for r in &res {
+        assert!(
+            r.sent < 20 * MS,
+            "request {} went out {:.1} ms late: the stall held the schedule back",
+            r.exchange,
+            r.sent as f64 / 1e6
+        );
+    }
+    // The first stalled request waited the whole hold; later ones less; after the stall, fast.
+    assert!(latency_ms(11) >= 290.0, "{}", latency_ms(11));
+    assert!(latency_ms(20) >= 190.0 && latency_ms(20) < latency_ms(11));
+    for id in 35..=60 {
+        assert!(
+            latency_ms(id) < 100.0,
+            "request {id}: {} ms",
+            latency_ms(id)
+        );
+    }
+    // The summary's p99 shows the stall.
+    assert!(report.stats.all.replayed.quantile_us(0.99) >= 250_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_answers_to_measure_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = witness().await;
+    let target = sink(
+        Behaviour {
+            redirect_to: Some(format!("http://{}/blobs/storage", elsewhere.addr)),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let mut rec = get(1, 1, 0, HttpVersion::Http11);
+    if let Record::Exchange(e) = &mut rec {
+        e.request.target = "/redirect".into();
+    }
+    let tape = dir.path().join("redirect.tape");
+    write(&tape, &[rec], Default::default(), true);
+    let mut c = config(&tape, target.addr);
+    c.out = Some(dir.path().join("results.tape"));
+    run(c).await;
+    let res = results(&dir.path().join("results.tape"));
+    assert_eq!(res[0].outcome, Outcome::Status(307));
+    assert_eq!(target.arrivals().len(), 1);
+    assert_eq!(
+        elsewhere.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the redirect's host was contacted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_one_recorded_connection_share_one_live_connection_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three recorded connections of 10 requests each, interleaved in time.
+    let mut records = Vec::new();
+    for conn in 1..=3u64 {
+        records.push(opened(conn, 0, HttpVersion::Http11));
+        records.push(closed(conn, 400 * MS, 10));
+    }
+    for i in 0..30u64 {
+        records.push(get(i + 1, i % 3 + 1, MS + i * 10 * MS, HttpVersion::Http11));
+    }
+    records.sort_by_key(|r| r.start());
+    let tape = dir.path().join("conns.tape");
+    write(&tape, &records, Default::default(), true);
+    let target = sink(Behaviour::default(), None).await;
+    let mut c = config(&tape, target.addr);
+    c.plan.schedule = Schedule::Speed(4.0);
+    let report = run(c).await;
+    assert_eq!(report.stats.all.replayed.count, 30);
+    let arrivals = target.arrivals();
+    assert_eq!(
+        target.connections.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+    for conn in 1..=3u64 {
+        // Every request of recorded connection `conn` came on one live connection, in order.
+        let live: Vec<_> = arrivals
+            .iter()
+            .filter(|a| (id_of(&a.path).unwrap() - 1) % 3 + 1 == conn)
+            .collect();
+        assert_eq!(live.len(), 10);
+        assert!(live.iter().all(|a| a.connection == live[0].connection));
+        let ids: Vec<u64> = live.iter().map(|a| id_of(&a.path).unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_multiplex_and_https_targets_measure_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = net::certificate(dir.path());
+    let (cert_pem, key_pem) = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
+    let mut records = vec![opened(1, 0, HttpVersion::H2)];
+    for i in 0..20u64 {
+        records.push(get(i + 1, 1, MS + i * MS, HttpVersion::H2));
+    }
+    records.push(closed(1, 100 * MS, 20));
+    let tape = dir.path().join("h2.tape");
+    write(&tape, &records, Default::default(), true);
+
+    // h2c by prior knowledge on a plain target.
+    let plain = sink(Behaviour::default(), None).await;
+    run(config(&tape, plain.addr)).await;
+    let arrivals = plain.arrivals();
+    assert_eq!(arrivals.len(), 20);
+    assert!(arrivals.iter().all(|a| a.version == http::Version::HTTP_2));
+    assert_eq!(
+        plain.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // h2 by ALPN over real TLS, the certificate trusted by --ca.
+    let tls = sink(Behaviour::default(), Some((&cert_pem, &key_pem))).await;
+    let mut c = ReplayConfig::new(
+        vec![tape.clone()],
+        format!("https://localhost:{}", tls.addr.port())
+            .parse()
+            .unwrap(),
+    );
+    c.ca = Some(cert.clone());
+    c.out = Some(dir.path().join("tls.tape"));
+    let report = run(c).await;
+    assert_eq!(report.stats.failed, 0, "{}", report.to_text());
+    assert!(tls
+        .arrivals()
+        .iter()
+        .all(|a| a.version == http::Version::HTTP_2));
+    let res = results(&dir.path().join("tls.tape"));
+    assert_eq!(
+        res.iter().filter(|r| r.tls.is_some()).count(),
+        1,
+        "the TLS handshake is charged once, to the connection's first request"
+    );
+
+    // Untrusted: every request fails with a TLS error, counted, nothing hangs.
+    let mut c = ReplayConfig::new(
+        vec![tape],
+        format!("https://localhost:{}", tls.addr.port())
+            .parse()
+            .unwrap(),
+    );
+    c.timeout = Duration::from_secs(5);
+    let report = run(c).await;
+    assert_eq!(report.stats.failed, 20, "{}", report.to_text());
+    assert!(report.stats.all.replayed.statuses.contains_key("tls"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_shards_merged_equal_one_unsharded_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    // 40 recorded connections of 5 requests.
+    let mut records = Vec::new();
+    for conn in 1..=40u64 {
+        records.push(opened(conn, conn * MS, HttpVersion::Http11));
+        records.push(closed(conn, 300 * MS, 5));
+    }
+    for i in 0..200u64 {
+        records.push(get(
+            i + 1,
+            i % 40 + 1,
+            50 * MS + i * MS,
+            HttpVersion::Http11,
+        ));
+    }
+    records.sort_by_key(|r| r.start());
+    let tape = dir.path().join("sharded.tape");
+    write(&tape, &records, Default::default(), true);
+    let target = sink(Behaviour::default(), None).await;
+
+    let mut whole = config(&tape, target.addr);
+    whole.plan.schedule = Schedule::Speed(4.0);
+    whole.out = Some(dir.path().join("whole.tape"));
+    run(whole).await;
+
+    let start_at = loadtape::tape::now_unix_ns() + 300 * MS as i64;
+    let mut shard_paths = Vec::new();
+    let mut shards = Vec::new();
+    for k in 0..4 {
+        let mut c = config(&tape, target.addr);
+        c.plan.schedule = Schedule::Speed(4.0);
+        c.plan.shard = Some(Shard { index: k, count: 4 });
+        c.start_at = Some(start_at);
+        let p = dir.path().join(format!("shard-{k}.tape"));
+        c.out = Some(p.clone());
+        shard_paths.push(p);
+        // All four at once, as on four machines.
+        shards.push(tokio::spawn(run(c)));
+    }
+    let mut sizes = Vec::new();
+    for s in shards {
+        sizes.push(s.await.unwrap().stats.all.replayed.count);
+    }
+    assert!(
+        sizes.iter().all(|&n| n > 0 && n % 5 == 0),
+        "connections are never split: {sizes:?}"
+    );
+
+    let merged = dir.path().join("merged.tape");
+    let out = std::process::Command::new(loadtape_bin())
+        .arg("merge")
+        .args(&shard_paths)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let key = |r: &Replayed| (r.source, r.exchange, r.pass);
+    let mut a: Vec<_> = results(&dir.path().join("whole.tape"))
+        .iter()
+        .map(key)
+        .collect();
+    let mut b: Vec<_> = results(&merged).iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a.len(), 200);
+    assert_eq!(
+        a, b,
+        "the merged shards replayed exactly the unsharded request set"
+    );
+    // One timeline: the shards' intended instants are the unsharded run's.
+    let mut whole_at: Vec<_> = results(&dir.path().join("whole.tape"))
+        .iter()
+        .map(|r| (r.exchange, r.intended))
+        .collect();
+    let mut merged_at: Vec<_> = results(&merged)
+        .iter()
+        .map(|r| (r.exchange, r.intended))
+        .collect();
+    whole_at.sort();
+    merged_at.sort();
+    for (w, m) in whole_at.iter().zip(&merged_at) {
+        assert_eq!(w.0, m.0);
+        assert!(w.1.abs_diff(m.1) < 1000, "{w:?} vs {m:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_registry_pull_replays_at_x4_with_every_status_as_recorded() {
+    use common::registry::*;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"));
+    // The image is pushed straight to the registry; the pull goes through the recorder.
+    let image = oci_image(&dir.path().join("image"), &[300_000, 1 << 20], 3);
+    skopeo_copy(
+        &format!("oci:{}:v1", image.layout.display()),
+        &format!("docker://{}/loadtape/app:v1", registry.addr),
+    )
+    .await;
+    let tape = dir.path().join("pull");
+    let rec = net::start(net::config(registry.addr, &tape)).await;
+    for i in 0..2 {
+        skopeo_copy(
+            &format!("docker://{}/loadtape/app:v1", rec.addr),
+            &format!(
+                "oci:{}:v1",
+                dir.path().join(format!("pulled-{i}")).display()
+            ),
+        )
+        .await;
+    }
+    rec.stop().await;
+
+    let out = dir.path().join("results.tape");
+    let status = std::process::Command::new(loadtape_bin())
+        .arg("replay")
+        .arg(&tape)
+        .args(["--target", &format!("http://{}", registry.addr)])
+        .args(["--speed", "4", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let summary = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        summary.contains("GET /v2/{repo}/blobs/{digest}"),
+        "{summary}"
+    );
+    let res = results(&out);
+    assert!(res.len() >= 10, "{summary}");
+    for r in &res {
+        assert_eq!(
+            r.status(),
+            r.recorded.status,
+            "{} #{}: replayed {:?}, recorded {:?}",
+            r.endpoint,
+            r.exchange,
+            r.outcome,
+            r.recorded.status
+        );
+    }
+    // Blob bytes came back whole.
+    let blobs: u64 = res
+        .iter()
+        .filter(|r| r.endpoint == "GET /v2/{repo}/blobs/{digest}")
+        .map(|r| r.bytes_received)
+        .sum();
+    assert!(blobs >= 2 * (300_000 + (1 << 20)), "{blobs}");
+
+    // `inspect` reads the results tape with the same keys.
+    let out = std::process::Command::new(loadtape_bin())
+        .args(["inspect", "--json"])
+        .arg(dir.path().join("results.tape"))
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["records"], res.len() as u64);
+    assert!(json["status_counts"]["200"].as_u64().unwrap() >= 4);
+}
+
+fn loadtape(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(loadtape_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_say_what_would_be_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let tape = tape_at(dir.path(), &[0, MS]);
+    let t = tape.to_str().unwrap();
+    for (args, says) in [
+        (vec!["replay", t], "--target is required"),
+        (
+            vec!["replay", t, "--target", "ftp://x"],
+            "http:// or https://",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x/prefix"],
+            "has a path",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x", "--speed", "0"],
+            "positive multiple",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x", "--shard", "4/4"],
+            "JOB_COMPLETION_INDEX",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x", "--ramp", "10:5"],
+            "FROM:TO:DURATION",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x", "--header", "nocolon"],
+            "'Name: value'",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x", "--start-at", "soon"],
+            "RFC 3339",
+        ),
+        (
+            vec!["replay", t, "--target", "http://x", "--max-in-flight", "0"],
+            "at least 1",
+        ),
+    ] {
+        let (code, _, err) = loadtape(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains(says),
+            "{args:?} should say {says:?}, said: {err}"
+        );
+    }
+    // A profile with a typo is refused, naming the key.
+    let profile = dir.path().join("p.toml");
+    std::fs::write(&profile, "target = \"http://x\"\nsped = 2\n").unwrap();
+    let (code, _, err) = loadtape(&["replay", t, "--profile", profile.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("sped"), "{err}");
+}
+
+#[test]
+fn dry_run_sends_nothing_and_prints_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let starts: Vec<u64> = (0..30).map(|i| i * 100 * MS).collect();
+    let tape = tape_at(dir.path(), &starts);
+    // A port nobody listens on: a dry run must not even try.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, out, err) = loadtape(&[
+        "replay",
+        tape.to_str().unwrap(),
+        "--target",
+        &format!("http://{port}"),
+        "--speed",
+        "2",
+        "--header",
+        "Authorization: Bearer fresh",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["requests"], 30);
+    assert_eq!(plan["rewritten"], 30);
+    assert_eq!(plan["connections"], 30);
+    assert_eq!(plan["endpoints"]["GET /r/{n}"], 30);
+    // 29 gaps of 100 ms at x2.
+    assert!(
+        (plan["duration_s"].as_f64().unwrap() - 1.45).abs() < 0.01,
+        "{plan}"
+    );
+}
+
+#[test]
+fn the_profile_sets_what_flags_do_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let starts: Vec<u64> = (0..20).map(|i| i * 100 * MS).collect();
+    let tape = tape_at(dir.path(), &starts);
+    let profile = dir.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "target = \"http://127.0.0.1:9\"\nrate = 10.0\nlimit = 12\n[filter]\nexclude = [\"^/r/1$\"]\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "replay",
+            tape.to_str().unwrap(),
+            "--profile",
+            profile.to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = loadtape(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let plan = run(&[]);
+    assert_eq!(plan["requests"], 12);
+    assert_eq!(plan["counters"]["filtered"], 1);
+    // 12 requests at 10 per second: the last at 1.1 s.
+    assert!(
+        (plan["duration_s"].as_f64().unwrap() - 1.1).abs() < 0.01,
+        "{plan}"
+    );
+    let plan = run(&["--limit", "5", "--rate", "100"]);
+    assert_eq!(plan["requests"], 5);
+    assert!(
+        (plan["duration_s"].as_f64().unwrap() - 0.04).abs() < 0.005,
+        "{plan}"
+    );
+}
