@@ -263,10 +263,13 @@ impl Recorder {
             ..WriterOptions::default()
         };
         let writer = TapeWriter::create(&config.out, header, options)?;
-        let (sink, capture_thread) = capture::spawn(writer, config.queue);
         let clock = Clock {
             start: Instant::now(),
         };
+        // The writer tracks exchanges in flight on the proxy's clock, so every frame carries a
+        // watermark and readers release records without waiting out a reorder window.
+        let (sink, capture_thread) =
+            capture::spawn_tracking(writer, config.queue, Arc::new(move || clock.now()));
         let metrics = Arc::new(admin::Metrics::new(sink.counters().clone()));
         let spool = match config.bodies {
             BodyCapture::Full => {

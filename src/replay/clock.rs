@@ -22,8 +22,10 @@ use super::conn::{run_connection, Job, Protocol, Shared};
 use super::plan::{ConnKey, ConnectionMode, Step};
 use crate::tape::TapeError;
 
-/// How long before an instant the clock stops sleeping and spins.
-const SPIN: Duration = Duration::from_micros(150);
+/// How long before an instant the clock stops sleeping and spins. With the thread's timer slack
+/// at its minimum, a sleep ends within a few microseconds of its deadline; the spin covers the
+/// rest without burning a core the target and the connections need.
+const SPIN: Duration = Duration::from_micros(20);
 /// The longest single sleep, so that a stop is noticed promptly.
 const MAX_NAP: Duration = Duration::from_millis(20);
 
@@ -32,9 +34,25 @@ pub struct Clock {
     runtime: tokio::runtime::Handle,
     mode: ConnectionMode,
     stop: CancellationToken,
-    conns: HashMap<ConnKey, UnboundedSender<Job>>,
+    conns: HashMap<ConnKey, Slot>,
     pool: Pool,
+    dispatches: u64,
 }
+
+/// A live connection standing for a recorded one.
+struct Slot {
+    tx: UnboundedSender<Job>,
+    /// The intended instant of its latest request (or its opening).
+    last: u64,
+}
+
+/// Recorded connections whose close is not on the tape (synthetic tapes, a recorder killed)
+/// would otherwise stay open for ever: past this many live connections, those idle for
+/// [`IDLE_CLOSE`] of schedule time are closed, and past [`MAX_LIVE`] the least recently used
+/// half.
+const SOFT_LIVE: usize = 512;
+const MAX_LIVE: usize = 8192;
+const IDLE_CLOSE: u64 = 2_000_000_000;
 
 /// Pooled mode: HTTP/1.1 connections each carry one request at a time, so a request goes to an
 /// idle one, or a new one while under the cap, or (at the cap) queues behind a busy one and
@@ -63,6 +81,7 @@ impl Clock {
             mode,
             stop,
             conns: HashMap::new(),
+            dispatches: 0,
             pool: Pool {
                 workers: Vec::new(),
                 idle: Vec::new(),
@@ -76,7 +95,15 @@ impl Clock {
 
     /// Keeps the steps' instants until the plan ends or the run is stopped; returns the plan's
     /// error, if reading the tape failed.
-    pub fn run(&mut self, steps: mpsc::Receiver<Result<Step, TapeError>>) -> Result<(), TapeError> {
+    pub fn run(
+        &mut self,
+        steps: impl Iterator<Item = Result<Step, TapeError>>,
+    ) -> Result<(), TapeError> {
+        // Linux rounds sleeps up by the timer slack (50 µs by default): ask for none.
+        // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
+        unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+        }
         for step in steps {
             let step = step?;
             let deadline = self.shared.t0 + Duration::from_nanos(step.at());
@@ -84,10 +111,10 @@ impl Clock {
                 break;
             }
             match step {
-                Step::Open { conn, version, .. } => {
+                Step::Open { conn, version, at } => {
                     let protocol = self.shared.target.protocol_for(version);
                     let tx = self.spawn(protocol, true, None);
-                    self.conns.insert(conn, tx);
+                    self.conns.insert(conn, Slot { tx, last: at });
                 }
                 Step::Close { conn, .. } => {
                     // Its task sends what it has queued, then closes.
@@ -104,15 +131,22 @@ impl Clock {
                     self.shared.live.dispatched.fetch_add(1, Ordering::Relaxed);
                     match self.mode {
                         ConnectionMode::Preserve => {
-                            let tx = match self.conns.get(&conn) {
-                                Some(tx) => tx.clone(),
+                            let at = job.planned.at;
+                            match self.conns.get_mut(&conn) {
+                                Some(slot) => {
+                                    slot.last = at;
+                                    let _ = slot.tx.send(job);
+                                }
                                 None => {
                                     let tx = self.spawn(protocol, false, None);
-                                    self.conns.insert(conn, tx.clone());
-                                    tx
+                                    let _ = tx.send(job);
+                                    self.conns.insert(conn, Slot { tx, last: at });
                                 }
-                            };
-                            let _ = tx.send(job);
+                            }
+                            self.dispatches += 1;
+                            if self.dispatches % 256 == 0 && self.conns.len() > SOFT_LIVE {
+                                self.retire(at);
+                            }
                         }
                         ConnectionMode::Pooled => self.pooled(protocol, job),
                     }
@@ -120,6 +154,18 @@ impl Clock {
             }
         }
         Ok(())
+    }
+
+    fn retire(&mut self, now: u64) {
+        self.conns
+            .retain(|_, slot| slot.last.saturating_add(IDLE_CLOSE) > now);
+        if self.conns.len() > MAX_LIVE {
+            let mut lasts: Vec<u64> = self.conns.values().map(|s| s.last).collect();
+            let half = lasts.len() / 2;
+            let (_, median, _) = lasts.select_nth_unstable(half);
+            let median = *median;
+            self.conns.retain(|_, slot| slot.last > median);
+        }
     }
 
     /// Closes every connection once its queue is done.

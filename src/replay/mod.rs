@@ -298,6 +298,23 @@ fn plan(config: &ReplayConfig) -> anyhow::Result<Plan> {
     )?)
 }
 
+/// Lifts the soft limit on open files to the hard one (1024 by default on many systems, and a
+/// replay holds a connection per recorded one in flight).
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// `--dry-run`: the plan, without sending anything.
 pub fn dry_run(config: &ReplayConfig) -> anyhow::Result<PlanSummary> {
     target(config)?;
@@ -313,60 +330,8 @@ pub fn run(
 ) -> anyhow::Result<ReplayReport> {
     let target = target(config)?;
     let mut plan = plan(config)?;
-    let now_unix = crate::tape::now_unix_ns();
-    // A short lead lets the plan fill its channel before the first instant.
-    let lead: i64 = 50_000_000;
-    let epoch = config.start_at.unwrap_or(now_unix + lead);
-    let t0 = Instant::now() + Duration::from_nanos((epoch - now_unix).max(0) as u64);
-    let t0 = if epoch < now_unix {
-        // A --start-at in the past: keep its timeline (the lag will show it).
-        Instant::now()
-            .checked_sub(Duration::from_nanos((now_unix - epoch) as u64))
-            .unwrap_or_else(Instant::now)
-    } else {
-        t0
-    };
-
-    let writer = match &config.out {
-        Some(out) => {
-            let mut header = TapeHeader::new(TapeKind::Results, "loadtape replay");
-            header.epoch_unix_ns = epoch;
-            header.upstream = Some(config.target.to_string());
-            header.options = config.provenance.clone();
-            for id in plan.source_ids() {
-                header.options.push(("source".into(), crate::tape::hex(id)));
-            }
-            Some(
-                TapeWriter::create(out, header, WriterOptions::default())
-                    .with_context(|| format!("cannot create the results tape {}", out.display()))?,
-            )
-        }
-        None => None,
-    };
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-        )
-        .thread_name("loadtape-replay")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
-    let collector = results::spawn(results_rx, writer, live.clone());
-    let shared = Arc::new(conn::Shared {
-        target,
-        t0,
-        results: results_tx,
-        in_flight: config
-            .max_in_flight
-            .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
-        live: live.clone(),
-        timeout: config.timeout,
-        stop: stop.clone(),
-    });
+    raise_open_files_limit();
+    let source_ids = plan.source_ids().to_vec();
 
     // The plan runs ahead of the clock by a bounded number of steps.
     let (steps_tx, steps_rx) = std::sync::mpsc::sync_channel(4096);
@@ -390,6 +355,68 @@ pub fn run(
             plan.counters
         })
         .expect("a thread can be started");
+    // The schedule starts once the plan has its first step: a tape whose first records wait in
+    // the reorder window must not make the first requests late.
+    let first = steps_rx.recv().ok();
+
+    let now_unix = crate::tape::now_unix_ns();
+    // A short lead lets the plan fill its channel before the first instant.
+    let lead: i64 = 20_000_000;
+    let epoch = config.start_at.unwrap_or(now_unix + lead);
+    let now = Instant::now();
+    let t0 = if epoch >= now_unix {
+        now + Duration::from_nanos((epoch - now_unix) as u64)
+    } else {
+        // A --start-at in the past: keep its timeline (the lag will show it).
+        now.checked_sub(Duration::from_nanos((now_unix - epoch) as u64))
+            .unwrap_or(now)
+    };
+
+    let writer = match &config.out {
+        Some(out) => {
+            let mut header = TapeHeader::new(TapeKind::Results, "loadtape replay");
+            header.epoch_unix_ns = epoch;
+            header.upstream = Some(config.target.to_string());
+            header.options = config.provenance.clone();
+            for id in &source_ids {
+                header.options.push(("source".into(), crate::tape::hex(id)));
+            }
+            Some(
+                TapeWriter::create(out, header, WriterOptions::default())
+                    .with_context(|| format!("cannot create the results tape {}", out.display()))?,
+            )
+        }
+        None => None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("LOADTAPE_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2),
+                ),
+        )
+        .thread_name("loadtape-replay")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = results::spawn(results_rx, writer, live.clone());
+    let shared = Arc::new(conn::Shared {
+        target,
+        t0,
+        results: results_tx,
+        in_flight: config
+            .max_in_flight
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+        live: live.clone(),
+        timeout: config.timeout,
+        stop: stop.clone(),
+    });
 
     let pool_cap = match config.max_in_flight {
         Some(n) => n.min(config.pool_size),
@@ -402,7 +429,7 @@ pub fn run(
         pool_cap,
         stop.clone(),
     );
-    let clock_result = clock.run(steps_rx);
+    let clock_result = clock.run(first.into_iter().chain(steps_rx));
     clock.close_all();
     let stopped = stop.is_cancelled();
     // Let what is in flight finish (or be abandoned, after a stop), within the drain time.

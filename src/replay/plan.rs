@@ -382,11 +382,17 @@ impl Plan {
     /// The instant of a record at `recorded` (or of the next request under a rate).
     fn instant(&mut self, recorded: Nanos) -> Nanos {
         let origin = *self.pass_origin.get_or_insert(recorded);
-        self.pass_offset
-            + self
-                .options
-                .schedule
-                .at(self.index, recorded.saturating_sub(origin))
+        match self.options.schedule {
+            Schedule::Speed(_) => {
+                self.pass_offset
+                    + self
+                        .options
+                        .schedule
+                        .at(self.index, recorded.saturating_sub(origin))
+            }
+            // A rate counts requests across passes already.
+            _ => self.options.schedule.at(self.index, 0),
+        }
     }
 
     fn out_of_time(&self, at: Nanos) -> bool {

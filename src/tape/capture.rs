@@ -33,36 +33,49 @@ impl Default for CaptureLimits {
     }
 }
 
-/// Seconds of exchange starts the in-flight tracker tells apart; an exchange in flight longer
-/// than this may come after the watermark passed it (the reader then flags it as late).
-const IN_FLIGHT_SECONDS: usize = 128;
+/// The in-flight tracker counts exchanges per bucket of their start instant (2^24 ns, about
+/// 17 ms): the finer the buckets, the fewer records a reader holds back waiting for the
+/// watermark (at 40k exchanges a second, a one-second bucket meant 80k records in memory).
+const BUCKET_SHIFT: u32 = 24;
+/// Buckets told apart: 8192 of them span 137 s. An exchange in flight longer than that may come
+/// after the watermark passed it (the reader then flags it as late).
+const IN_FLIGHT_BUCKETS: usize = 8192;
+/// How far behind `now` the watermark stays when nothing is in flight: an exchange stamps its
+/// start a moment before announcing itself, and must not find the watermark already past it.
+const WATERMARK_MARGIN: Nanos = 100_000_000;
 
-/// Exchanges started but not yet written, counted per second of their start. The writer's
-/// watermark is the start of the oldest second with one in flight: every exchange that started
+/// Exchanges started but not yet written, counted per bucket of their start. The writer's
+/// watermark is the start of the oldest bucket with one in flight: every exchange that started
 /// before it is on the tape. Atomic counters, no lock: a started exchange costs one increment,
 /// a written (or dropped) one a decrement.
 #[derive(Debug)]
 struct InFlight {
-    seconds: [AtomicU64; IN_FLIGHT_SECONDS],
+    buckets: Box<[AtomicU64]>,
 }
 
 impl InFlight {
-    fn slot(&self, start: Nanos) -> &AtomicU64 {
-        &self.seconds[(start / 1_000_000_000) as usize % IN_FLIGHT_SECONDS]
+    fn new() -> InFlight {
+        InFlight {
+            buckets: (0..IN_FLIGHT_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
-    /// The watermark at tape time `now`: the oldest second with an exchange in flight, or a
-    /// second before `now` when there is none (the margin covers the proxy's and the writer's
-    /// clocks differing slightly).
+    fn slot(&self, start: Nanos) -> &AtomicU64 {
+        &self.buckets[(start >> BUCKET_SHIFT) as usize % IN_FLIGHT_BUCKETS]
+    }
+
+    /// The watermark at tape time `now`: the start of the oldest bucket with an exchange in
+    /// flight, and never later than [`WATERMARK_MARGIN`] before `now`.
     fn watermark(&self, now: Nanos) -> Nanos {
-        let now_s = now / 1_000_000_000;
-        let oldest = now_s.saturating_sub(IN_FLIGHT_SECONDS as u64 - 1);
-        for s in oldest..=now_s + 1 {
-            if self.seconds[s as usize % IN_FLIGHT_SECONDS].load(Ordering::Acquire) > 0 {
-                return s * 1_000_000_000;
+        let ceiling = now.saturating_sub(WATERMARK_MARGIN);
+        let now_b = now >> BUCKET_SHIFT;
+        let oldest = now_b.saturating_sub(IN_FLIGHT_BUCKETS as u64 - 2);
+        for b in oldest..=now_b + 1 {
+            if self.buckets[b as usize % IN_FLIGHT_BUCKETS].load(Ordering::Acquire) > 0 {
+                return (b << BUCKET_SHIFT).min(ceiling);
             }
         }
-        now.saturating_sub(1_000_000_000)
+        ceiling
     }
 }
 
@@ -196,9 +209,7 @@ fn spawn_with(
 ) -> (CaptureSink, CaptureThread) {
     let (tx, rx) = sync_channel(limits.records);
     let counters = Arc::new(CaptureCounters {
-        in_flight: clock.is_some().then(|| InFlight {
-            seconds: std::array::from_fn(|_| AtomicU64::new(0)),
-        }),
+        in_flight: clock.is_some().then(InFlight::new),
         ..CaptureCounters::default()
     });
     let thread_counters = counters.clone();

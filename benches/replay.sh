@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The replayer beside oha, h2load and wrk, in one run against the same nginx origin on loopback.
+#
+# A tape is recorded first: wrk's traffic to a 1 KiB file, through `loadtape record`. Then, at
+# each rate in RATES, for DURATION each:
+#   loadtape replay --rate R --connections pooled --loop   (open model; schedule lag reported)
+#   oha -q R --latency-correction                          (open model, corrected latency)
+#   h2load --h1 --rps (per client)                          (rate-limited clients)
+# and wrk's closed-loop maximum for context. The table gives, per rate, the rate achieved and
+# p99 latency counted from the intended send time (loadtape, oha), loadtape's own dispatch lag
+# p99, and h2load's mean and max. The verdict line: the highest rate at which each keeps its
+# p99 under 1 ms.
+#
+#   bash benches/replay.sh                 # RATES="2000 5000 10000 15000 20000 25000" DURATION=10
+#   MEMORY=10000000 bash benches/replay.sh # also replays 10 M requests, sampling resident memory
+#
+# Needs nginx, wrk and h2load (Debian packages nginx, wrk, nghttp2-client) and oha
+# (`cargo install oha`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATES=${RATES:-"2000 5000 10000 15000 20000 25000"}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+MEMORY=${MEMORY:-0}
+
+need() {
+  command -v "$1" >/dev/null || { echo "benches/replay.sh needs $1: $2" >&2; exit 2; }
+}
+need nginx "apt-get install nginx"
+need wrk "apt-get install wrk"
+need h2load "apt-get install nghttp2-client"
+need oha "cargo install oha"
+need jq "apt-get install jq"
+
+cargo build --release --quiet
+loadtape=target/release/loadtape
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+mkdir -p "$work/www"
+head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$work/www/data"
+cat > "$work/origin.conf" <<EOF
+worker_processes 1;
+pid $work/origin.pid;
+error_log $work/origin-error.log;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/body;
+  server { listen 127.0.0.1:18100; location / { root $work/www; } }
+}
+EOF
+nginx -c "$work/origin.conf" -g 'daemon off;' &
+pids+=($!)
+for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18100/data && break; sleep 0.1; done
+origin=http://127.0.0.1:18100
+
+# The tape: 3 seconds of wrk through the recorder.
+LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18101 --upstream $origin --out "$work/tape" &
+rec=$!
+for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18101/data && break; sleep 0.1; done
+wrk -t2 -c32 -d3s http://127.0.0.1:18101/data >/dev/null
+kill -TERM $rec
+wait $rec || true
+records=$($loadtape inspect --json "$work/tape" | jq .records)
+echo "tape: $records recorded requests (GET /data)"
+
+max=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" $origin/data | awk '/Requests\/sec/ {print $2}')
+printf '\nwrk closed loop (%s connections): %.0f req/s\n\n' "$CONNS" "$max"
+
+printf '%-8s | %-34s | %-22s | %-22s\n' "rate" "loadtape: achieved p99 (lag p99)" "oha: achieved p99" "h2load: achieved mean/max"
+best_lt=0; best_oha=0
+for rate in $RATES; do
+  lt=$($loadtape replay "$work/tape" --target $origin --rate "$rate" --connections pooled --loop \
+        --duration "${DURATION}s" --json 2>/dev/null)
+  lt_n=$(jq '.summary.all.replayed.count' <<<"$lt")
+  lt_p99=$(jq '.summary.all.replayed.p99_us' <<<"$lt")
+  lt_lag=$(jq '.summary.dispatch_lag_p99_us' <<<"$lt")
+  lt_rate=$(jq -r --argjson d "$DURATION" '.summary.all.replayed.count / $d | floor' <<<"$lt")
+
+  oha_json=$(oha -z "${DURATION}s" -q "$rate" --latency-correction -c "$CONNS" --no-tui --output-format json $origin/data)
+  oha_rate=$(jq '.summary.requestsPerSec | floor' <<<"$oha_json")
+  oha_p99=$(jq '.latencyPercentiles.p99 * 1000000 | floor' <<<"$oha_json")
+
+  per_client=$(( rate / CONNS )); [ "$per_client" -lt 1 ] && per_client=1
+  h2=$(h2load --h1 -c "$CONNS" -t 2 --rps="$per_client" -D "$DURATION" $origin/data 2>&1 || true)
+  h2_rate=$(awk '/^finished in/ {gsub(",", "", $4); print int($4)}' <<<"$h2")
+  h2_lat=$(awk '/^time for request:/ {print $6 "/" $5}' <<<"$h2")
+
+  printf '%-8s | %8s/s %8s µs (%6s µs)     | %8s/s %8s µs       | %8s/s %s\n' \
+    "$rate" "$lt_rate" "$lt_p99" "$lt_lag" "$oha_rate" "$oha_p99" "$h2_rate" "$h2_lat"
+  # Held: achieved within 2% of the rate, and p99 under 1 ms.
+  if [ "$lt_p99" -lt 1000 ] && [ "$lt_rate" -ge $(( rate * 98 / 100 )) ]; then best_lt=$rate; fi
+  if [ "$oha_p99" -lt 1000 ] && [ "$oha_rate" -ge $(( rate * 98 / 100 )) ]; then best_oha=$rate; fi
+done
+printf '\nhighest rate with p99 (from the intended send time) under 1 ms: loadtape %s, oha %s\n' "$best_lt" "$best_oha"
+
+if [ "$MEMORY" -gt 0 ]; then
+  top=$(echo $RATES | tr ' ' '\n' | sort -n | tail -1)
+  echo "replaying $MEMORY requests at $top/s, sampling resident memory every 5 s"
+  $loadtape replay "$work/tape" --target $origin --rate "$top" --connections pooled --loop \
+    --limit "$MEMORY" --json > "$work/memory.json" 2>/dev/null &
+  lt=$!
+  peak=0
+  while kill -0 $lt 2>/dev/null; do
+    rss=$(awk '/VmRSS/ {print $2}' /proc/$lt/status 2>/dev/null || echo 0)
+    [ "${rss:-0}" -gt "$peak" ] && peak=$rss
+    sleep 5
+  done
+  echo "peak resident memory: $(( peak / 1024 )) MiB over $(jq '.summary.all.replayed.count' "$work/memory.json") requests"
+fi
