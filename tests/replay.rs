@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 const MS: u64 = 1_000_000;
 
+/// The tests here measure time: they run one at a time, so that one's load (a registry, TLS
+/// handshakes) does not show as another's lag.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A recorded GET of `/r/{id}` on connection `conn`, starting at `start` ns.
 fn get(id: u64, conn: u64, start: u64, version: HttpVersion) -> Record {
     let mut headers = Headers::new();
@@ -163,6 +167,7 @@ fn assert_follows(arrivals: &[common::sink::Arrival], starts: &[u64], speed: f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arrivals_follow_the_recorded_timing_at_x1_and_x10_bursts_included() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let starts = bursty();
     let tape = tape_at(dir.path(), &starts);
@@ -170,6 +175,8 @@ async fn arrivals_follow_the_recorded_timing_at_x1_and_x10_bursts_included() {
         let target = sink(Behaviour::default(), None).await;
         let mut c = config(&tape, target.addr);
         c.plan.schedule = Schedule::Speed(speed);
+        // Two clocks at x10: connections spread over both keep one timeline.
+        c.threads = if speed > 1.0 { 2 } else { 1 };
         c.out = Some(dir.path().join(format!("x{speed}.tape")));
         let report = run(c).await;
         assert!(report.valid, "{}", report.to_text());
@@ -194,6 +201,7 @@ async fn arrivals_follow_the_recorded_timing_at_x1_and_x10_bursts_included() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewer_requests() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     // 60 requests at a constant 100 per second; the target holds /r/11 to /r/20 for 300 ms.
     let starts: Vec<u64> = (0..60).map(|i| i * 10 * MS).collect();
@@ -242,6 +250,7 @@ async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_answers_to_measure_never_followed() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let elsewhere = witness().await;
     let target = sink(
@@ -273,6 +282,7 @@ async fn redirects_are_answers_to_measure_never_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_of_one_recorded_connection_share_one_live_connection_in_order() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     // Three recorded connections of 10 requests each, interleaved in time.
     let mut records = Vec::new();
@@ -289,6 +299,7 @@ async fn requests_of_one_recorded_connection_share_one_live_connection_in_order(
     let target = sink(Behaviour::default(), None).await;
     let mut c = config(&tape, target.addr);
     c.plan.schedule = Schedule::Speed(4.0);
+    c.threads = 2;
     let report = run(c).await;
     assert_eq!(report.stats.all.replayed.count, 30);
     let arrivals = target.arrivals();
@@ -311,6 +322,7 @@ async fn requests_of_one_recorded_connection_share_one_live_connection_in_order(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_connections_multiplex_and_https_targets_measure_tls() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = net::certificate(dir.path());
     let (cert_pem, key_pem) = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
@@ -371,6 +383,7 @@ async fn http2_connections_multiplex_and_https_targets_measure_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_shards_merged_equal_one_unsharded_replay() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     // 40 recorded connections of 5 requests.
     let mut records = Vec::new();
@@ -465,6 +478,7 @@ async fn four_shards_merged_equal_one_unsharded_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_registry_pull_replays_at_x4_with_every_status_as_recorded() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     use common::registry::*;
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry"));

@@ -262,6 +262,10 @@ pub(crate) struct ReplayArgs {
     /// Trust this CA (PEM) for an https target, besides the system's.
     #[arg(long, value_name = "PEM")]
     ca: Option<PathBuf>,
+    /// Clock threads: each keeps the schedule of its share of the connections and runs them.
+    /// One drives tens of thousands of requests a second; add more when a core is not enough.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    threads: usize,
     /// Speak HTTP/1.1 to the target whatever the tape recorded.
     #[arg(long, conflicts_with = "http2")]
     http1: bool,

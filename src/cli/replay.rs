@@ -130,6 +130,10 @@ fn configure(
         .collect();
 
     config.out = args.out.clone();
+    if args.threads == 0 {
+        bail!("--threads 0 would send nothing: give at least 1");
+    }
+    config.threads = args.threads;
     config.max_in_flight = args.max_in_flight.or(profile.max_in_flight);
     if config.max_in_flight == Some(0) {
         bail!("--max-in-flight 0 would send nothing: give at least 1, or leave it out for no cap");

@@ -1,43 +1,34 @@
-//! The clock: keeps the plan's instants, on a thread of its own.
+//! The clocks: keep the plan's instants, each on a thread of its own that also runs the
+//! connections it dispatches to.
 //!
-//! tokio's timer wheel has millisecond resolution, and a task woken by it runs when its worker
-//! gets to it: at thousands of requests a second that is most of a millisecond of lag. The clock
-//! is a plain thread instead: it sleeps until just before an instant (the kernel's high-resolution
-//! sleep wakes within tens of microseconds), spins the rest of the way, and hands the step to
-//! its connection's task over a channel, which wakes that task at once. It never waits on the
-//! network: an open model sends each request at its instant whatever earlier ones are doing.
+//! tokio's timer has millisecond resolution, and handing a request from a timing thread to a
+//! runtime on another thread costs a wake-up (a futex, an eventfd write, a context switch) per
+//! request: at 10k requests a second on a small box that was most of loadtape's CPU, and the
+//! wake-up's latency showed as lag. Spinning before each instant instead kept the lag down but
+//! burnt a core the target and the network stack needed. So a clock is a single-threaded
+//! runtime whose main task is the schedule, and it waits for each instant on a `timerfd`: a
+//! kernel high-resolution timer (with the thread's timer slack at its minimum) registered in the
+//! same epoll set as the connections. The runtime sleeps in `epoll_wait` until the instant or
+//! until the network has something, wakes within microseconds of the instant, and hands the
+//! request to its connection's task on the same thread: no spinning, and no cross-thread
+//! wake-up at all.
 //!
-//! The clock also owns the map from recorded connections to live ones (preserve mode) or the
-//! pool (pooled mode). Only this thread touches them: no lock on the dispatch path.
+//! With `--threads N`, the plan spreads recorded connections over N clocks (pooled requests in
+//! turn), each owning its connections: no lock on the dispatch path, nothing shared but atomic
+//! counters and the results channel. It never waits on the network: an open model sends each
+//! request at its instant whatever earlier ones are doing.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::{unbounded_channel, Receiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{run_connection, Job, Protocol, Shared};
 use super::plan::{ConnKey, ConnectionMode, Step};
 use crate::tape::TapeError;
-
-/// How long before an instant the clock stops sleeping and spins. With the thread's timer slack
-/// at its minimum, a sleep ends within a few microseconds of its deadline; the spin covers the
-/// rest without burning a core the target and the connections need.
-const SPIN: Duration = Duration::from_micros(20);
-/// The longest single sleep, so that a stop is noticed promptly.
-const MAX_NAP: Duration = Duration::from_millis(20);
-
-pub struct Clock {
-    shared: Arc<Shared>,
-    runtime: tokio::runtime::Handle,
-    mode: ConnectionMode,
-    stop: CancellationToken,
-    conns: HashMap<ConnKey, Slot>,
-    pool: Pool,
-    dispatches: u64,
-}
 
 /// A live connection standing for a recorded one.
 struct Slot {
@@ -54,6 +45,15 @@ const SOFT_LIVE: usize = 512;
 const MAX_LIVE: usize = 8192;
 const IDLE_CLOSE: u64 = 2_000_000_000;
 
+pub struct Clock {
+    shared: Arc<Shared>,
+    mode: ConnectionMode,
+    stop: CancellationToken,
+    conns: HashMap<ConnKey, Slot>,
+    pool: Pool,
+    dispatches: u64,
+}
+
 /// Pooled mode: HTTP/1.1 connections each carry one request at a time, so a request goes to an
 /// idle one, or a new one while under the cap, or (at the cap) queues behind a busy one and
 /// counts as late. HTTP/2 connections multiplex: requests take them in turn.
@@ -69,7 +69,6 @@ struct Pool {
 impl Clock {
     pub fn new(
         shared: Arc<Shared>,
-        runtime: tokio::runtime::Handle,
         mode: ConnectionMode,
         pool_cap: usize,
         stop: CancellationToken,
@@ -77,7 +76,6 @@ impl Clock {
         let (idle_tx, idle_rx) = mpsc::channel();
         Clock {
             shared,
-            runtime,
             mode,
             stop,
             conns: HashMap::new(),
@@ -93,67 +91,102 @@ impl Clock {
         }
     }
 
-    /// Keeps the steps' instants until the plan ends or the run is stopped; returns the plan's
-    /// error, if reading the tape failed.
-    pub fn run(
-        &mut self,
-        steps: impl Iterator<Item = Result<Step, TapeError>>,
+    /// Runs on the clock's own single-threaded runtime: keeps the steps' instants until the
+    /// plan ends or the run is stopped, then lets in-flight requests finish within `drain`.
+    /// Returns the plan's error, if reading the tape failed.
+    pub async fn run(
+        mut self,
+        mut steps: Receiver<Vec<Result<Step, TapeError>>>,
+        drain: Duration,
     ) -> Result<(), TapeError> {
-        // Linux rounds sleeps up by the timer slack (50 µs by default): ask for none.
+        // Linux rounds sleeps (and epoll timeouts) up by the timer slack, 50 µs by default:
+        // ask for none.
         // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the calling thread.
         unsafe {
             libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
         }
-        for step in steps {
-            let step = step?;
-            let deadline = self.shared.t0 + Duration::from_nanos(step.at());
-            if !self.wait_until(deadline) {
-                break;
+        let timer = PreciseTimer::new();
+        let mut result = Ok(());
+        'plan: while let Some(batch) = steps.recv().await {
+            for step in batch {
+                let step = match step {
+                    Ok(s) => s,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'plan;
+                    }
+                };
+                let deadline = self.shared.t0 + Duration::from_nanos(step.at());
+                let on_time = match &timer {
+                    Ok(t) => self.wait_until(t, deadline).await,
+                    Err(_) => {
+                        tokio::time::sleep_until(deadline.into()).await;
+                        !self.stop.is_cancelled()
+                    }
+                };
+                if !on_time {
+                    break 'plan;
+                }
+                self.step(step);
             }
-            match step {
-                Step::Open { conn, version, at } => {
-                    let protocol = self.shared.target.protocol_for(version);
-                    let tx = self.spawn(protocol, true, None);
-                    self.conns.insert(conn, Slot { tx, last: at });
-                }
-                Step::Close { conn, .. } => {
-                    // Its task sends what it has queued, then closes.
-                    self.conns.remove(&conn);
-                }
-                Step::Send(planned) => {
-                    self.shared.live.clock.store(planned.at, Ordering::Relaxed);
-                    let protocol = self.shared.target.protocol_for(planned.version);
-                    let conn = planned.conn;
-                    let job = Job {
-                        planned,
-                        dispatched: self.shared.t0.elapsed().as_nanos() as u64,
-                    };
-                    self.shared.live.dispatched.fetch_add(1, Ordering::Relaxed);
-                    match self.mode {
-                        ConnectionMode::Preserve => {
-                            let at = job.planned.at;
-                            match self.conns.get_mut(&conn) {
-                                Some(slot) => {
-                                    slot.last = at;
-                                    let _ = slot.tx.send(job);
-                                }
-                                None => {
-                                    let tx = self.spawn(protocol, false, None);
-                                    let _ = tx.send(job);
-                                    self.conns.insert(conn, Slot { tx, last: at });
-                                }
+        }
+        // Stop taking steps (the plan thread sees the channel close), close every connection
+        // once its queue is done, and let what is in flight finish.
+        drop(steps);
+        self.conns.clear();
+        self.pool.workers.clear();
+        let drain_until = Instant::now() + drain;
+        while self.shared.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        result
+    }
+
+    fn step(&mut self, step: Step) {
+        match step {
+            Step::Open { conn, version, at } => {
+                let protocol = self.shared.target.protocol_for(version);
+                let tx = self.spawn(protocol, true, None);
+                self.conns.insert(conn, Slot { tx, last: at });
+            }
+            Step::Close { conn, .. } => {
+                // Its task sends what it has queued, then closes.
+                self.conns.remove(&conn);
+            }
+            Step::Send(planned) => {
+                let live = &self.shared.live;
+                live.clock.fetch_max(planned.at, Ordering::Relaxed);
+                let protocol = self.shared.target.protocol_for(planned.version);
+                let conn = planned.conn;
+                let at = planned.at;
+                let job = Job {
+                    planned,
+                    dispatched: self.shared.t0.elapsed().as_nanos() as u64,
+                };
+                live.dispatched.fetch_add(1, Ordering::Relaxed);
+                self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+                match self.mode {
+                    ConnectionMode::Preserve => {
+                        match self.conns.get_mut(&conn) {
+                            Some(slot) => {
+                                slot.last = at;
+                                let _ = slot.tx.send(job);
                             }
-                            self.dispatches += 1;
-                            if self.dispatches % 256 == 0 && self.conns.len() > SOFT_LIVE {
-                                self.retire(at);
+                            None => {
+                                let tx = self.spawn(protocol, false, None);
+                                let _ = tx.send(job);
+                                self.conns.insert(conn, Slot { tx, last: at });
                             }
                         }
-                        ConnectionMode::Pooled => self.pooled(protocol, job),
+                        self.dispatches += 1;
+                        if self.dispatches % 256 == 0 && self.conns.len() > SOFT_LIVE {
+                            self.retire(at);
+                        }
                     }
+                    ConnectionMode::Pooled => self.pooled(protocol, job),
                 }
             }
         }
-        Ok(())
     }
 
     fn retire(&mut self, now: u64) {
@@ -166,12 +199,6 @@ impl Clock {
             let median = *median;
             self.conns.retain(|_, slot| slot.last > median);
         }
-    }
-
-    /// Closes every connection once its queue is done.
-    pub fn close_all(&mut self) {
-        self.conns.clear();
-        self.pool.workers.clear();
     }
 
     fn pooled(&mut self, protocol: Protocol, job: Job) {
@@ -208,7 +235,7 @@ impl Clock {
         on_idle: Option<Box<dyn Fn() + Send + Sync>>,
     ) -> UnboundedSender<Job> {
         let (tx, rx) = unbounded_channel();
-        self.runtime.spawn(run_connection(
+        tokio::spawn(run_connection(
             self.shared.clone(),
             rx,
             protocol,
@@ -218,22 +245,90 @@ impl Clock {
         tx
     }
 
-    /// Sleeps, then spins, until `deadline`; false when the run was stopped meanwhile.
-    fn wait_until(&self, deadline: Instant) -> bool {
-        loop {
-            if self.stop.is_cancelled() {
-                return false;
+    /// Waits for `deadline` on the precise timer; false when the run was stopped meanwhile.
+    async fn wait_until(&self, timer: &PreciseTimer, deadline: Instant) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => false,
+            r = timer.sleep_until(deadline) => {
+                if let Err(e) = r {
+                    // Not expected (timerfd is Linux's since 2.6.25); fall back to tokio's timer.
+                    tracing::warn!("the precise timer failed ({e}); using tokio's");
+                    tokio::time::sleep_until(deadline.into()).await;
+                }
+                !self.stop.is_cancelled()
             }
+        }
+    }
+}
+
+/// Waits shorter than this spin instead of arming the timer.
+const SPIN_BELOW: Duration = Duration::from_micros(10);
+
+/// A `timerfd` in the runtime's epoll set: sleeps to the microsecond without a thread of its
+/// own.
+struct PreciseTimer {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl PreciseTimer {
+    fn new() -> std::io::Result<PreciseTimer> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: timerfd_create returns a new descriptor we own, or -1.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the descriptor is owned by the AsyncFd and closed only when it is dropped
+        // (and deregistered).
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(PreciseTimer { fd })
+    }
+
+    async fn sleep_until(&self, deadline: Instant) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        loop {
             let now = Instant::now();
             if now >= deadline {
-                return true;
+                return Ok(());
             }
             let left = deadline - now;
-            if left > SPIN {
-                std::thread::sleep((left - SPIN).min(MAX_NAP));
-            } else {
-                std::hint::spin_loop();
+            if left < SPIN_BELOW {
+                // Arming the timer and waking from epoll costs more than this.
+                while Instant::now() < deadline {
+                    std::hint::spin_loop();
+                }
+                return Ok(());
             }
+            let spec = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: libc::timespec {
+                    tv_sec: left.as_secs() as libc::time_t,
+                    tv_nsec: left.subsec_nanos() as libc::c_long,
+                },
+            };
+            let raw = self.fd.get_ref().as_raw_fd();
+            // SAFETY: raw is our open timerfd; spec is a valid itimerspec.
+            if unsafe { libc::timerfd_settime(raw, 0, &spec, std::ptr::null_mut()) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut guard = self.fd.readable().await?;
+            // The next timerfd_settime resets the expiry count (and with it the descriptor's
+            // readiness): forgetting tokio's readiness is enough, no read needed.
+            guard.clear_ready();
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::tape::{
 };
 
 /// Where requests go.
+#[derive(Clone)]
 pub struct Target {
     pub https: bool,
     pub host: String,
@@ -93,6 +94,8 @@ pub struct Shared {
     pub timeout: Duration,
     /// Set on Ctrl-C: queued requests are abandoned, not sent.
     pub stop: tokio_util::sync::CancellationToken,
+    /// Requests this clock dispatched that have not ended yet.
+    pub outstanding: AtomicU64,
 }
 
 impl Shared {
@@ -145,6 +148,7 @@ pub async fn run_connection(
     while let Some(job) = jobs.recv().await {
         if shared.stop.is_cancelled() {
             shared.live.abandoned.fetch_add(1, Ordering::Relaxed);
+            shared.outstanding.fetch_sub(1, Ordering::AcqRel);
             if let Some(d) = &job.planned.done {
                 d.set();
             }
@@ -535,4 +539,5 @@ fn finish_sent(
     };
     shared.live.completed.fetch_add(1, Ordering::Relaxed);
     let _ = shared.results.send(record);
+    shared.outstanding.fetch_sub(1, Ordering::AcqRel);
 }

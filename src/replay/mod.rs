@@ -44,7 +44,57 @@ pub use plan::{
 
 use crate::report::Stats;
 use crate::tape::reader::discover;
-use crate::tape::{TapeHeader, TapeKind, TapeWriter, WriteSummary, WriterOptions};
+use crate::tape::{TapeError, TapeHeader, TapeKind, TapeWriter, WriteSummary, WriterOptions};
+use plan::Step;
+
+/// The clock that owns a recorded connection (a fixed hash: every run agrees).
+fn clock_of(conn: &plan::ConnKey, clocks: usize) -> usize {
+    let h = conn
+        .id
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(u64::from(conn.source) << 32 | u64::from(conn.pass));
+    ((h >> 32) % clocks as u64) as usize
+}
+
+/// Steps on their way from the plan to one clock.
+#[derive(Default)]
+struct Batch {
+    steps: Vec<Result<Step, TapeError>>,
+    first: Option<u64>,
+}
+
+impl Batch {
+    /// Adds a step; true while the batch may wait for more. It closes at its size, or once it
+    /// spans enough schedule time that a slow schedule does not wait for it to fill.
+    fn push(&mut self, step: Result<Step, TapeError>) -> bool {
+        let at = step.as_ref().map_or(0, |s| s.at());
+        let failed = step.is_err();
+        let first = *self.first.get_or_insert(at);
+        self.steps.push(step);
+        !failed && self.steps.len() < STEP_BATCH && at.saturating_sub(first) < BATCH_SPAN
+    }
+
+    /// Whether the batch has waited long enough, the plan being at `now`.
+    fn due(&self, now: u64) -> bool {
+        self.first
+            .is_some_and(|f| now.saturating_sub(f) >= BATCH_SPAN)
+    }
+
+    /// Hands the batch to its clock; false when the clock has stopped taking steps.
+    fn flush(&mut self, tx: &tokio::sync::mpsc::Sender<Vec<Result<Step, TapeError>>>) -> bool {
+        self.first = None;
+        if self.steps.is_empty() {
+            return true;
+        }
+        let steps = std::mem::replace(&mut self.steps, Vec::with_capacity(STEP_BATCH));
+        tx.blocking_send(steps).is_ok()
+    }
+}
+
+/// Steps handed from the plan to the clock at a time.
+const STEP_BATCH: usize = 256;
+/// A batch closes once it spans this much schedule time (ns), however few steps it holds.
+const BATCH_SPAN: u64 = 5_000_000;
 
 /// Everything a replay needs.
 #[derive(Debug, Clone)]
@@ -75,6 +125,8 @@ pub struct ReplayConfig {
     /// Pooled mode: the most connections (HTTP/1.1), or the connections requests take in turn
     /// (HTTP/2).
     pub pool_size: usize,
+    /// Clock threads, each with its own share of the connections (`--threads`).
+    pub threads: usize,
     /// Provenance written into the results header.
     pub provenance: Vec<(String, String)>,
 }
@@ -105,6 +157,7 @@ impl ReplayConfig {
             lag_limit: Duration::from_millis(5),
             drain: Duration::from_secs(10),
             pool_size: 256,
+            threads: 1,
             provenance: Vec::new(),
         }
     }
@@ -332,35 +385,83 @@ pub fn run(
     let mut plan = plan(config)?;
     raise_open_files_limit();
     let source_ids = plan.source_ids().to_vec();
+    let clocks = config.threads.max(1);
 
-    // The plan runs ahead of the clock by a bounded number of steps.
-    let (steps_tx, steps_rx) = std::sync::mpsc::sync_channel(4096);
+    // The plan runs ahead of the clocks by a bounded number of steps, handed over in batches so
+    // that the threads do not wake each other per request. Each recorded connection belongs to
+    // one clock (pooled requests go round); each clock's steps stay in time order.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let mut senders = Vec::with_capacity(clocks);
+    let mut receivers = Vec::with_capacity(clocks);
+    for _ in 0..clocks {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Result<Step, TapeError>>>(16);
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let pooled = config.plan.connections == ConnectionMode::Pooled;
     let planner = std::thread::Builder::new()
         .name("loadtape-plan".into())
         .spawn(move || {
-            loop {
-                match plan.next_step() {
-                    Ok(Some(step)) => {
-                        if steps_tx.send(Ok(step)).is_err() {
-                            break;
+            let mut batches: Vec<Batch> = (0..clocks).map(|_| Batch::default()).collect();
+            let mut ready = Some(ready_tx);
+            let mut turn = 0usize;
+            let mut open = clocks;
+            'plan: loop {
+                let (step, end) = match plan.next_step() {
+                    Ok(Some(step)) => (Some(Ok(step)), false),
+                    Ok(None) => (None, true),
+                    Err(e) => (Some(Err(e)), true),
+                };
+                if let Some(step) = step {
+                    let k = match &step {
+                        Ok(Step::Send(_)) if pooled => {
+                            turn = (turn + 1) % clocks;
+                            turn
+                        }
+                        Ok(Step::Send(p)) => clock_of(&p.conn, clocks),
+                        Ok(Step::Open { conn, .. } | Step::Close { conn, .. }) => {
+                            clock_of(conn, clocks)
+                        }
+                        Err(_) => 0,
+                    };
+                    let at = step.as_ref().map_or(0, |s| s.at());
+                    let wait = batches[k].push(step);
+                    // Every batch that waited long enough goes, not only this clock's: a clock
+                    // with few connections must not wait for its batch to fill.
+                    for (i, (b, tx)) in batches.iter_mut().zip(&senders).enumerate() {
+                        let due = if i == k { !wait } else { b.due(at) };
+                        if !due {
+                            continue;
+                        }
+                        if !b.flush(tx) {
+                            open -= 1;
+                            if open == 0 {
+                                break 'plan;
+                            }
+                        }
+                        // The clocks may start: the first steps are on their way.
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
                         }
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = steps_tx.send(Err(e));
-                        break;
+                }
+                if end {
+                    for (b, tx) in batches.iter_mut().zip(&senders) {
+                        b.flush(tx);
                     }
+                    break;
                 }
             }
+            drop(ready);
             plan.counters
         })
         .expect("a thread can be started");
-    // The schedule starts once the plan has its first step: a tape whose first records wait in
+    // The schedule starts once the plan has its first steps: a tape whose first records wait in
     // the reorder window must not make the first requests late.
-    let first = steps_rx.recv().ok();
+    let _ = ready_rx.recv();
 
     let now_unix = crate::tape::now_unix_ns();
-    // A short lead lets the plan fill its channel before the first instant.
+    // A short lead lets the plan fill the clocks' channels before the first instant.
     let lead: i64 = 20_000_000;
     let epoch = config.start_at.unwrap_or(now_unix + lead);
     let now = Instant::now();
@@ -388,59 +489,57 @@ pub fn run(
         }
         None => None,
     };
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("LOADTAPE_WORKERS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(2),
-                ),
-        )
-        .thread_name("loadtape-replay")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
     let collector = results::spawn(results_rx, writer, live.clone());
-    let shared = Arc::new(conn::Shared {
-        target,
-        t0,
-        results: results_tx,
-        in_flight: config
-            .max_in_flight
-            .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
-        live: live.clone(),
-        timeout: config.timeout,
-        stop: stop.clone(),
-    });
 
+    let in_flight = config
+        .max_in_flight
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
     let pool_cap = match config.max_in_flight {
         Some(n) => n.min(config.pool_size),
         None => config.pool_size,
-    };
-    let mut clock = clock::Clock::new(
-        shared.clone(),
-        runtime.handle().clone(),
-        config.plan.connections,
-        pool_cap,
-        stop.clone(),
-    );
-    let clock_result = clock.run(first.into_iter().chain(steps_rx));
-    clock.close_all();
-    let stopped = stop.is_cancelled();
-    // Let what is in flight finish (or be abandoned, after a stop), within the drain time.
-    let drain_until = Instant::now() + config.drain;
-    while live.in_flight() > 0 && Instant::now() < drain_until {
-        std::thread::sleep(Duration::from_millis(5));
+    }
+    .div_ceil(clocks);
+    let mut threads = Vec::with_capacity(clocks);
+    for (k, steps) in receivers.into_iter().enumerate() {
+        let shared = Arc::new(conn::Shared {
+            target: target.clone(),
+            t0,
+            results: results_tx.clone(),
+            in_flight: in_flight.clone(),
+            live: live.clone(),
+            timeout: config.timeout,
+            stop: stop.clone(),
+            outstanding: Default::default(),
+        });
+        let clock = clock::Clock::new(shared, config.plan.connections, pool_cap, stop.clone());
+        let drain = config.drain;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("loadtape-clock-{k}"))
+                .spawn(move || {
+                    let result = runtime.block_on(clock.run(steps, drain));
+                    // Requests still going after the drain time are abandoned here.
+                    runtime.shutdown_timeout(Duration::from_millis(100));
+                    result
+                })
+                .expect("a thread can be started"),
+        );
+    }
+    drop(results_tx);
+    let mut clock_result = Ok(());
+    for t in threads {
+        let r = t.join().expect("a clock thread does not panic");
+        if clock_result.is_ok() {
+            clock_result = r;
+        }
     }
     let elapsed = t0.elapsed();
-    drop(clock);
-    drop(shared);
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    let stopped = stop.is_cancelled();
     let plan_counters = planner.join().expect("the plan thread does not panic");
     let collected = collector.join().expect("the results thread does not panic");
     clock_result?;
