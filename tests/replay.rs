@@ -696,3 +696,79 @@ fn the_profile_sets_what_flags_do_and_flags_win() {
         "{plan}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_sending_and_keeps_what_was_replayed() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 100 requests a second for 10 s: the run is interrupted long before its end.
+    let starts: Vec<u64> = (0..1000).map(|i| i * 10 * MS).collect();
+    let tape = tape_at(dir.path(), &starts);
+    let target = sink(Behaviour::default(), None).await;
+    let out = dir.path().join("results.tape");
+    let child = tokio::process::Command::new(loadtape_bin())
+        .arg("replay")
+        .arg(&tape)
+        .args(["--target", &format!("http://{}", target.addr), "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the target has seen 20 requests.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while target.arrivals().len() < 20 {
+        assert!(std::time::Instant::now() < deadline, "no traffic arrived");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id().unwrap() as i32, libc::SIGINT);
+    }
+    let output = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("stopped early"), "{stdout}");
+    let res = results(&out);
+    let arrived = target.arrivals().len();
+    assert!(res.len() >= 20 && res.len() < 1000, "{} results", res.len());
+    assert_eq!(
+        res.len(),
+        arrived,
+        "every request sent has its result, none more"
+    );
+}
+
+#[test]
+fn every_shipped_profile_plans_the_sample_tape() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir.join("replay-profiles")).unwrap() {
+        let profile = entry.unwrap().path();
+        if profile.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        seen += 1;
+        let (code, out, err) = loadtape(&[
+            "replay",
+            dir.join("captures/v1/quay-session-v1.tape")
+                .to_str()
+                .unwrap(),
+            "--profile",
+            profile.to_str().unwrap(),
+            "--target",
+            "http://127.0.0.1:9",
+            "--dry-run",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{}: {err}", profile.display());
+        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(plan["requests"].as_u64().is_some(), "{}", profile.display());
+    }
+    assert!(seen >= 3);
+}
