@@ -772,3 +772,40 @@ fn every_shipped_profile_plans_the_sample_tape() {
     }
     assert!(seen >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_tapes_carry_frame_watermarks_that_hold() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 2.4 s at 200 a second; requests 100 to 109 are held 1.5 s, so their results are written
+    // frames after those of requests sent later.
+    let starts: Vec<u64> = (0..480).map(|i| i * 5 * MS).collect();
+    let tape = tape_at(dir.path(), &starts);
+    let target = sink(
+        Behaviour {
+            stall: Some((100..110, Duration::from_millis(1500))),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let mut c = config(&tape, target.addr);
+    c.plan.schedule = Schedule::Rate(200.0);
+    c.plan.connections = ConnectionMode::Pooled;
+    let out = dir.path().join("results.tape");
+    c.out = Some(out.clone());
+    run(c).await;
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(
+        frame_ends(&bytes).len() >= 2,
+        "the results span several frames"
+    );
+    // Results are written as requests complete; the watermarks say up to where all are in,
+    // so a reader releases them without waiting out its reorder window.
+    assert!(assert_watermarks_hold(&bytes) > 0);
+    let (records, stats) = read_one(&out).unwrap();
+    assert_eq!(stats.out_of_order, 0);
+    let intended: Vec<u64> = records.iter().map(|r| r.start()).collect();
+    assert!(intended.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(records.len(), 480);
+}

@@ -165,6 +165,7 @@ impl Clock {
                 };
                 live.dispatched.fetch_add(1, Ordering::Relaxed);
                 self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+                self.shared.unwritten.started(at);
                 match self.mode {
                     ConnectionMode::Preserve => {
                         match self.conns.get_mut(&conn) {

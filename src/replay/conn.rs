@@ -96,6 +96,9 @@ pub struct Shared {
     pub stop: tokio_util::sync::CancellationToken,
     /// Requests this clock dispatched that have not ended yet.
     pub outstanding: AtomicU64,
+    /// Requests dispatched and not yet written, by intended instant: the results tape's frame
+    /// watermarks (see `tape::capture::InFlight`).
+    pub unwritten: Arc<crate::tape::capture::InFlight>,
 }
 
 impl Shared {
@@ -149,6 +152,7 @@ pub async fn run_connection(
         if shared.stop.is_cancelled() {
             shared.live.abandoned.fetch_add(1, Ordering::Relaxed);
             shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            shared.unwritten.settled(job.planned.at);
             if let Some(d) = &job.planned.done {
                 d.set();
             }

@@ -490,7 +490,14 @@ pub fn run(
         None => None,
     };
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
-    let collector = results::spawn(results_rx, writer, live.clone());
+    let unwritten = Arc::new(crate::tape::capture::InFlight::new());
+    let collector = results::spawn(
+        results_rx,
+        writer,
+        live.clone(),
+        unwritten.clone(),
+        move || Instant::now().saturating_duration_since(t0).as_nanos() as u64,
+    );
 
     let in_flight = config
         .max_in_flight
@@ -511,6 +518,7 @@ pub fn run(
             timeout: config.timeout,
             stop: stop.clone(),
             outstanding: Default::default(),
+            unwritten: unwritten.clone(),
         });
         let clock = clock::Clock::new(shared, config.plan.connections, pool_cap, stop.clone());
         let drain = config.drain;

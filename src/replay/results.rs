@@ -14,6 +14,7 @@ const NAP: Duration = Duration::from_millis(5);
 
 use super::conn::Live;
 use crate::report::Stats;
+use crate::tape::capture::InFlight;
 use crate::tape::{Record, Replayed, TapeError, TapeWriter, WriteSummary};
 
 /// What the results thread hands back at the end.
@@ -24,10 +25,15 @@ pub struct Collected {
     pub error: Option<TapeError>,
 }
 
+/// `unwritten` counts dispatched requests by intended instant; each is settled once its result is
+/// in the writer's frame, and frames carry the watermark it gives at `clock()` (schedule time),
+/// so that readers of results tapes hold back only the requests still in flight.
 pub fn spawn(
     mut rx: UnboundedReceiver<Replayed>,
     mut writer: Option<TapeWriter>,
     live: Arc<Live>,
+    unwritten: Arc<InFlight>,
+    clock: impl Fn() -> u64 + Send + 'static,
 ) -> std::thread::JoinHandle<Collected> {
     std::thread::Builder::new()
         .name("loadtape-results".into())
@@ -57,7 +63,9 @@ pub fn spawn(
                     recent.reset();
                     window = Instant::now();
                 }
+                let intended = r.intended;
                 if let Some(w) = writer.as_mut() {
+                    w.set_watermark(unwritten.watermark(clock()));
                     let written = w
                         .write(&Record::Replayed(Box::new(r)))
                         .and_then(|_| w.tick());
@@ -66,6 +74,7 @@ pub fn spawn(
                         writer = None;
                     }
                 }
+                unwritten.settled(intended);
             }
             let tape = match writer.map(|w| w.finish()) {
                 Some(Ok(s)) => Some(s),

@@ -48,13 +48,22 @@ const WATERMARK_MARGIN: Nanos = 100_000_000;
 /// watermark is the start of the oldest bucket with one in flight: every exchange that started
 /// before it is on the tape. Atomic counters, no lock: a started exchange costs one increment,
 /// a written (or dropped) one a decrement.
+///
+/// The replay's results writer uses one too: requests are counted at dispatch by their intended
+/// instant and settled once their result is written.
 #[derive(Debug)]
-struct InFlight {
+pub struct InFlight {
     buckets: Box<[AtomicU64]>,
 }
 
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::new()
+    }
+}
+
 impl InFlight {
-    fn new() -> InFlight {
+    pub fn new() -> InFlight {
         InFlight {
             buckets: (0..IN_FLIGHT_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -64,9 +73,22 @@ impl InFlight {
         &self.buckets[(start >> BUCKET_SHIFT) as usize % IN_FLIGHT_BUCKETS]
     }
 
+    /// Something that started at `start` is under way; its record will come.
+    pub fn started(&self, start: Nanos) {
+        self.slot(start).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Its record is written (or will never be).
+    pub fn settled(&self, start: Nanos) {
+        // Never below zero: something not announced settles to nothing.
+        let _ = self
+            .slot(start)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     /// The watermark at tape time `now`: the start of the oldest bucket with an exchange in
     /// flight, and never later than [`WATERMARK_MARGIN`] before `now`.
-    fn watermark(&self, now: Nanos) -> Nanos {
+    pub fn watermark(&self, now: Nanos) -> Nanos {
         let ceiling = now.saturating_sub(WATERMARK_MARGIN);
         let now_b = now >> BUCKET_SHIFT;
         let oldest = now_b.saturating_sub(IN_FLIGHT_BUCKETS as u64 - 2);
@@ -100,9 +122,7 @@ impl CaptureCounters {
     /// An exchange announced as started was written or dropped.
     fn exchange_settled(&self, start: Nanos) {
         if let Some(f) = &self.in_flight {
-            let slot = f.slot(start);
-            // Never below zero: an exchange not announced (no tracking) settles to nothing.
-            let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            f.settled(start);
         }
     }
 }
@@ -141,7 +161,7 @@ impl CaptureSink {
     /// given up with [`CaptureSink::exchange_abandoned`]. Lets the writer set the watermark.
     pub fn exchange_started(&self, start: Nanos) {
         if let Some(f) = &self.counters.in_flight {
-            f.slot(start).fetch_add(1, Ordering::AcqRel);
+            f.started(start);
         }
     }
 

@@ -108,6 +108,34 @@ pub fn frame_watermarks(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// The smallest record start of each frame, in order.
+pub fn frame_first_starts(bytes: &[u8]) -> Vec<u64> {
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let mut starts = vec![loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4];
+    let ends = frame_ends(bytes);
+    starts.extend(ends.iter().take(ends.len().saturating_sub(1)).copied());
+    starts
+        .iter()
+        .map(|&s| u64::from_le_bytes(bytes[s + 20..s + 28].try_into().unwrap()))
+        .collect()
+}
+
+/// Checks the writer's promise: nothing in a later frame started before an earlier frame's
+/// watermark. Returns how many frames carry one.
+pub fn assert_watermarks_hold(bytes: &[u8]) -> usize {
+    let watermarks = frame_watermarks(bytes);
+    let first = frame_first_starts(bytes);
+    for (i, w) in watermarks.iter().enumerate() {
+        for (j, f) in first.iter().enumerate().skip(i + 1) {
+            assert!(
+                f >= w,
+                "frame {j} starts at {f}, before frame {i}'s watermark {w}"
+            );
+        }
+    }
+    watermarks.iter().filter(|&&w| w > 0).count()
+}
+
 /// The exchanges among `records`.
 pub fn exchanges_in(records: &[Record]) -> Vec<&loadtape::tape::Exchange> {
     records
