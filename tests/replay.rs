@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 const MS: u64 = 1_000_000;
 
 /// The tests here measure time: they run one at a time, so that one's load (a registry, TLS
-/// handshakes) does not show as another's lag.
+/// handshakes, a loadtape process) does not show as another's lag.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A recorded GET of `/r/{id}` on connection `conn`, starting at `start` ns.
@@ -180,9 +180,10 @@ async fn arrivals_follow_the_recorded_timing_at_x1_and_x10_bursts_included() {
         c.out = Some(dir.path().join(format!("x{speed}.tape")));
         let report = run(c).await;
         assert!(report.valid, "{}", report.to_text());
-        // A burst's 1 ms gaps become 0.1 ms at x10: the tolerance is well under the gaps
-        // between bursts (>= 15 ms at x10), so a wrong speed fails.
-        assert_follows(&target.arrivals(), &starts, speed, 3 * MS);
+        // A burst's 1 ms gaps become 0.1 ms at x10: the tolerance (a scheduler time slice on a
+        // busy 2-core machine, where the target shares the cores) is well under the gaps between
+        // bursts (>= 15 ms at x10), so a wrong speed fails.
+        assert_follows(&target.arrivals(), &starts, speed, 4 * MS);
         // One live connection per recorded one, as the tape opened them.
         assert_eq!(report.connections_opened, starts.len() as u64);
         // The results say when each request was meant to go: the recorded instants, scaled.
@@ -568,6 +569,7 @@ fn loadtape(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn bad_flags_say_what_would_be_right() {
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let tape = tape_at(dir.path(), &[0, MS]);
     let t = tape.to_str().unwrap();
@@ -623,6 +625,7 @@ fn bad_flags_say_what_would_be_right() {
 
 #[test]
 fn dry_run_sends_nothing_and_prints_the_plan() {
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let starts: Vec<u64> = (0..30).map(|i| i * 100 * MS).collect();
     let tape = tape_at(dir.path(), &starts);
@@ -658,6 +661,7 @@ fn dry_run_sends_nothing_and_prints_the_plan() {
 
 #[test]
 fn the_profile_sets_what_flags_do_and_flags_win() {
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let starts: Vec<u64> = (0..20).map(|i| i * 100 * MS).collect();
     let tape = tape_at(dir.path(), &starts);
@@ -746,6 +750,7 @@ async fn ctrl_c_stops_sending_and_keeps_what_was_replayed() {
 
 #[test]
 fn every_shipped_profile_plans_the_sample_tape() {
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut seen = 0;
     for entry in std::fs::read_dir(dir.join("replay-profiles")).unwrap() {

@@ -1,17 +1,22 @@
 //! The clocks: keep the plan's instants, each on a thread of its own that also runs the
 //! connections it dispatches to.
 //!
-//! tokio's timer has millisecond resolution, and handing a request from a timing thread to a
-//! runtime on another thread costs a wake-up (a futex, an eventfd write, a context switch) per
-//! request: at 10k requests a second on a small box that was most of loadtape's CPU, and the
-//! wake-up's latency showed as lag. Spinning before each instant instead kept the lag down but
-//! burnt a core the target and the network stack needed. So a clock is a single-threaded
-//! runtime whose main task is the schedule, and it waits for each instant on a `timerfd`: a
-//! kernel high-resolution timer (with the thread's timer slack at its minimum) registered in the
-//! same epoll set as the connections. The runtime sleeps in `epoll_wait` until the instant or
-//! until the network has something, wakes within microseconds of the instant, and hands the
-//! request to its connection's task on the same thread: no spinning, and no cross-thread
-//! wake-up at all.
+//! What was measured on the way here (2-core VM, nginx on loopback): handing each request from
+//! a timing thread to a multi-threaded runtime cost a futex, an eventfd write and a context
+//! switch per request (37k switches a second at 10k requests a second, 0.74 CPU, and the
+//! wake-ups' latency showed as lag). Sleeping to every instant on a high-resolution timer instead
+//! cost two system calls and a wake-up per request, and a woken thread waits behind running ones
+//! for up to the scheduler's granularity: on a busy core the lag reached milliseconds by 20k/s.
+//!
+//! So a clock is a single-threaded runtime whose main task is the schedule. Far from the next
+//! instant it sleeps on a `timerfd` (microsecond precision, in the same epoll set as the
+//! connections, so the runtime serves them meanwhile); within [`POLL_WITHIN`] (300 µs) of it, it yields
+//! in a loop, each turn letting the runtime poll the network without blocking and run the
+//! connection tasks that are ready, and it dispatches at the instant to a connection task on the
+//! same thread: no system call and no cross-thread wake-up per request. While requests are less
+//! than 300 µs apart a clock keeps its core busy; that is the price of microsecond lag. (Polling
+//! for 2 ms before each instant kept lag lower still on a busy core, but starved co-located
+//! processes of their time slices: a test's in-process target saw 3 ms delays.)
 //!
 //! With `--threads N`, the plan spreads recorded connections over N clocks (pooled requests in
 //! turn), each owning its connections: no lock on the dispatch path, nothing shared but atomic
@@ -117,14 +122,7 @@ impl Clock {
                     }
                 };
                 let deadline = self.shared.t0 + Duration::from_nanos(step.at());
-                let on_time = match &timer {
-                    Ok(t) => self.wait_until(t, deadline).await,
-                    Err(_) => {
-                        tokio::time::sleep_until(deadline.into()).await;
-                        !self.stop.is_cancelled()
-                    }
-                };
-                if !on_time {
+                if !self.wait_until(timer.as_ref().ok(), deadline).await {
                     break 'plan;
                 }
                 self.step(step);
@@ -246,25 +244,64 @@ impl Clock {
         tx
     }
 
-    /// Waits for `deadline` on the precise timer; false when the run was stopped meanwhile.
-    async fn wait_until(&self, timer: &PreciseTimer, deadline: Instant) -> bool {
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => false,
-            r = timer.sleep_until(deadline) => {
-                if let Err(e) = r {
-                    // Not expected (timerfd is Linux's since 2.6.25); fall back to tokio's timer.
-                    tracing::warn!("the precise timer failed ({e}); using tokio's");
-                    tokio::time::sleep_until(deadline.into()).await;
+    /// Waits for `deadline`; false when the run was stopped meanwhile. Far from it, the thread
+    /// sleeps on the precise timer (the runtime serves the connections meanwhile) until
+    /// [`POLL_WITHIN`] before it; then it polls, each turn letting the runtime poll the network
+    /// without blocking and run what is ready.
+    async fn wait_until(&self, timer: Option<&PreciseTimer>, deadline: Instant) -> bool {
+        loop {
+            if self.stop.is_cancelled() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            if deadline - now <= POLL_WITHIN {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let wake = deadline - POLL_WITHIN / 2;
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return false,
+                r = async {
+                    match timer {
+                        Some(t) => t.sleep_until(wake).await,
+                        None => {
+                            // tokio's timer fires up to a millisecond late.
+                            tokio::time::sleep_until((deadline - TOKIO_TIMER_SLACK).into()).await;
+                            Ok(())
+                        }
+                    }
+                } => {
+                    if let Err(e) = r {
+                        tracing::debug!("the precise timer failed: {e}");
+                        tokio::time::sleep_until((deadline - TOKIO_TIMER_SLACK).into()).await;
+                    }
                 }
-                !self.stop.is_cancelled()
             }
         }
     }
 }
 
-/// Waits shorter than this spin instead of arming the timer.
-const SPIN_BELOW: Duration = Duration::from_micros(10);
+/// Within this of an instant the clock polls instead of sleeping.
+const POLL_WITHIN: Duration = Duration::from_micros(300);
+/// Without a timerfd, tokio's timer (which fires up to a millisecond late) aims this early.
+const TOKIO_TIMER_SLACK: Duration = Duration::from_micros(1500);
+
+/// Scheduling priority (nice) of the results thread, which does bulk work that can wait. (A
+/// clock preferred over the plan thread starved it on a busy core: both keep normal priority.)
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value; false when not permitted.
+pub fn set_thread_nice(value: i32) -> bool {
+    // SAFETY: gettid and setpriority take plain integers and touch only this thread.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, value) == 0
+    }
+}
 
 /// A `timerfd` in the runtime's epoll set: sleeps to the microsecond without a thread of its
 /// own.
@@ -304,13 +341,6 @@ impl PreciseTimer {
                 return Ok(());
             }
             let left = deadline - now;
-            if left < SPIN_BELOW {
-                // Arming the timer and waking from epoll costs more than this.
-                while Instant::now() < deadline {
-                    std::hint::spin_loop();
-                }
-                return Ok(());
-            }
             let spec = libc::itimerspec {
                 it_interval: libc::timespec {
                     tv_sec: 0,

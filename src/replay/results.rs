@@ -38,6 +38,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("loadtape-results".into())
         .spawn(move || {
+            super::clock::set_thread_nice(super::clock::BACKGROUND_NICE);
             let mut stats = Stats::default();
             let mut error = None;
             let mut recent = Histogram::<u64>::new(3).expect("valid precision");
