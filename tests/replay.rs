@@ -814,3 +814,172 @@ async fn results_tapes_carry_frame_watermarks_that_hold() {
     assert!(intended.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(records.len(), 480);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_push_and_pull_replays_into_an_empty_registry_that_then_serves_the_image() {
+    use common::registry::*;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Registry::start(&dir.path().join("registry-a"));
+    let b = Registry::start(&dir.path().join("registry-b"));
+    // Layers larger than the 64 KiB of a body the tape keeps: the replay sends synthetic bytes
+    // of their length, and must follow their new digests everywhere.
+    let image = oci_image(&dir.path().join("image"), &[300_000, 1 << 20, 150_000], 11);
+    let tape = dir.path().join("push");
+    let rec = net::start(net::config(a.addr, &tape)).await;
+    let remote = format!("docker://{}/loadtape/app:v1", rec.addr);
+    skopeo_copy(&format!("oci:{}:v1", image.layout.display()), &remote).await;
+    skopeo_copy(
+        &remote,
+        &format!("oci:{}:v1", dir.path().join("pulled").display()),
+    )
+    .await;
+    rec.stop().await;
+
+    let out = dir.path().join("results.tape");
+    let (code, summary, err) = loadtape(&[
+        "replay",
+        tape.to_str().unwrap(),
+        "--target",
+        &format!("http://{}", b.addr),
+        "--speed",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let res = results(&out);
+    assert!(res
+        .iter()
+        .any(|r| r.endpoint == "PATCH /v2/{repo}/blobs/uploads/{uuid}"));
+    for r in &res {
+        assert_eq!(
+            r.status(),
+            r.recorded.status,
+            "{} #{} replayed {:?}, recorded {:?}\n{summary}",
+            r.endpoint,
+            r.exchange,
+            r.outcome,
+            r.recorded.status
+        );
+        assert_eq!(
+            r.flags & loadtape::tape::replayed_flags::UNMAPPED,
+            0,
+            "{r:?}"
+        );
+    }
+    // B now holds a complete image under the tag: skopeo pulls it, checking every digest.
+    let from_b = dir.path().join("from-b");
+    skopeo_copy(
+        &format!("docker://{}/loadtape/app:v1", b.addr),
+        &format!("oci:{}:v1", from_b.display()),
+    )
+    .await;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(from_b.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(&from_b, &manifest_digest)).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    for (layer, recorded) in layers.iter().zip(&image.layers) {
+        let digest = layer["digest"].as_str().unwrap();
+        let bytes = blob(&from_b, digest);
+        assert_eq!(bytes.len() as u64, layer["size"].as_u64().unwrap());
+        // Synthetic bytes of the recorded length, under their own digest.
+        assert_ne!(digest, recorded);
+        assert_eq!(bytes.len(), blob(&image.layout, recorded).len());
+    }
+    // The config was kept whole on the tape: the same bytes, the same digest.
+    assert_eq!(manifest["config"]["digest"].as_str().unwrap(), image.config);
+
+    // A second replay sends the same bytes: B already has every blob, same digests.
+    let out2 = dir.path().join("results-2.tape");
+    let (code, _, err) = loadtape(&[
+        "replay",
+        tape.to_str().unwrap(),
+        "--target",
+        &format!("http://{}", b.addr),
+        "--speed",
+        "4",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let _ = out2;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints() {
+    use common::token_registry::*;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let recorded = token_registry().await;
+    let tape = dir.path().join("tokens");
+    let rec = net::start(net::config(recorded.addr, &tape)).await;
+    let base = format!("http://{}", rec.addr);
+    // A client session: a ping, two tokens, each used twice.
+    net::curl(&["-o", "/dev/null", &format!("{base}/v2/")]).await;
+    for _ in 0..2 {
+        let json = net::curl(&[
+            "-u",
+            &format!("{USER}:{PASSWORD}"),
+            &format!("{base}/v2/auth?service=x&scope=repository:app:pull"),
+        ])
+        .await;
+        let token: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let bearer = format!("Authorization: Bearer {}", token["token"].as_str().unwrap());
+        for _ in 0..2 {
+            net::curl(&["-f", "-H", &bearer, &format!("{base}/v2/app/manifests/v1")]).await;
+        }
+    }
+    rec.stop().await;
+
+    // A fresh registry issues tokens of its own.
+    let fresh = token_registry().await;
+    let profile = dir.path().join("auth.toml");
+    std::fs::write(
+        &profile,
+        "[[auth]]\npath-prefix = \"/v2/\"\nkind = \"registry-token\"\nusername-env = \"LT_USER\"\npassword-env = \"LT_PASSWORD\"\n",
+    )
+    .unwrap();
+    let fresh_addr = fresh.addr;
+    let replay = move |with_profile: bool, out: PathBuf| {
+        let mut cmd = std::process::Command::new(loadtape_bin());
+        cmd.arg("replay")
+            .arg(&tape)
+            .args(["--target", &format!("http://{fresh_addr}"), "--out"])
+            .arg(&out)
+            .env("LT_USER", USER)
+            .env("LT_PASSWORD", PASSWORD);
+        if with_profile {
+            cmd.arg("--profile").arg(&profile);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        results(&out)
+    };
+    let out = dir.path().join("with-auth.tape");
+    let res = tokio::task::spawn_blocking({
+        let replay = replay.clone();
+        move || replay(true, out)
+    })
+    .await
+    .unwrap();
+    assert_eq!(res.len(), 7);
+    for r in &res {
+        assert_eq!(r.status(), r.recorded.status, "{r:?}");
+    }
+    // Without fresh credentials the recorded tokens are gone: the manifests get 401.
+    let out = dir.path().join("without.tape");
+    let res = tokio::task::spawn_blocking(move || replay(false, out))
+        .await
+        .unwrap();
+    assert!(res
+        .iter()
+        .filter(|r| r.endpoint.contains("manifests"))
+        .all(|r| r.status() == Some(401)));
+}

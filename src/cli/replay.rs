@@ -141,6 +141,7 @@ fn configure(
     for h in profile.headers.iter().chain(args.headers.iter()) {
         config.headers.push(parse_header(h)?);
     }
+    config.auth = crate::replay::auth::Auth::from_rules(&profile.auth)?;
     config.insecure = args.insecure || profile.insecure.unwrap_or(false);
     config.ca = args.ca.clone().or(profile.ca.clone());
     config.force = if args.http1 {

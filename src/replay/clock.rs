@@ -47,6 +47,8 @@ struct Slot {
 /// [`IDLE_CLOSE`] of schedule time are closed, and past [`MAX_LIVE`] the least recently used
 /// half.
 const SOFT_LIVE: usize = 512;
+/// Requests a clock may have dispatched and not yet done (each holds its prepared request).
+const MAX_OUTSTANDING: u64 = 8_192;
 const MAX_LIVE: usize = 8192;
 const IDLE_CLOSE: u64 = 2_000_000_000;
 
@@ -125,6 +127,9 @@ impl Clock {
                 if !self.wait_until(timer.as_ref().ok(), deadline).await {
                     break 'plan;
                 }
+                if matches!(step, Step::Send(_)) && !self.room_for_one_more().await {
+                    break 'plan;
+                }
                 self.step(step);
             }
         }
@@ -186,6 +191,20 @@ impl Clock {
                 }
             }
         }
+    }
+
+    /// Waits while [`MAX_OUTSTANDING`] requests are dispatched and not done: a target slower
+    /// than the schedule (or too few connections) must not grow queues without bound. The wait
+    /// shows as dispatch lag, and the run is marked invalid: the schedule was not kept. False
+    /// when the run was stopped meanwhile.
+    async fn room_for_one_more(&self) -> bool {
+        while self.shared.outstanding.load(Ordering::Acquire) >= MAX_OUTSTANDING {
+            if self.stop.is_cancelled() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        true
     }
 
     fn retire(&mut self, now: u64) {

@@ -209,15 +209,16 @@ pub async fn run_connection(
     }
 }
 
-/// Waits for an earlier exchange this one depends on; true when it had to.
+/// Waits for the earlier exchanges this one depends on; true when it had to.
 async fn wait_turn(_shared: &Shared, job: &Job) -> bool {
-    match &job.planned.after {
-        Some(d) if !d.is_set() => {
+    let mut waited = false;
+    for d in &job.planned.after {
+        if !d.is_set() {
             d.wait().await;
-            true
+            waited = true;
         }
-        _ => false,
     }
+    waited
 }
 
 async fn open(shared: &Shared, protocol: Protocol) -> Result<(Sender, Setup), UpstreamFailure> {
@@ -311,6 +312,31 @@ fn failure(kind: FailureKind, detail: &str) -> UpstreamFailure {
 /// Builds the hyper request of a job: origin-form for HTTP/1.1, absolute for HTTP/2 (where the
 /// URI gives `:scheme` and `:authority`).
 fn build(shared: &Shared, job: &mut Job, absolute: bool) -> (http::Request<ReplayBody>, u64) {
+    // Stateful replay: the live location replaces the recorded one.
+    if let Some(live) = &job.planned.live_target {
+        match live
+            .resolve(job.planned.request.path.as_str())
+            .and_then(|t| http::uri::PathAndQuery::try_from(t).ok())
+        {
+            Some(path) => job.planned.request.path = path,
+            None => job.planned.flags |= replayed_flags::UNMAPPED,
+        }
+    }
+    // Registry token flow: the live token the request's token request got.
+    if let Some(issued) = &job.planned.auth_token {
+        match issued
+            .get()
+            .and_then(|t| http::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            Some(v) => {
+                job.planned
+                    .request
+                    .headers
+                    .insert(http::header::AUTHORIZATION, v);
+            }
+            None => job.planned.flags |= replayed_flags::UNMAPPED,
+        }
+    }
     let p = &mut job.planned.request;
     let uri = if absolute {
         let mut parts = http::uri::Parts::default();
@@ -367,8 +393,15 @@ async fn exchange_h1(
     }
     let sent = shared.now();
     shared.live.sent.fetch_add(1, Ordering::Relaxed);
-    let result =
-        tokio::time::timeout(shared.timeout, roundtrip(sender.send_request(req), shared)).await;
+    let issues = Issues {
+        location: job.planned.issues.clone(),
+        token: job.planned.issues_token.clone(),
+    };
+    let result = tokio::time::timeout(
+        shared.timeout,
+        roundtrip(sender.send_request(req), shared, &issues),
+    )
+    .await;
     let (outcome, reusable) = match result {
         Ok(Ok(r)) => (Ok(r), true),
         Ok(Err(f)) => (Err(f), false),
@@ -408,8 +441,15 @@ async fn exchange_h2(
     }
     let sent = shared.now();
     shared.live.sent.fetch_add(1, Ordering::Relaxed);
-    let result =
-        tokio::time::timeout(shared.timeout, roundtrip(sender.send_request(req), shared)).await;
+    let issues = Issues {
+        location: job.planned.issues.clone(),
+        token: job.planned.issues_token.clone(),
+    };
+    let result = tokio::time::timeout(
+        shared.timeout,
+        roundtrip(sender.send_request(req), shared, &issues),
+    )
+    .await;
     let outcome = match result {
         Ok(r) => r,
         Err(_) => Err(failure(
@@ -418,6 +458,12 @@ async fn exchange_h2(
         )),
     };
     finish_sent(shared, job, waited, setup, sent, outcome, len);
+}
+
+/// Live values a response gives (stateful replay).
+struct Issues {
+    location: Option<Arc<super::state::Issued>>,
+    token: Option<Arc<super::state::Issued>>,
 }
 
 /// Status, first byte and last byte (ns from the schedule's zero), bytes received.
@@ -431,16 +477,37 @@ struct Response {
 async fn roundtrip(
     send: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>>,
     shared: &Shared,
+    issues: &Issues,
 ) -> Result<Response, UpstreamFailure> {
     let response = send.await.map_err(|e| classify(&e))?;
     let first_byte = shared.now();
+    if let Some(issued) = &issues.location {
+        if let Some(location) = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::state::location_path)
+        {
+            issued.set(location);
+        }
+    }
     let status = response.status().as_u16();
     let mut body = response.into_body();
     let mut bytes = 0u64;
+    // A token endpoint's answer is read for its token (never stored anywhere else).
+    let mut kept = issues.token.as_ref().map(|_| Vec::new());
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| classify(&e))?;
         if let Some(d) = frame.data_ref() {
             bytes += d.len() as u64;
+            if let Some(k) = kept.as_mut().filter(|k| k.len() < 65_536) {
+                k.extend_from_slice(d);
+            }
+        }
+    }
+    if let (Some(issued), Some(body)) = (&issues.token, &kept) {
+        if let Some(token) = super::auth::token_in(body) {
+            issued.set(token);
         }
     }
     Ok(Response {

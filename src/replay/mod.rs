@@ -20,12 +20,14 @@
 //! Nothing is sent anywhere but `--target`: requests carry only their recorded path and query,
 //! redirects are not followed.
 
+pub mod auth;
 mod clock;
 pub mod conn;
 pub mod plan;
 pub mod profile;
 pub mod request;
 mod results;
+pub mod state;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -129,6 +131,8 @@ pub struct ReplayConfig {
     pub threads: usize,
     /// Provenance written into the results header.
     pub provenance: Vec<(String, String)>,
+    /// Fresh credentials by path prefix (profile `[[auth]]`).
+    pub auth: auth::Auth,
 }
 
 impl ReplayConfig {
@@ -159,6 +163,7 @@ impl ReplayConfig {
             pool_size: 256,
             threads: 1,
             provenance: Vec::new(),
+            auth: auth::Auth::default(),
         }
     }
 }
@@ -209,7 +214,7 @@ impl ReplayReport {
             s.synthesised,
             p.filtered,
             p.upgrades,
-            p.unmappable,
+            p.unmappable + s.unmapped,
             s.late,
             self.connections_opened,
         );
@@ -340,6 +345,7 @@ fn plan(config: &ReplayConfig) -> anyhow::Result<Plan> {
     let template = request::RequestTemplate {
         host,
         headers: config.headers.clone(),
+        auth: config.auth.clone(),
     };
     Ok(Plan::new(
         config.plan.clone(),

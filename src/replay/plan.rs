@@ -19,13 +19,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::request::{prepare, Prepared, RequestTemplate};
+use super::auth::{sign_jwt, Credential, Tokens};
+use super::request::{prepare, BodySource, Prepared, RequestTemplate};
+use super::state::{is_upload, location_path, Digests, Issued, LiveTarget, Locations};
 use crate::endpoint;
 use crate::tape::reader::SourceFile;
+use crate::tape::replayed_flags;
 use crate::tape::{
     Exchange, HttpVersion, Method, Nanos, ReadOptions, Record, RecordedOutcome, TapeError,
     TapeReader,
 };
+use sha2::{Digest as _, Sha256};
 
 /// When requests go out.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -206,10 +210,20 @@ pub struct Planned {
     pub recorded: RecordedOutcome,
     /// `replayed_flags` known before sending (rewritten, synthesised).
     pub flags: u32,
-    /// An earlier exchange this one must wait for (a write to the same resource in flight).
-    pub after: Option<Arc<Done>>,
+    /// Earlier exchanges this one must wait for: a write to the same resource in flight, the
+    /// exchange whose answer gives the live location this request goes to.
+    pub after: Vec<Arc<Done>>,
     /// Set when this exchange completes, if something may wait for it.
     pub done: Option<Arc<Done>>,
+    /// The target starts with a location a live answer replaces (stateful replay).
+    pub live_target: Option<LiveTarget>,
+    /// This exchange's answer gives a location later requests use.
+    pub issues: Option<Arc<Issued>>,
+    /// The live token (registry token flow) this request carries, once its token request is
+    /// answered.
+    pub auth_token: Option<Arc<Issued>>,
+    /// This exchange is a token request whose answer's token later requests carry.
+    pub issues_token: Option<Arc<Issued>>,
 }
 
 /// Completion of an exchange others may depend on: a flag and a wake-up.
@@ -331,8 +345,14 @@ pub struct Plan {
     /// Requests counted by the schedule (all shards).
     index: u64,
     /// Writes in flight per path: a later write to the same resource waits for the earlier.
-    writes: HashMap<String, Arc<Done>>,
+    writes: HashMap<String, (Arc<Done>, Nanos)>,
     inserted_since_sweep: usize,
+    /// Recorded digests mapped to those of the bytes sent (stateful replay).
+    digests: Digests,
+    /// Recorded upload locations and the exchanges whose live answers replace them.
+    locations: Locations,
+    /// Live registry tokens by the fingerprint of the recorded token they replace.
+    tokens: Tokens,
     pub counters: PlanCounters,
     finished: bool,
 }
@@ -359,6 +379,9 @@ impl Plan {
             index: 0,
             writes: HashMap::new(),
             inserted_since_sweep: 0,
+            digests: Digests::default(),
+            locations: Locations::default(),
+            tokens: Tokens::default(),
             counters: PlanCounters {
                 passes: 1,
                 ..PlanCounters::default()
@@ -514,11 +537,125 @@ impl Plan {
     }
 
     fn plan_exchange(&mut self, source: usize, e: &Exchange, at: Nanos) -> Option<Planned> {
-        let (request, flags, dropped) = prepare(e, &self.template, &self.blobs)?;
-        if dropped {
+        let (mut request, mut flags, dropped) = prepare(e, &self.template, &self.blobs)?;
+        let (after, mut done) = self.causality(e);
+        let mut after: Vec<Arc<Done>> = after.into_iter().collect();
+
+        // Credentials: fresh ones where the profile gives them.
+        let (mut auth_token, mut issues_token) = (None, None);
+        let mut replaced = false;
+        let redacted = request.authorization.take();
+        match self.template.auth.for_path(e.request.path()) {
+            Some(Credential::Basic(v)) | Some(Credential::Bearer(v)) if redacted.is_some() => {
+                request
+                    .headers
+                    .insert(http::header::AUTHORIZATION, v.clone());
+                replaced = true;
+            }
+            Some(Credential::Jwt { key, issuer }) if redacted.is_some() => {
+                request
+                    .headers
+                    .insert(http::header::AUTHORIZATION, sign_jwt(key, issuer));
+                replaced = true;
+            }
+            Some(Credential::RegistryToken(account)) => {
+                if crate::redact::is_token_endpoint(e.request.path()) {
+                    request
+                        .headers
+                        .insert(http::header::AUTHORIZATION, account.clone());
+                    replaced = true;
+                    if !e.issued_secrets.is_empty() {
+                        let done = done
+                            .get_or_insert_with(|| Arc::new(Done::default()))
+                            .clone();
+                        let issued = Arc::new(Issued::new(done));
+                        for secret in &e.issued_secrets {
+                            self.tokens.insert(secret.fingerprint, issued.clone());
+                        }
+                        issues_token = Some(issued);
+                    }
+                } else if let Some(issued) = redacted
+                    .as_ref()
+                    .and_then(|r| self.tokens.get(r.fingerprint))
+                {
+                    after.push(issued.done.clone());
+                    auth_token = Some(issued);
+                    replaced = true;
+                }
+            }
+            _ => {}
+        }
+        if replaced {
+            flags |= replayed_flags::REWRITTEN;
+            request.dropped_credentials.clear();
+        } else if dropped {
             self.counters.credentials_dropped += 1;
         }
-        let (after, done) = self.causality(e);
+
+        // Digests: an upload's bytes are hashed as they will be sent, and every digest the
+        // replay changed is followed, in JSON bodies (a manifest's own digest then changes
+        // too) and in the target.
+        let path = e.request.path();
+        if is_upload(path) {
+            let completion = done.clone().map(|d| (d, e.timing.end()));
+            self.digests
+                .upload(path, &e.request.target, &request.body, completion);
+        }
+        // A request naming a digest uploaded earlier on the tape waits for that upload.
+        after.extend(self.digests.depends(&e.request.target, e.timing.start));
+        if let Some(text) = e
+            .request
+            .body
+            .whole_inline()
+            .filter(|_| !is_upload(path))
+            .and_then(|b| std::str::from_utf8(b).ok())
+        {
+            after.extend(self.digests.depends(text, e.timing.start));
+        }
+        if let (BodySource::Bytes(bytes), false) = (&request.body, is_upload(path)) {
+            // (A blob's bytes are opaque: only manifests and JSON requests are rewritten.)
+            let rewritten = std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|text| self.digests.rewrite(text));
+            if let Some(text) = rewritten {
+                let new = Bytes::from(text);
+                if let Some(recorded) = e.request.body.sha256 {
+                    self.digests.insert(recorded, Sha256::digest(&new).into());
+                }
+                request
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, new.len().into());
+                request.body = BodySource::Bytes(new);
+                flags |= replayed_flags::REWRITTEN;
+            }
+        }
+        if let Some(target) = self.digests.rewrite(request.path.as_str()) {
+            request.path = http::uri::PathAndQuery::try_from(target).ok()?;
+            flags |= replayed_flags::REWRITTEN;
+        }
+
+        // Locations: a request to one a recorded answer gave waits for the live answer.
+        let live_target = self.locations.find(request.path.as_str());
+        if let Some(t) = &live_target {
+            after.push(t.issued.done.clone());
+            flags |= replayed_flags::REWRITTEN;
+        }
+        let issues = match &e.response {
+            Ok(r) if (200..300).contains(&r.status) => r
+                .headers
+                .get_str("location")
+                .and_then(location_path)
+                .filter(|l| is_upload(l))
+                .map(|location| {
+                    let done = done
+                        .get_or_insert_with(|| Arc::new(Done::default()))
+                        .clone();
+                    let issued = Arc::new(Issued::new(done));
+                    self.locations.insert(location, issued.clone());
+                    issued
+                }),
+            _ => None,
+        };
         Some(Planned {
             conn: self.key(source, e.connection),
             at,
@@ -535,26 +672,36 @@ impl Plan {
             flags,
             after,
             done,
+            live_target,
+            issues,
+            auth_token,
+            issues_token,
         })
     }
 
-    /// A write waits for the previous write to the same path still in flight.
+    /// A request waits for the latest write to the same path that ended on the tape before it
+    /// started and is still in flight (a push's manifest, then its pull). Requests that
+    /// overlapped it on the tape do not: the recorded client did not wait either.
     fn causality(&mut self, e: &Exchange) -> (Option<Arc<Done>>, Option<Arc<Done>>) {
+        let path = e.request.path();
+        let after = self
+            .writes
+            .get(path)
+            .filter(|(d, end)| *end <= e.timing.start && !d.is_set())
+            .map(|(d, _)| d.clone());
         if matches!(
             e.request.method,
             Method::Get | Method::Head | Method::Options | Method::Trace
         ) {
-            return (None, None);
+            return (after, None);
         }
         let done = Arc::new(Done::default());
-        let after = self
-            .writes
-            .insert(e.request.path().to_string(), done.clone())
-            .filter(|d| !d.is_set());
+        self.writes
+            .insert(path.to_string(), (done.clone(), e.timing.end()));
         self.inserted_since_sweep += 1;
         if self.inserted_since_sweep >= 1024 {
             // Forget completed writes: the map holds only what is in flight.
-            self.writes.retain(|_, d| !d.is_set());
+            self.writes.retain(|_, (d, _)| !d.is_set());
             self.inserted_since_sweep = 0;
         }
         (after, Some(done))
@@ -574,6 +721,12 @@ pub struct PlanSummary {
     pub rewritten: u64,
     /// Requests whose body is generated (not stored on the tape).
     pub synthesised: u64,
+    /// Requests that go to an upload location the live target will issue (stateful replay).
+    pub live_locations: u64,
+    /// Requests whose answer issues such a location.
+    pub issuing: u64,
+    /// Recorded digests replaced by those of the bytes the replay sends.
+    pub digests_remapped: u64,
     /// Redacted credentials by kind: a replay sends these requests without them.
     pub auth: BTreeMap<String, u64>,
     /// Live connections opened for recorded ones (preserve mode).
@@ -607,6 +760,8 @@ impl Plan {
             use crate::tape::replayed_flags::{REWRITTEN, SYNTHESISED};
             s.rewritten += u64::from(p.flags & REWRITTEN != 0);
             s.synthesised += u64::from(p.flags & SYNTHESISED != 0);
+            s.live_locations += u64::from(p.live_target.is_some());
+            s.issuing += u64::from(p.issues.is_some());
             for kind in &p.request.dropped_credentials {
                 *s.auth.entry(kind.clone()).or_default() += 1;
             }
@@ -623,6 +778,7 @@ impl Plan {
             s.peak_rate = s.peak_rate.max(in_second);
         }
         s.connections = conns.len() as u64;
+        s.digests_remapped = self.digests.len() as u64;
         s.counters = self.counters.clone();
         Ok(s)
     }
@@ -659,8 +815,13 @@ impl PlanSummary {
         );
         let _ = writeln!(
             out,
-            "synthesised: {} bodies not stored on the tape, generated with their recorded length",
-            self.synthesised
+            "synthesised: {} bodies not stored on the tape, generated with their recorded length; {} recorded digests follow the bytes sent",
+            self.synthesised, self.digests_remapped
+        );
+        let _ = writeln!(
+            out,
+            "mapped:      {} requests go to upload locations that {} live answers will issue",
+            self.live_locations, self.issuing
         );
         if self.auth.is_empty() {
             let _ = writeln!(out, "auth:        no redacted credentials in the requests");

@@ -37,6 +37,9 @@ pub struct Profile {
     pub lag_limit: Option<String>,
     #[serde(default)]
     pub filter: ProfileFilter,
+    /// `[[auth]]`: fresh credentials per path prefix (see `replay::auth`).
+    #[serde(default)]
+    pub auth: Vec<super::auth::AuthRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]

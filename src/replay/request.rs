@@ -28,6 +28,8 @@ pub struct RequestTemplate {
     pub host: HeaderValue,
     /// `--header` values: replace the recorded ones of the same name.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Fresh credentials by path prefix (the profile's `[[auth]]`).
+    pub auth: super::auth::Auth,
 }
 
 /// A request ready to go.
@@ -39,6 +41,8 @@ pub struct Prepared {
     pub body: BodySource,
     /// Kinds of the redacted credentials left out (for `--dry-run`).
     pub dropped_credentials: Vec<String>,
+    /// The redacted `Authorization` the recording had, if any (stateful replay fills it).
+    pub authorization: Option<crate::tape::Redaction>,
 }
 
 /// Where a request's body comes from.
@@ -64,6 +68,25 @@ impl BodySource {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Calls `f` with the bytes this body sends, in the chunks [`ReplayBody`] sends them.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(&[u8])) {
+        match self {
+            BodySource::Empty => {}
+            BodySource::Bytes(b) => f(b),
+            BodySource::Synthetic { prefix, len } => {
+                if !prefix.is_empty() {
+                    f(prefix);
+                }
+                let mut remaining = len - prefix.len() as u64;
+                while remaining > 0 {
+                    let n = remaining.min(PATTERN.len() as u64) as usize;
+                    f(&PATTERN[..n]);
+                    remaining -= n as u64;
+                }
+            }
+        }
     }
 
     pub fn into_body(self) -> ReplayBody {
@@ -127,6 +150,7 @@ pub fn prepare(
         })
         .unwrap_or_default();
     let mut dropped_credentials = Vec::new();
+    let mut authorization = None;
     for (name, value) in e.request.headers.iter() {
         if HOP_BY_HOP.contains(&name) || listed.iter().any(|l| l == name) {
             continue;
@@ -141,6 +165,9 @@ pub fn prepare(
                 }
             }
             TapeValue::Redacted(r) => {
+                if name == http::header::AUTHORIZATION {
+                    authorization = Some(r.clone());
+                }
                 if !template.headers.iter().any(|(n, _)| *n == name) {
                     dropped_credentials.push(r.kind.as_str().to_string());
                 }
@@ -169,6 +196,7 @@ pub fn prepare(
             headers,
             body,
             dropped_credentials,
+            authorization,
         },
         flags,
         dropped,

@@ -112,6 +112,8 @@ pub struct Stats {
     pub late: u64,
     pub rewritten: u64,
     pub synthesised: u64,
+    /// Requests that carried a value a live answer should have replaced, and went as recorded.
+    pub unmapped: u64,
     /// Requests that got no response (refused, reset, timed out, TLS).
     pub failed: u64,
     /// The schedule's span: first and last intended instants, ns.
@@ -129,6 +131,7 @@ impl Default for Stats {
             late: 0,
             rewritten: 0,
             synthesised: 0,
+            unmapped: 0,
             failed: 0,
             first_intended: None,
             last_intended: 0,
@@ -157,6 +160,7 @@ impl Stats {
         self.late += flag(replayed_flags::LATE);
         self.rewritten += flag(replayed_flags::REWRITTEN);
         self.synthesised += flag(replayed_flags::SYNTHESISED);
+        self.unmapped += flag(replayed_flags::UNMAPPED);
         self.failed += u64::from(matches!(r.outcome, Outcome::Failed(_)));
         self.first_intended = Some(
             self.first_intended
@@ -180,6 +184,7 @@ impl Stats {
         self.late += other.late;
         self.rewritten += other.rewritten;
         self.synthesised += other.synthesised;
+        self.unmapped += other.unmapped;
         self.failed += other.failed;
         self.first_intended = match (self.first_intended, other.first_intended) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -537,6 +537,9 @@ pub mod replayed_flags {
     /// It went out later than intended because it waited (busy connection, in-flight cap,
     /// an exchange it depends on).
     pub const LATE: u32 = 4;
+    /// It carried a value an earlier exchange should have issued live, and that exchange gave
+    /// none: it went as recorded.
+    pub const UNMAPPED: u32 = 8;
 }
 
 /// What came back to a replayed request.

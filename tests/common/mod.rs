@@ -5,6 +5,7 @@
 pub mod net;
 pub mod registry;
 pub mod sink;
+pub mod token_registry;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,401 @@
+//! Stateful replay: values the recorded server issued or checked, mapped onto the live target's.
+//!
+//! A tape of registry traffic is full of them, and they become known at two different times:
+//!
+//! * **Digests of bodies the tape did not keep whole.** Such a body is sent as synthetic bytes of
+//!   its recorded length (`request.rs`), so a registry would reject the recorded digest of an
+//!   upload. The plan hashes the bytes it will send for each upload session and maps the
+//!   recorded digest to the synthetic one ([`Digests`]); every later reference follows: targets
+//!   (`/blobs/{digest}`, `?digest=`, `?mount=`), JSON bodies (manifests, Clair index requests),
+//!   and the digest of a manifest whose body changed. All of it is decided on the plan's thread,
+//!   deterministically: two replays of one tape send the same bytes.
+//! * **Upload locations** (`Location` with the registry's signed `_state`, and the upload UUID in
+//!   it) exist only in the live target's answer. The plan notes which recorded exchange issued a
+//!   recorded location ([`Issued`]); a later request that used it waits for that exchange and
+//!   takes the live location at send time (`conn.rs`), only its path and query, always sent to
+//!   the target.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest as _, Sha256};
+
+use super::plan::Done;
+use super::request::BodySource;
+use crate::tape::hex;
+
+/// A live value a recorded exchange's response will give, and the exchange's completion.
+#[derive(Default)]
+pub struct Issued {
+    value: OnceLock<String>,
+    pub done: Arc<Done>,
+}
+
+impl Issued {
+    pub fn new(done: Arc<Done>) -> Issued {
+        Issued {
+            value: OnceLock::new(),
+            done,
+        }
+    }
+
+    /// Sets the live value (a `Location`'s path and query); the first one stays.
+    pub fn set(&self, value: String) {
+        let _ = self.value.set(value);
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.value.get().map(String::as_str)
+    }
+}
+
+/// A request target whose start is a recorded location: at send time the live location
+/// replaces the first `len` bytes.
+#[derive(Clone)]
+pub struct LiveTarget {
+    pub issued: Arc<Issued>,
+    pub len: usize,
+}
+
+impl LiveTarget {
+    /// The target to send, or `None` when the issuing exchange gave no live value.
+    pub fn resolve(&self, recorded: &str) -> Option<String> {
+        let live = self.issued.get()?;
+        let rest = recorded.get(self.len..).unwrap_or("");
+        // A recorded `?_state=...&digest=` onto a live location without a query.
+        if let (Some(stripped), false) = (rest.strip_prefix('&'), live.contains('?')) {
+            return Some(format!("{live}?{stripped}"));
+        }
+        Some(format!("{live}{rest}"))
+    }
+}
+
+/// The path and query of a `Location` value (absolute or not).
+pub fn location_path(value: &str) -> Option<String> {
+    if value.starts_with('/') {
+        return Some(value.to_string());
+    }
+    let after_scheme = value.split_once("://")?.1;
+    let path = &after_scheme[after_scheme.find('/')?..];
+    Some(path.to_string())
+}
+
+/// Recorded locations and the exchanges that issued them, for the plan. Old entries retire
+/// first-in first-out beyond a bound: uploads use a location within moments of getting it.
+#[derive(Default)]
+pub struct Locations {
+    map: HashMap<String, Arc<Issued>>,
+    order: VecDeque<String>,
+}
+
+const MAX_LOCATIONS: usize = 16_384;
+
+impl Locations {
+    pub fn insert(&mut self, recorded: String, issued: Arc<Issued>) {
+        if self.map.insert(recorded.clone(), issued).is_none() {
+            self.order.push_back(recorded);
+        }
+        while self.order.len() > MAX_LOCATIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    /// The recorded location `target` starts with: the whole target, or the target without a
+    /// `digest=` parameter appended (the PUT that closes an upload).
+    pub fn find(&self, target: &str) -> Option<LiveTarget> {
+        if let Some(i) = self.map.get(target) {
+            return Some(LiveTarget {
+                issued: i.clone(),
+                len: target.len(),
+            });
+        }
+        let cut = target
+            .rfind("&digest=")
+            .or_else(|| target.rfind("?digest="))?;
+        let prefix = &target[..cut];
+        self.map.get(prefix).map(|i| LiveTarget {
+            issued: i.clone(),
+            len: prefix.len(),
+        })
+    }
+}
+
+/// An upload in progress: the bytes the replay sends for it, hashed as planned.
+struct Session {
+    hasher: Sha256,
+    /// Whether any of its bytes are synthetic (otherwise the recorded digest stands).
+    synthetic: bool,
+}
+
+/// Recorded digests mapped to those of the bytes the replay sends. See the module docs.
+#[derive(Default)]
+pub struct Digests {
+    map: HashMap<[u8; 32], [u8; 32]>,
+    sessions: HashMap<String, Session>,
+    /// The exchange that completed each upload (by its recorded digest), and when it ended on
+    /// the tape: a later request naming the digest waits for it.
+    uploaded: HashMap<[u8; 32], (Arc<Done>, u64)>,
+}
+
+const MAX_SESSIONS: usize = 16_384;
+
+/// Where an upload's data goes: `/v2/<name>/blobs/uploads/...`.
+pub fn is_upload(path: &str) -> bool {
+    path.starts_with("/v2/") && path.contains("/blobs/uploads")
+}
+
+impl Digests {
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Recorded digests mapped so far.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Notes the body of a request to an upload path, and closes the session when the target
+    /// names the upload's digest (`?digest=`): the recorded digest is then mapped to that of the
+    /// bytes sent, when they differ.
+    /// `completion` is the closing exchange's, with its recorded end: requests that name the
+    /// digest later on the tape wait for it.
+    pub fn upload(
+        &mut self,
+        path: &str,
+        target: &str,
+        body: &BodySource,
+        completion: Option<(Arc<Done>, u64)>,
+    ) {
+        let closing = query_digest(target);
+        if body.is_empty() && closing.is_none() && !self.sessions.contains_key(path) {
+            // `POST .../uploads/` opening a session: nothing to hash yet.
+            return;
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            // Uploads never closed (aborted clients) must not grow the map for ever.
+            self.sessions.clear();
+        }
+        let session = self
+            .sessions
+            .entry(path.to_string())
+            .or_insert_with(|| Session {
+                hasher: Sha256::new(),
+                synthetic: false,
+            });
+        body.for_each_chunk(|chunk| session.hasher.update(chunk));
+        session.synthetic |= matches!(body, BodySource::Synthetic { .. });
+        let Some(recorded) = closing else {
+            return;
+        };
+        if let Some(c) = completion {
+            if self.uploaded.len() >= MAX_SESSIONS {
+                self.uploaded.retain(|_, (d, _)| !d.is_set());
+            }
+            self.uploaded.insert(recorded, c);
+        }
+        let session = self.sessions.remove(path).expect("just used");
+        if !session.synthetic {
+            return;
+        }
+        let sent: [u8; 32] = session.hasher.finalize().into();
+        if sent != recorded {
+            self.map.insert(recorded, sent);
+        }
+    }
+
+    /// The uploads still in flight that `text` names digests of, among those that ended on the
+    /// tape before `start`.
+    pub fn depends(&self, text: &str, start: u64) -> Vec<Arc<Done>> {
+        let mut out = Vec::new();
+        if self.uploaded.is_empty() {
+            return out;
+        }
+        for_each_digest(text, |d| {
+            if let Some((done, end)) = self.uploaded.get(&d) {
+                if *end <= start && !done.is_set() {
+                    out.push(done.clone());
+                }
+            }
+        });
+        out
+    }
+
+    /// Maps `recorded` (a manifest's digest) to `replayed` (that of its rewritten body).
+    pub fn insert(&mut self, recorded: [u8; 32], replayed: [u8; 32]) {
+        if recorded != replayed {
+            self.map.insert(recorded, replayed);
+        }
+    }
+
+    /// `text` with every mapped digest replaced (`sha256:<hex>`, or `sha256%3A<hex>` in a
+    /// query); `None` when nothing changed.
+    pub fn rewrite(&self, text: &str) -> Option<String> {
+        if self.map.is_empty() || !text.contains("sha256") {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        let mut changed = false;
+        while let Some(i) = rest.find("sha256") {
+            let (before, from) = rest.split_at(i);
+            out.push_str(before);
+            let sep = if from[6..].starts_with(':') {
+                1
+            } else if from[6..].len() >= 3 && from[6..9].eq_ignore_ascii_case("%3a") {
+                3
+            } else {
+                0
+            };
+            let hex_start = 6 + sep;
+            let digest = (sep > 0)
+                .then(|| from.get(hex_start..hex_start + 64))
+                .flatten()
+                .and_then(parse_hex32);
+            match digest.and_then(|d| self.map.get(&d)) {
+                Some(mapped) => {
+                    out.push_str(&from[..hex_start]);
+                    out.push_str(&hex(mapped));
+                    rest = &from[hex_start + 64..];
+                    changed = true;
+                }
+                None => {
+                    out.push_str(&from[..6]);
+                    rest = &from[6..];
+                }
+            }
+        }
+        out.push_str(rest);
+        changed.then_some(out)
+    }
+}
+
+/// Calls `f` with every `sha256:<hex>` (or `sha256%3A<hex>`) digest in `text`.
+fn for_each_digest(text: &str, mut f: impl FnMut([u8; 32])) {
+    let mut rest = text;
+    while let Some(i) = rest.find("sha256") {
+        let from = &rest[i + 6..];
+        let hex = from.strip_prefix(':').or_else(|| {
+            from.get(..3)
+                .filter(|p| p.eq_ignore_ascii_case("%3a"))
+                .map(|_| &from[3..])
+        });
+        if let Some(d) = hex.and_then(|h| h.get(..64)).and_then(parse_hex32) {
+            f(d);
+        }
+        rest = from;
+    }
+}
+
+/// The digest a target's `digest=` query parameter names.
+fn query_digest(target: &str) -> Option<[u8; 32]> {
+    let (_, query) = target.split_once('?')?;
+    let value = query.split('&').find_map(|kv| kv.strip_prefix("digest="))?;
+    let hex = value
+        .strip_prefix("sha256:")
+        .or_else(|| value.strip_prefix("sha256%3A"))
+        .or_else(|| value.strip_prefix("sha256%3a"))?;
+    parse_hex32(hex.get(..64)?)
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_synthetic_upload_maps_its_digest_and_later_references_follow() {
+        let recorded = [0xabu8; 32];
+        let mut d = Digests::default();
+        let body = BodySource::Synthetic {
+            prefix: Bytes::from_static(b"head"),
+            len: 200_000,
+        };
+        let path = "/v2/app/blobs/uploads/1234";
+        d.upload(path, path, &body, None);
+        let closing = Arc::new(Done::default());
+        d.upload(
+            path,
+            &format!("{path}?_state=x&digest=sha256:{}", hex(&recorded)),
+            &BodySource::Empty,
+            Some((closing.clone(), 1000)),
+        );
+        // Named later on the tape: waits for the upload; named while it was going: does not.
+        let named = format!("/v2/app/blobs/sha256:{}", hex(&recorded));
+        assert_eq!(d.depends(&named, 2000).len(), 1);
+        assert!(d.depends(&named, 500).is_empty());
+        closing.set();
+        assert!(d.depends(&named, 2000).is_empty());
+        let mut h = Sha256::new();
+        body.for_each_chunk(|c| h.update(c));
+        let sent: [u8; 32] = h.finalize().into();
+        let target = format!("/v2/app/blobs/sha256:{}", hex(&recorded));
+        assert_eq!(
+            d.rewrite(&target).unwrap(),
+            format!("/v2/app/blobs/sha256:{}", hex(&sent))
+        );
+        let json = format!(r#"{{"layers":[{{"digest":"sha256:{}"}}]}}"#, hex(&recorded));
+        assert!(d.rewrite(&json).unwrap().contains(&hex(&sent)));
+        let escaped = format!("/v2/app/blobs/uploads/?mount=sha256%3A{}", hex(&recorded));
+        assert!(d.rewrite(&escaped).unwrap().ends_with(&hex(&sent)));
+        assert_eq!(d.rewrite("/v2/app/manifests/v1"), None);
+    }
+
+    #[test]
+    fn real_bytes_keep_their_digest() {
+        let bytes = Bytes::from_static(b"{\"config\": true}");
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let mut d = Digests::default();
+        let target = format!("/v2/app/blobs/uploads/9?digest=sha256:{}", hex(&digest));
+        d.upload(
+            "/v2/app/blobs/uploads/9",
+            &target,
+            &BodySource::Bytes(bytes),
+            None,
+        );
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn live_locations_replace_the_recorded_ones_and_keep_the_rest() {
+        let mut l = Locations::default();
+        let issued = Arc::new(Issued::default());
+        l.insert(
+            "/v2/app/blobs/uploads/abc?_state=REC".into(),
+            issued.clone(),
+        );
+        let t = l
+            .find("/v2/app/blobs/uploads/abc?_state=REC&digest=sha256:00")
+            .unwrap();
+        assert_eq!(
+            t.resolve("/v2/app/blobs/uploads/abc?_state=REC&digest=sha256:00"),
+            None
+        );
+        issued.set("/v2/app/blobs/uploads/LIVE?_state=L".into());
+        assert_eq!(
+            t.resolve("/v2/app/blobs/uploads/abc?_state=REC&digest=sha256:00")
+                .unwrap(),
+            "/v2/app/blobs/uploads/LIVE?_state=L&digest=sha256:00"
+        );
+        assert!(l.find("/v2/app/blobs/uploads/other").is_none());
+        assert_eq!(
+            location_path("http://registry:5000/v2/a/blobs/uploads/u?x=1").unwrap(),
+            "/v2/a/blobs/uploads/u?x=1"
+        );
+    }
+}
