@@ -983,3 +983,35 @@ async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints
         .filter(|r| r.endpoint.contains("manifests"))
         .all(|r| r.status() == Some(401)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_not_kept_are_regenerated_with_their_length_identically_every_time() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A 300 kB upload of which the tape kept the first 1 KiB.
+    let mut rec = get(1, 1, 0, HttpVersion::Http11);
+    if let Record::Exchange(e) = &mut rec {
+        e.request.method = Method::Patch;
+        e.request.target = "/r/1".into();
+        e.request.body = Body {
+            len: 300_000,
+            sha256: Some([7; 32]),
+            stored: loadtape::tape::Stored::Prefix(vec![b'x'; 1024]),
+            complete: true,
+        };
+    }
+    let tape = dir.path().join("upload.tape");
+    write(&tape, &[rec], Default::default(), true);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let target = sink(Behaviour::default(), None).await;
+        let report = run(config(&tape, target.addr)).await;
+        assert_eq!(report.stats.synthesised, 1);
+        let a = target.arrivals();
+        assert_eq!(a[0].body_len, 300_000);
+        assert_eq!(a[0].headers["content-length"], "300000");
+        seen.push(a[0].body_sha256);
+    }
+    assert_eq!(seen[0], seen[1], "two replays sent different bytes");
+    assert_ne!(seen[0], [7; 32]);
+}

@@ -26,6 +26,7 @@ pub struct Arrival {
     pub connection: u64,
     pub headers: http::HeaderMap,
     pub body_len: usize,
+    pub body_sha256: [u8; 32],
 }
 
 /// What the sink does besides answering 200 at once.
@@ -75,11 +76,13 @@ async fn answer(
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
     let at = Instant::now();
     let (parts, body) = req.into_parts();
-    let body_len = body
+    let body = body
         .collect()
         .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body_len = body.len();
+    let body_sha256: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&body).into();
     let path = parts.uri.path().to_string();
     state.arrivals.lock().unwrap().push(Arrival {
         at,
@@ -89,6 +92,7 @@ async fn answer(
         connection,
         headers: parts.headers.clone(),
         body_len,
+        body_sha256,
     });
     if let (Some((range, hold)), Some(id)) = (&state.behaviour.stall, id_of(&path)) {
         if range.contains(&id) {
