@@ -1,9 +1,10 @@
 //! `loadtape demo`: the whole story on a built-in session, with nothing installed.
 //!
-//! Until the proxy and the replayer land, the story is the tape's: real Quay and Clair traffic
-//! (captured through mitmproxy from Quay v3.18 and Clair v4.9.0, shipped in `captures/har/`) is
-//! imported into a tape directory with its credentials redacted, inspected, and exported back to
-//! HAR and JSON lines.
+//! Real Quay and Clair traffic (captured through mitmproxy from Quay v3.18 and Clair v4.9.0,
+//! shipped in `captures/har/`) is imported into a tape directory with its credentials redacted,
+//! inspected, exported back to HAR, then replayed at ten times its speed against a stand-in
+//! target started in-process on loopback (it answers every request 200: the realistic Quay and
+//! Clair testbed is an open issue), with the per-endpoint summary a real replay prints.
 
 use std::path::{Path, PathBuf};
 
@@ -87,17 +88,65 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
         println!("   a credential as the tape keeps it: {example}");
     }
 
-    println!("\n`loadtape record` records such tapes in front of a staging Quay (see the README).");
-    println!("Still to come (see the open issues): `replay` at x1 and x10 against a test cluster;");
     println!(
-        "`diff` with a verdict a CI can gate on, and an HTML report; a demo that runs all of it."
+        "\n4. replay at x10 against a stand-in target on loopback (answers 200 to everything)\n"
     );
+    let report = replay_demo(&tape_dir, &dir.join("results.tape"))?;
+    for line in report.to_text().lines() {
+        println!("   {line}");
+    }
+
+    println!(
+        "\n`loadtape record` records such tapes in front of a staging Quay, `loadtape replay`"
+    );
+    println!("replays them against a test cluster (see the README). Still to come (open issues):");
+    println!("`diff` with a verdict a CI can gate on, an HTML report, a Quay/Clair testbed.");
     println!("\nEverything is in {}", display(&dir));
     Ok(DemoOutput {
         tape_dir,
         har,
         exchanges: summary.records,
     })
+}
+
+/// Replays `tape` at x10 against a target that answers 200 to everything, on loopback.
+fn replay_demo(tape: &Path, results: &Path) -> anyhow::Result<crate::replay::ReplayReport> {
+    use http_body_util::Full;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        bytes::Bytes::from_static(b"ok\n"),
+                    )))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    let mut config = crate::replay::ReplayConfig::new(
+        vec![tape.to_path_buf()],
+        format!("http://{addr}").parse()?,
+    );
+    config.plan.schedule = crate::replay::Schedule::Speed(10.0);
+    config.out = Some(results.to_path_buf());
+    let report = crate::replay::run(
+        &config,
+        tokio_util::sync::CancellationToken::new(),
+        std::sync::Arc::new(crate::replay::Live::default()),
+    )?;
+    runtime.shutdown_background();
+    Ok(report)
 }
 
 fn display(p: &Path) -> String {

@@ -218,6 +218,10 @@ fn demo_runs_with_nothing_installed() {
     assert!(stdout.contains("91 entries written"), "{stdout}");
     assert!(stdout.contains("Still to come"), "{stdout}");
     assert!(Path::new(&dir.path().join("session.har")).exists());
+    // The replay step sent every recorded request to the stand-in target.
+    assert!(stdout.contains("91 requests replayed"), "{stdout}");
+    let results = dir.path().join("results.tape");
+    assert_eq!(inspect_json(&[results.to_str().unwrap()])["records"], 91);
     let tapes = std::fs::read_dir(dir.path().join("session"))
         .unwrap()
         .count();
