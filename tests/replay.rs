@@ -607,6 +607,10 @@ fn bad_flags_say_what_would_be_right() {
             vec!["replay", t, "--target", "http://x", "--max-in-flight", "0"],
             "at least 1",
         ),
+        (
+            vec!["replay", t, "--target", "http://x", "--fraction", "0"],
+            "in (0, 1]",
+        ),
     ] {
         let (code, _, err) = loadtape(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -699,6 +703,11 @@ fn the_profile_sets_what_flags_do_and_flags_win() {
         (plan["duration_s"].as_f64().unwrap() - 0.04).abs() < 0.005,
         "{plan}"
     );
+    // Half of the (one-request) connections, the same half every time.
+    let half = run(&["--fraction", "0.5"]);
+    let n = half["requests"].as_u64().unwrap();
+    assert!((3..=10).contains(&n), "{half}");
+    assert_eq!(run(&["--fraction", "0.5"])["endpoints"], half["endpoints"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -247,6 +247,9 @@ pub(crate) struct ReplayArgs {
     /// `pooled`: requests spread over a pool.
     #[arg(long, value_enum)]
     connections: Option<ConnectionsArg>,
+    /// Replay only this fraction of the recorded connections (whole connections), e.g. 0.25.
+    #[arg(long, value_name = "FRACTION")]
+    fraction: Option<f64>,
     /// Replay shard K of N (0 <= K < N): whole recorded connections, timing kept.
     #[arg(long, value_name = "K/N")]
     shard: Option<crate::replay::Shard>,

@@ -122,6 +122,12 @@ fn configure(
     };
     config.plan.filter.include = regexes(&profile.filter.include, "include")?;
     config.plan.filter.exclude = regexes(&profile.filter.exclude, "exclude")?;
+    config.plan.filter.fraction = args.fraction.or(profile.filter.fraction);
+    if let Some(f) = config.plan.filter.fraction {
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--fraction {f} must be in (0, 1], e.g. 0.25 for a quarter of the connections");
+        }
+    }
     config.plan.filter.methods = profile
         .filter
         .methods

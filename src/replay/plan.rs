@@ -102,17 +102,30 @@ impl Shard {
     /// Whether this shard replays the recorded connection `connection` of tape `tape_id`. The
     /// hash is fixed (not Rust's randomised one): every replayer must agree.
     pub fn owns(&self, tape_id: &[u8; 16], connection: u64) -> bool {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for b in tape_id.iter().chain(connection.to_le_bytes().iter()) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        // A final mix, so that consecutive connection ids spread over the buckets.
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h % self.count == self.index
+        connection_hash(tape_id, connection) % self.count == self.index
     }
+}
+
+/// A fixed hash of a recorded connection (not Rust's randomised one: every replayer must agree).
+pub fn connection_hash(tape_id: &[u8; 16], connection: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in tape_id.iter().chain(connection.to_le_bytes().iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix, so that consecutive connection ids spread over the buckets.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
+/// Whether `--fraction` keeps a recorded connection: whole connections, so flows stay intact,
+/// chosen independently of the shards.
+fn sampled(tape_id: &[u8; 16], connection: u64, fraction: f64) -> bool {
+    let h = connection_hash(tape_id, connection).rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    let h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
 /// Which recorded requests are replayed at all.
@@ -124,6 +137,9 @@ pub struct Filter {
     pub exclude: Vec<regex::Regex>,
     /// Only these methods (all when empty), upper case.
     pub methods: Vec<String>,
+    /// Only this fraction of the recorded connections (whole connections, chosen by a fixed
+    /// hash).
+    pub fraction: Option<f64>,
 }
 
 impl Filter {
@@ -402,6 +418,13 @@ impl Plan {
         }
     }
 
+    fn sampled(&self, source: usize, connection: u64) -> bool {
+        match self.options.filter.fraction {
+            Some(f) => sampled(&self.source_ids[source], connection, f),
+            None => true,
+        }
+    }
+
     /// The instant of a record at `recorded` (or of the next request under a rate).
     fn instant(&mut self, recorded: Nanos) -> Nanos {
         let origin = *self.pass_origin.get_or_insert(recorded);
@@ -465,6 +488,7 @@ impl Plan {
                     if !preserve
                         || !self.options.schedule.keeps_recorded_time()
                         || !self.owns(source, c.id)
+                        || !self.sampled(source, c.id)
                     {
                         continue;
                     }
@@ -498,7 +522,7 @@ impl Plan {
                         self.counters.upgrades += 1;
                         continue;
                     }
-                    if !self.options.filter.admits(&e) {
+                    if !self.options.filter.admits(&e) || !self.sampled(source, e.connection) {
                         self.counters.filtered += 1;
                         continue;
                     }

@@ -54,6 +54,8 @@ pub struct ProfileFilter {
     /// Only these methods.
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Only this fraction of the recorded connections (whole connections: flows stay intact).
+    pub fraction: Option<f64>,
 }
 
 impl Profile {
