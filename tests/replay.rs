@@ -1038,3 +1038,48 @@ async fn bodies_not_kept_are_regenerated_with_their_length_identically_every_tim
     assert_eq!(seen[0], seen[1], "two replays sent different bytes");
     assert_ne!(seen[0], [7; 32]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_carry_the_live_etag() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let recorded = sink(
+        Behaviour {
+            etag: Some("\"state-a1\"".into()),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let tape = dir.path().join("etags");
+    let rec = net::start(net::config(recorded.addr, &tape)).await;
+    let url = format!("http://{}/state", rec.addr);
+    net::curl(&["-o", "/dev/null", &url]).await;
+    net::curl(&["-o", "/dev/null", "-H", "If-None-Match: \"state-a1\"", &url]).await;
+    rec.stop().await;
+
+    // Another target, another state: the replay asks with its ETag, and gets 304 as recorded.
+    let fresh = sink(
+        Behaviour {
+            etag: Some("\"state-b7\"".into()),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let mut c = config(&tape, fresh.addr);
+    c.out = Some(dir.path().join("results.tape"));
+    run(c).await;
+    let mut res = results(&dir.path().join("results.tape"));
+    res.sort_by_key(|r| r.exchange);
+    let statuses: Vec<_> = res
+        .iter()
+        .map(|r| (r.status(), r.recorded.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![(Some(200), Some(200)), (Some(304), Some(304))]
+    );
+    let arrivals = fresh.arrivals();
+    assert_eq!(arrivals[1].headers["if-none-match"], "\"state-b7\"");
+}

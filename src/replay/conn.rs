@@ -337,6 +337,18 @@ fn build(shared: &Shared, job: &mut Job, absolute: bool) -> (http::Request<Repla
             None => job.planned.flags |= replayed_flags::UNMAPPED,
         }
     }
+    // ETags: the live one of the answer that gave the recorded one.
+    for (name, issued) in &job.planned.live_headers {
+        match issued
+            .get()
+            .and_then(|v| http::HeaderValue::from_str(v).ok())
+        {
+            Some(v) => {
+                job.planned.request.headers.insert(name.clone(), v);
+            }
+            None => job.planned.flags |= replayed_flags::UNMAPPED,
+        }
+    }
     let p = &mut job.planned.request;
     let uri = if absolute {
         let mut parts = http::uri::Parts::default();
@@ -396,6 +408,7 @@ async fn exchange_h1(
     let issues = Issues {
         location: job.planned.issues.clone(),
         token: job.planned.issues_token.clone(),
+        etag: job.planned.issues_etag.clone(),
     };
     let result = tokio::time::timeout(
         shared.timeout,
@@ -444,6 +457,7 @@ async fn exchange_h2(
     let issues = Issues {
         location: job.planned.issues.clone(),
         token: job.planned.issues_token.clone(),
+        etag: job.planned.issues_etag.clone(),
     };
     let result = tokio::time::timeout(
         shared.timeout,
@@ -464,6 +478,7 @@ async fn exchange_h2(
 struct Issues {
     location: Option<Arc<super::state::Issued>>,
     token: Option<Arc<super::state::Issued>>,
+    etag: Option<Arc<super::state::Issued>>,
 }
 
 /// Status, first byte and last byte (ns from the schedule's zero), bytes received.
@@ -481,6 +496,15 @@ async fn roundtrip(
 ) -> Result<Response, UpstreamFailure> {
     let response = send.await.map_err(|e| classify(&e))?;
     let first_byte = shared.now();
+    if let Some(issued) = &issues.etag {
+        if let Some(etag) = response
+            .headers()
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+        {
+            issued.set(etag.trim().to_string());
+        }
+    }
     if let Some(issued) = &issues.location {
         if let Some(location) = response
             .headers()

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::auth::{sign_jwt, Credential, Tokens};
 use super::request::{prepare, BodySource, Prepared, RequestTemplate};
-use super::state::{is_upload, location_path, Digests, Issued, LiveTarget, Locations};
+use super::state::{is_upload, location_path, Digests, Etags, Issued, LiveTarget, Locations};
 use crate::endpoint;
 use crate::tape::reader::SourceFile;
 use crate::tape::replayed_flags;
@@ -240,6 +240,10 @@ pub struct Planned {
     pub auth_token: Option<Arc<Issued>>,
     /// This exchange is a token request whose answer's token later requests carry.
     pub issues_token: Option<Arc<Issued>>,
+    /// Conditional headers whose recorded ETag a live answer replaces.
+    pub live_headers: Vec<(http::header::HeaderName, Arc<Issued>)>,
+    /// This exchange's answer gives an ETag later requests use.
+    pub issues_etag: Option<Arc<Issued>>,
 }
 
 /// Completion of an exchange others may depend on: a flag and a wake-up.
@@ -369,6 +373,8 @@ pub struct Plan {
     locations: Locations,
     /// Live registry tokens by the fingerprint of the recorded token they replace.
     tokens: Tokens,
+    /// Recorded ETags and the exchanges whose live answers replace them.
+    etags: Etags,
     pub counters: PlanCounters,
     finished: bool,
 }
@@ -398,6 +404,7 @@ impl Plan {
             digests: Digests::default(),
             locations: Locations::default(),
             tokens: Tokens::default(),
+            etags: Etags::default(),
             counters: PlanCounters {
                 passes: 1,
                 ..PlanCounters::default()
@@ -664,6 +671,31 @@ impl Plan {
             after.push(t.issued.done.clone());
             flags |= replayed_flags::REWRITTEN;
         }
+        // ETags: conditional requests carry the live one of the answer that gave the recorded.
+        let mut live_headers = Vec::new();
+        for name in [http::header::IF_NONE_MATCH, http::header::IF_MATCH] {
+            if let Some(issued) = e
+                .request
+                .headers
+                .get_str(name.as_str())
+                .and_then(|v| self.etags.get(v))
+            {
+                after.push(issued.done.clone());
+                live_headers.push((name, issued));
+                flags |= replayed_flags::REWRITTEN;
+            }
+        }
+        let issues_etag = match &e.response {
+            Ok(r) => r.headers.get_str("etag").map(|etag| {
+                let done = done
+                    .get_or_insert_with(|| Arc::new(Done::default()))
+                    .clone();
+                let issued = Arc::new(Issued::new(done));
+                self.etags.insert(etag.trim().to_string(), issued.clone());
+                issued
+            }),
+            Err(_) => None,
+        };
         let issues = match &e.response {
             Ok(r) if (200..300).contains(&r.status) => r
                 .headers
@@ -700,6 +732,8 @@ impl Plan {
             issues,
             auth_token,
             issues_token,
+            live_headers,
+            issues_etag,
         })
     }
 

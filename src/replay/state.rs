@@ -122,6 +122,32 @@ impl Locations {
     }
 }
 
+/// Recorded `ETag`s and the exchanges whose live answers give the live ones: a later
+/// `If-None-Match` or `If-Match` carrying a recorded ETag carries the live one instead (Clair
+/// answers 304 or 412 by its index state's ETag).
+#[derive(Default)]
+pub struct Etags {
+    map: HashMap<String, Arc<Issued>>,
+    order: VecDeque<String>,
+}
+
+impl Etags {
+    pub fn insert(&mut self, recorded: String, issued: Arc<Issued>) {
+        if self.map.insert(recorded.clone(), issued).is_none() {
+            self.order.push_back(recorded);
+        }
+        while self.order.len() > MAX_LOCATIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, recorded: &str) -> Option<Arc<Issued>> {
+        self.map.get(recorded.trim()).cloned()
+    }
+}
+
 /// An upload in progress: the bytes the replay sends for it, hashed as planned.
 struct Session {
     hasher: Sha256,

@@ -37,6 +37,9 @@ pub struct Behaviour {
     pub stall: Option<(std::ops::Range<u64>, Duration)>,
     /// `/redirect` answers 307 to this URL.
     pub redirect_to: Option<String>,
+    /// `/state` answers with this ETag, or 304 to an `If-None-Match` carrying it (as Clair's
+    /// index state does).
+    pub etag: Option<String>,
 }
 
 pub struct Sink {
@@ -99,6 +102,17 @@ async fn answer(
             let until = *state.stall_until.lock().unwrap().get_or_insert(at + *hold);
             tokio::time::sleep_until(until.into()).await;
         }
+    }
+    if let (Some(etag), "/state") = (&state.behaviour.etag, path.as_str()) {
+        let matches = parts
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v.as_bytes() == etag.as_bytes());
+        return Ok(http::Response::builder()
+            .status(if matches { 304 } else { 200 })
+            .header("etag", etag.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap());
     }
     if path == "/redirect" {
         if let Some(to) = &state.behaviour.redirect_to {
