@@ -94,10 +94,14 @@ fn configure(
     config.plan.read.from = resolve_time(&sources, from.as_ref());
     config.plan.read.to = resolve_time(&sources, to.as_ref());
     config.plan.read.lenient = args.lenient;
-    config.plan.duration = match (args.duration, &profile.duration) {
-        (Some(d), _) => Some(d),
-        (None, Some(d)) => Some(parse_duration(d).map_err(anyhow::Error::msg)?),
-        (None, None) => None,
+    config.plan.duration = match args.duration {
+        Some(d) => Some(d),
+        None => profile
+            .duration
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     config.plan.limit = args.limit.or(profile.limit);
     config.plan.looped = args.looped || profile.looped.unwrap_or(false);
@@ -171,22 +175,16 @@ fn configure(
             })?;
         config.start_at = Some(at);
     }
-    if let Some(t) = args.timeout.or(profile
-        .timeout
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(anyhow::Error::msg)?)
-    {
+    let profile_duration = |v: &Option<String>| -> anyhow::Result<Option<Duration>> {
+        v.as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    if let Some(t) = args.timeout.or(profile_duration(&profile.timeout)?) {
         config.timeout = t;
     }
-    if let Some(l) = args.lag_limit.or(profile
-        .lag_limit
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(anyhow::Error::msg)?)
-    {
+    if let Some(l) = args.lag_limit.or(profile_duration(&profile.lag_limit)?) {
         config.lag_limit = l;
     }
     if config.plan.looped && config.plan.duration.is_none() && config.plan.limit.is_none() {

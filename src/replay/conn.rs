@@ -390,44 +390,10 @@ async fn exchange_h1(
 ) -> bool {
     let (req, len) = build(shared, &mut job, false);
     if sender.ready().await.is_err() {
-        finish(
-            shared,
-            job,
-            waited,
-            setup,
-            Err(failure(
-                FailureKind::Reset,
-                "the target closed the connection",
-            )),
-            0,
-        );
+        closed(shared, job, waited, setup);
         return false;
     }
-    let sent = shared.now();
-    shared.live.sent.fetch_add(1, Ordering::Relaxed);
-    let issues = Issues {
-        location: job.planned.issues.clone(),
-        token: job.planned.issues_token.clone(),
-        etag: job.planned.issues_etag.clone(),
-    };
-    let result = tokio::time::timeout(
-        shared.timeout,
-        roundtrip(sender.send_request(req), shared, &issues),
-    )
-    .await;
-    let (outcome, reusable) = match result {
-        Ok(Ok(r)) => (Ok(r), true),
-        Ok(Err(f)) => (Err(f), false),
-        Err(_) => (
-            Err(failure(
-                FailureKind::Timeout,
-                "no complete response in time",
-            )),
-            false,
-        ),
-    };
-    finish_sent(shared, job, waited, setup, sent, outcome, len);
-    reusable
+    send_and_finish(shared, job, waited, setup, len, || sender.send_request(req)).await
 }
 
 async fn exchange_h2(
@@ -439,19 +405,31 @@ async fn exchange_h2(
 ) {
     let (req, len) = build(shared, &mut job, true);
     if sender.ready().await.is_err() {
-        finish(
-            shared,
-            job,
-            waited,
-            setup,
-            Err(failure(
-                FailureKind::Reset,
-                "the target closed the connection",
-            )),
-            0,
-        );
+        closed(shared, job, waited, setup);
         return;
     }
+    send_and_finish(shared, job, waited, setup, len, || sender.send_request(req)).await;
+}
+
+/// Ends a job whose connection the target closed before it could go.
+fn closed(shared: &Shared, job: Job, waited: bool, setup: Option<Setup>) {
+    let f = failure(FailureKind::Reset, "the target closed the connection");
+    finish(shared, job, waited, setup, Err(f), 0);
+}
+
+/// Stamps the send, sends, reads the response within the timeout and ends the job; true when
+/// a whole response came (the connection can carry another request).
+async fn send_and_finish<F>(
+    shared: &Shared,
+    job: Job,
+    waited: bool,
+    setup: Option<Setup>,
+    len: u64,
+    send: impl FnOnce() -> F,
+) -> bool
+where
+    F: std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>>,
+{
     let sent = shared.now();
     shared.live.sent.fetch_add(1, Ordering::Relaxed);
     let issues = Issues {
@@ -459,19 +437,17 @@ async fn exchange_h2(
         token: job.planned.issues_token.clone(),
         etag: job.planned.issues_etag.clone(),
     };
-    let result = tokio::time::timeout(
-        shared.timeout,
-        roundtrip(sender.send_request(req), shared, &issues),
-    )
-    .await;
-    let outcome = match result {
-        Ok(r) => r,
-        Err(_) => Err(failure(
-            FailureKind::Timeout,
-            "no complete response in time",
-        )),
-    };
+    let outcome =
+        match tokio::time::timeout(shared.timeout, roundtrip(send(), shared, &issues)).await {
+            Ok(r) => r,
+            Err(_) => Err(failure(
+                FailureKind::Timeout,
+                "no complete response in time",
+            )),
+        };
+    let complete = outcome.is_ok();
     finish_sent(shared, job, waited, setup, sent, outcome, len);
+    complete
 }
 
 /// Live values a response gives (stateful replay).

@@ -80,63 +80,23 @@ pub fn location_path(value: &str) -> Option<String> {
     Some(path.to_string())
 }
 
-/// Recorded locations and the exchanges that issued them, for the plan. Old entries retire
-/// first-in first-out beyond a bound: uploads use a location within moments of getting it.
+/// Recorded values (upload locations, ETags) and the exchanges whose live answers replace them.
+/// Old entries retire first-in first-out beyond a bound: clients use such a value within moments
+/// of getting it.
 #[derive(Default)]
-pub struct Locations {
+pub struct Recent {
     map: HashMap<String, Arc<Issued>>,
     order: VecDeque<String>,
 }
 
-const MAX_LOCATIONS: usize = 16_384;
+const MAX_RECENT: usize = 16_384;
 
-impl Locations {
+impl Recent {
     pub fn insert(&mut self, recorded: String, issued: Arc<Issued>) {
         if self.map.insert(recorded.clone(), issued).is_none() {
             self.order.push_back(recorded);
         }
-        while self.order.len() > MAX_LOCATIONS {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-    }
-
-    /// The recorded location `target` starts with: the whole target, or the target without a
-    /// `digest=` parameter appended (the PUT that closes an upload).
-    pub fn find(&self, target: &str) -> Option<LiveTarget> {
-        if let Some(i) = self.map.get(target) {
-            return Some(LiveTarget {
-                issued: i.clone(),
-                len: target.len(),
-            });
-        }
-        let cut = target
-            .rfind("&digest=")
-            .or_else(|| target.rfind("?digest="))?;
-        let prefix = &target[..cut];
-        self.map.get(prefix).map(|i| LiveTarget {
-            issued: i.clone(),
-            len: prefix.len(),
-        })
-    }
-}
-
-/// Recorded `ETag`s and the exchanges whose live answers give the live ones: a later
-/// `If-None-Match` or `If-Match` carrying a recorded ETag carries the live one instead (Clair
-/// answers 304 or 412 by its index state's ETag).
-#[derive(Default)]
-pub struct Etags {
-    map: HashMap<String, Arc<Issued>>,
-    order: VecDeque<String>,
-}
-
-impl Etags {
-    pub fn insert(&mut self, recorded: String, issued: Arc<Issued>) {
-        if self.map.insert(recorded.clone(), issued).is_none() {
-            self.order.push_back(recorded);
-        }
-        while self.order.len() > MAX_LOCATIONS {
+        while self.order.len() > MAX_RECENT {
             if let Some(old) = self.order.pop_front() {
                 self.map.remove(&old);
             }
@@ -147,6 +107,39 @@ impl Etags {
         self.map.get(recorded.trim()).cloned()
     }
 }
+
+/// Recorded upload locations, for the plan.
+#[derive(Default)]
+pub struct Locations(Recent);
+
+impl Locations {
+    pub fn insert(&mut self, recorded: String, issued: Arc<Issued>) {
+        self.0.insert(recorded, issued);
+    }
+
+    /// The recorded location `target` starts with: the whole target, or the target without a
+    /// `digest=` parameter appended (the PUT that closes an upload).
+    pub fn find(&self, target: &str) -> Option<LiveTarget> {
+        if let Some(issued) = self.0.get(target) {
+            return Some(LiveTarget {
+                issued,
+                len: target.len(),
+            });
+        }
+        let cut = target
+            .rfind("&digest=")
+            .or_else(|| target.rfind("?digest="))?;
+        let prefix = &target[..cut];
+        self.0.get(prefix).map(|issued| LiveTarget {
+            issued,
+            len: prefix.len(),
+        })
+    }
+}
+
+/// Recorded `ETag`s: a later `If-None-Match` or `If-Match` carrying one carries the live one of
+/// the answer that gave it instead (Clair answers 304 or 412 by its index state's ETag).
+pub type Etags = Recent;
 
 /// An upload in progress: the bytes the replay sends for it, hashed as planned.
 struct Session {
@@ -165,7 +158,7 @@ pub struct Digests {
     uploaded: HashMap<[u8; 32], (Arc<Done>, u64)>,
 }
 
-const MAX_SESSIONS: usize = 16_384;
+const MAX_SESSIONS: usize = MAX_RECENT;
 
 /// Where an upload's data goes: `/v2/<name>/blobs/uploads/...`.
 pub fn is_upload(path: &str) -> bool {

@@ -84,14 +84,18 @@ pub fn frame_ends(bytes: &[u8]) -> Vec<usize> {
     ends
 }
 
-/// Records per frame, in order.
-pub fn frame_records(bytes: &[u8]) -> Vec<usize> {
-    let mut starts = vec![];
+/// Where each frame's header starts.
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
     let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    starts.push(loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4);
+    let mut starts = vec![loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4];
     let ends = frame_ends(bytes);
     starts.extend(ends.iter().take(ends.len().saturating_sub(1)).copied());
     starts
+}
+
+/// Records per frame, in order.
+pub fn frame_records(bytes: &[u8]) -> Vec<usize> {
+    frame_starts(bytes)
         .iter()
         .map(|&s| u32::from_le_bytes(bytes[s + 12..s + 16].try_into().unwrap()) as usize)
         .collect()
@@ -99,11 +103,7 @@ pub fn frame_records(bytes: &[u8]) -> Vec<usize> {
 
 /// The watermark of each frame, in order.
 pub fn frame_watermarks(bytes: &[u8]) -> Vec<u64> {
-    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    let mut starts = vec![loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4];
-    let ends = frame_ends(bytes);
-    starts.extend(ends.iter().take(ends.len().saturating_sub(1)).copied());
-    starts
+    frame_starts(bytes)
         .iter()
         .map(|&s| u64::from_le_bytes(bytes[s + 36..s + 44].try_into().unwrap()))
         .collect()
@@ -111,11 +111,7 @@ pub fn frame_watermarks(bytes: &[u8]) -> Vec<u64> {
 
 /// The smallest record start of each frame, in order.
 pub fn frame_first_starts(bytes: &[u8]) -> Vec<u64> {
-    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    let mut starts = vec![loadtape::tape::format::FILE_PREFIX_LEN + header_len + 4];
-    let ends = frame_ends(bytes);
-    starts.extend(ends.iter().take(ends.len().saturating_sub(1)).copied());
-    starts
+    frame_starts(bytes)
         .iter()
         .map(|&s| u64::from_le_bytes(bytes[s + 20..s + 28].try_into().unwrap()))
         .collect()
