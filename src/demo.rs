@@ -32,6 +32,12 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
         )),
     };
     let tape_dir = dir.join("session");
+    if tape_dir.exists() || dir.join("results.tape").exists() {
+        anyhow::bail!(
+            "{} already holds a demo's tapes (tapes are never overwritten): give --out a new or empty directory, or leave it out for a fresh temporary one",
+            dir.display()
+        );
+    }
     println!("loadtape demo: a real Quay v3.18 and Clair v4.9.0 session, built in\n");
 
     println!(

@@ -226,4 +226,12 @@ fn demo_runs_with_nothing_installed() {
         .unwrap()
         .count();
     assert_eq!(tapes, 2, "one tape per imported recording");
+    // Run again into the same directory: refused, saying what to do, nothing overwritten.
+    let again = loadtape(&["demo", "--out", dir.path().to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        text(&again.stderr).contains("new or empty directory"),
+        "{}",
+        text(&again.stderr)
+    );
 }
