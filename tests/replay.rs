@@ -218,6 +218,9 @@ async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewe
     let mut c = config(&tape, target.addr);
     c.plan.schedule = Schedule::Rate(100.0);
     c.plan.connections = ConnectionMode::Pooled;
+    // What is asserted is the open model, not microsecond precision (the arrivals test's):
+    // a generous limit keeps a busy machine's scheduling hiccup from failing it.
+    c.lag_limit = Duration::from_millis(50);
     let out = dir.path().join("results.tape");
     c.out = Some(out.clone());
     let report = run(c).await;
