@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::plan::Done;
 use super::request::BodySource;
+use crate::tape::codec::{digest_in_text, digest_position};
 use crate::tape::hex;
 
 /// A live value a recorded exchange's response will give, and the exchange's completion.
@@ -231,7 +232,7 @@ impl Digests {
         if self.uploaded.is_empty() {
             return out;
         }
-        for_each_digest(text, |d| {
+        for_each_digest(text, |_, d| {
             if let Some((done, end)) = self.uploaded.get(&d) {
                 if *end <= start && !done.is_set() {
                     out.push(done.clone());
@@ -251,85 +252,43 @@ impl Digests {
     /// `text` with every mapped digest replaced (`sha256:<hex>`, or `sha256%3A<hex>` in a
     /// query); `None` when nothing changed.
     pub fn rewrite(&self, text: &str) -> Option<String> {
-        if self.map.is_empty() || !text.contains("sha256") {
+        if self.map.is_empty() {
             return None;
         }
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        let mut changed = false;
-        while let Some(i) = rest.find("sha256") {
-            let (before, from) = rest.split_at(i);
-            out.push_str(before);
-            let sep = if from[6..].starts_with(':') {
-                1
-            } else if from[6..].len() >= 3 && from[6..9].eq_ignore_ascii_case("%3a") {
-                3
-            } else {
-                0
-            };
-            let hex_start = 6 + sep;
-            let digest = (sep > 0)
-                .then(|| from.get(hex_start..hex_start + 64))
-                .flatten()
-                .and_then(parse_hex32);
-            match digest.and_then(|d| self.map.get(&d)) {
-                Some(mapped) => {
-                    out.push_str(&from[..hex_start]);
-                    out.push_str(&hex(mapped));
-                    rest = &from[hex_start + 64..];
-                    changed = true;
-                }
-                None => {
-                    out.push_str(&from[..6]);
-                    rest = &from[6..];
-                }
+        let mut out = String::new();
+        let mut copied = 0;
+        for_each_digest(text, |hex_start, digest| {
+            if let Some(mapped) = self.map.get(&digest) {
+                out.push_str(&text[copied..hex_start]);
+                out.push_str(&hex(mapped));
+                copied = hex_start + 64;
             }
+        });
+        if copied == 0 {
+            return None;
         }
-        out.push_str(rest);
-        changed.then_some(out)
+        out.push_str(&text[copied..]);
+        Some(out)
     }
 }
 
-/// Calls `f` with every `sha256:<hex>` (or `sha256%3A<hex>`) digest in `text`.
-fn for_each_digest(text: &str, mut f: impl FnMut([u8; 32])) {
-    let mut rest = text;
-    while let Some(i) = rest.find("sha256") {
-        let from = &rest[i + 6..];
-        let hex = from.strip_prefix(':').or_else(|| {
-            from.get(..3)
-                .filter(|p| p.eq_ignore_ascii_case("%3a"))
-                .map(|_| &from[3..])
-        });
-        if let Some(d) = hex.and_then(|h| h.get(..64)).and_then(parse_hex32) {
-            f(d);
-        }
-        rest = from;
+/// Calls `f` with the offset of the hex digits and the value of every digest in `text`
+/// (`sha256:<hex>` or `sha256%3A<hex>`, as the tape codec finds them).
+fn for_each_digest(text: &str, mut f: impl FnMut(usize, [u8; 32])) {
+    let mut from = 0;
+    while let Some((at, digest)) = digest_position(&text[from..]) {
+        f(from + at, digest);
+        from += at + 64;
     }
 }
 
 /// The digest a target's `digest=` query parameter names.
 fn query_digest(target: &str) -> Option<[u8; 32]> {
     let (_, query) = target.split_once('?')?;
-    let value = query.split('&').find_map(|kv| kv.strip_prefix("digest="))?;
-    let hex = value
-        .strip_prefix("sha256:")
-        .or_else(|| value.strip_prefix("sha256%3A"))
-        .or_else(|| value.strip_prefix("sha256%3a"))?;
-    parse_hex32(hex.get(..64)?)
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
-    Some(out)
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("digest="))
+        .and_then(digest_in_text)
 }
 
 #[cfg(test)]

@@ -45,12 +45,25 @@ impl Default for Side {
 impl Side {
     fn add(&mut self, status: Option<&str>, status_code: Option<u16>, latency_ns: u64) {
         self.count += 1;
+        // Keyed by text without allocating per record (the results thread sees every request).
+        let mut buf = [0u8; 8];
         let key = match (status, status_code) {
-            (Some(s), _) => s.to_string(),
-            (None, Some(c)) => c.to_string(),
-            (None, None) => "none".to_string(),
+            (Some(s), _) => s,
+            (None, Some(c)) => {
+                use std::io::Write as _;
+                let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                let _ = write!(cursor, "{c}");
+                let len = cursor.position() as usize;
+                std::str::from_utf8(&buf[..len]).expect("digits are UTF-8")
+            }
+            (None, None) => "none",
         };
-        *self.statuses.entry(key).or_default() += 1;
+        match self.statuses.get_mut(key) {
+            Some(n) => *n += 1,
+            None => {
+                self.statuses.insert(key.to_string(), 1);
+            }
+        }
         self.latency
             .record(latency_ns / 1000)
             .expect("auto-resizing histograms take any u64");

@@ -483,7 +483,7 @@ pub fn digest_in_text(text: &str) -> Option<[u8; 32]> {
 }
 
 /// [`digest_in_text`], with the offset of its 64 hex digits.
-fn digest_position(text: &str) -> Option<(usize, [u8; 32])> {
+pub fn digest_position(text: &str) -> Option<(usize, [u8; 32])> {
     let b = text.as_bytes();
     let mut from = 0;
     while let Some(pos) = text[from..].find("sha256") {
