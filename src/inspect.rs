@@ -130,6 +130,9 @@ impl Summariser {
                     crate::tape::Outcome::Failed(f) => {
                         *s.failures.entry(f.kind.as_str().to_string()).or_default() += 1
                     }
+                    crate::tape::Outcome::Skipped => {
+                        *s.failures.entry("skipped".to_string()).or_default() += 1
+                    }
                 }
                 s.request_body_bytes += r.bytes_sent;
                 s.response_body_bytes += r.bytes_received;

@@ -973,16 +973,18 @@ async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints
     )
     .unwrap();
     let fresh_addr = fresh.addr;
+    let (tape_, profile_) = (tape.clone(), profile.clone());
     let replay = move |with_profile: bool, out: PathBuf| {
+        let (tape, profile) = (&tape_, &profile_);
         let mut cmd = std::process::Command::new(loadtape_bin());
         cmd.arg("replay")
-            .arg(&tape)
+            .arg(tape)
             .args(["--target", &format!("http://{fresh_addr}"), "--out"])
             .arg(&out)
             .env("LT_USER", USER)
             .env("LT_PASSWORD", PASSWORD);
         if with_profile {
-            cmd.arg("--profile").arg(&profile);
+            cmd.arg("--profile").arg(profile);
         }
         let o = cmd.output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1008,6 +1010,52 @@ async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints
         .iter()
         .filter(|r| r.endpoint.contains("manifests"))
         .all(|r| r.status() == Some(401)));
+
+    // A tape that begins after the client logged in (no token request on it): the target's
+    // 401 makes the replay fetch a token as its challenge says, and send again.
+    let late = dir.path().join("late.toml");
+    std::fs::write(
+        &late,
+        format!(
+            "{}\n[filter]\nexclude = [\"^/v2/auth\"]\n",
+            std::fs::read_to_string(&profile).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("late.tape");
+    let o = tokio::task::spawn_blocking({
+        let (tape, out) = (tape.clone(), out.clone());
+        move || {
+            std::process::Command::new(loadtape_bin())
+                .arg("replay")
+                .arg(&tape)
+                .args(["--target", &format!("http://{fresh_addr}"), "--out"])
+                .arg(&out)
+                .arg("--profile")
+                .arg(&late)
+                .env("LT_USER", USER)
+                .env("LT_PASSWORD", PASSWORD)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    let res = results(&out);
+    assert_eq!(res.len(), 5, "{res:?}");
+    for r in &res {
+        assert_eq!(r.status(), r.recorded.status, "{r:?}");
+    }
+    let fetched: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token fetches reported:\n{stdout}"));
+    // One per recorded token, or a few more when requests sharing one raced to the 401.
+    assert!((2..=4).contains(&fetched), "{fetched} fetches:\n{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,9 @@ fn configure(
         config.headers.push(parse_header(h)?);
     }
     config.auth = crate::replay::auth::Auth::from_rules(&profile.auth)?;
+    config.rewrites =
+        crate::replay::rewrite::Rewrites::new(&profile.rewrite, &profile.remove_headers)?;
+    config.state = profile.state.clone();
     config.insecure = args.insecure || profile.insecure.unwrap_or(false);
     config.ca = args.ca.clone().or(profile.ca.clone());
     config.force = if args.http1 {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::plan::Planned;
-use super::request::ReplayBody;
+use super::request::{BodySource, Prepared, ReplayBody};
 use crate::tape::{
     replayed_flags, FailureKind, HttpVersion, Nanos, Outcome, Replayed, UpstreamFailure,
 };
@@ -71,6 +71,10 @@ pub struct Live {
     pub connections_opened: AtomicU64,
     /// Dispatched but never sent: the run was stopped.
     pub abandoned: AtomicU64,
+    /// Tokens fetched after an unexpected 401 (registry token flow).
+    pub token_fetches: AtomicU64,
+    /// Not sent: a recorded value no live answer gave, and the profile says skip.
+    pub skipped: AtomicU64,
 }
 
 impl Live {
@@ -99,6 +103,8 @@ pub struct Shared {
     /// Requests dispatched and not yet written, by intended instant: the results tape's frame
     /// watermarks (see `tape::capture::InFlight`).
     pub unwritten: Arc<crate::tape::capture::InFlight>,
+    /// What to do with a request whose recorded value no live answer gave.
+    pub unmappable: super::state::Unmappable,
 }
 
 impl Shared {
@@ -177,7 +183,7 @@ pub async fn run_connection(
             None => match open(&shared, protocol).await {
                 Ok((s, su)) => (s, Some(su)),
                 Err(failure) => {
-                    finish(&shared, job, waited, None, Err(failure), 0);
+                    finish(&shared, job, waited, None, Err(Some(failure)), 0);
                     drop(permit);
                     continue;
                 }
@@ -309,47 +315,105 @@ fn failure(kind: FailureKind, detail: &str) -> UpstreamFailure {
     }
 }
 
-/// Builds the hyper request of a job: origin-form for HTTP/1.1, absolute for HTTP/2 (where the
-/// URI gives `:scheme` and `:authority`).
-fn build(shared: &Shared, job: &mut Job, absolute: bool) -> (http::Request<ReplayBody>, u64) {
-    // Stateful replay: the live location replaces the recorded one.
-    if let Some(live) = &job.planned.live_target {
+/// Puts the live values into a job's request (stateful replay): the live location, token,
+/// ETags and JSON field values that earlier answers gave. A value that never came leaves the
+/// recorded one and flags the job unmapped.
+fn resolve(job: &mut Job) {
+    let p = &mut job.planned;
+    if let Some(live) = &p.live_target {
         match live
-            .resolve(job.planned.request.path.as_str())
+            .resolve(p.request.path.as_str())
             .and_then(|t| http::uri::PathAndQuery::try_from(t).ok())
         {
-            Some(path) => job.planned.request.path = path,
-            None => job.planned.flags |= replayed_flags::UNMAPPED,
+            Some(path) => p.request.path = path,
+            None => p.flags |= replayed_flags::UNMAPPED,
         }
     }
-    // Registry token flow: the live token the request's token request got.
-    if let Some(issued) = &job.planned.auth_token {
-        match issued
+    // Registry token flow: a token fetched after a 401 first (the one its token request got
+    // was refused), then the live token of the recorded token request.
+    let token = p.fallback.as_ref().and_then(|f| f.get()).or_else(|| {
+        let issued = p.auth_token.as_ref()?;
+        let value = issued
             .get()
-            .and_then(|t| http::HeaderValue::from_str(&format!("Bearer {t}")).ok())
-        {
-            Some(v) => {
-                job.planned
-                    .request
-                    .headers
-                    .insert(http::header::AUTHORIZATION, v);
-            }
-            None => job.planned.flags |= replayed_flags::UNMAPPED,
+            .and_then(|t| http::HeaderValue::from_str(&format!("Bearer {t}")).ok());
+        if value.is_none() && p.fallback.is_none() {
+            p.flags |= replayed_flags::UNMAPPED;
         }
+        value
+    });
+    if let Some(v) = token {
+        p.request.headers.insert(http::header::AUTHORIZATION, v);
     }
-    // ETags: the live one of the answer that gave the recorded one.
-    for (name, issued) in &job.planned.live_headers {
+    for (name, issued) in &p.live_headers {
         match issued
             .get()
             .and_then(|v| http::HeaderValue::from_str(v).ok())
         {
             Some(v) => {
-                job.planned.request.headers.insert(name.clone(), v);
+                p.request.headers.insert(name.clone(), v);
             }
-            None => job.planned.flags |= replayed_flags::UNMAPPED,
+            None => p.flags |= replayed_flags::UNMAPPED,
         }
     }
+    if !p.live_values.is_empty() {
+        let mut pairs = Vec::with_capacity(p.live_values.len());
+        for (recorded, issued) in &p.live_values {
+            match issued.get() {
+                Some(live) => pairs.push((recorded.as_str(), live)),
+                None => p.flags |= replayed_flags::UNMAPPED,
+            }
+        }
+        let r = &mut p.request;
+        if let Some(path) = super::state::replace_tokens(r.path.as_str(), &pairs)
+            .and_then(|t| http::uri::PathAndQuery::try_from(t).ok())
+        {
+            r.path = path;
+        }
+        for v in r.headers.values_mut() {
+            if let Some(new) = v
+                .to_str()
+                .ok()
+                .and_then(|text| super::state::replace_tokens(text, &pairs))
+                .and_then(|text| http::HeaderValue::from_str(&text).ok())
+            {
+                *v = new;
+            }
+        }
+        if let BodySource::Bytes(b) = &r.body {
+            if let Some(new) = std::str::from_utf8(b)
+                .ok()
+                .and_then(|text| super::state::replace_tokens(text, &pairs))
+            {
+                r.headers
+                    .insert(http::header::CONTENT_LENGTH, new.len().into());
+                r.body = BodySource::Bytes(bytes::Bytes::from(new));
+            }
+        }
+    }
+}
+
+/// Builds the hyper request of a job: origin-form for HTTP/1.1, absolute for HTTP/2 (where the
+/// URI gives `:scheme` and `:authority`). A job that may need a fresh token keeps a copy of
+/// its request, to send again after fetching one.
+fn build(shared: &Shared, job: &mut Job, absolute: bool) -> (http::Request<ReplayBody>, u64) {
+    resolve(job);
     let p = &mut job.planned.request;
+    if job.planned.fallback.is_some() {
+        let copy = p.clone();
+        return to_request(shared, copy, absolute);
+    }
+    let taken = Prepared {
+        method: p.method.clone(),
+        path: p.path.clone(),
+        headers: std::mem::take(&mut p.headers),
+        body: std::mem::replace(&mut p.body, BodySource::Empty),
+        dropped_credentials: Vec::new(),
+        authorization: None,
+    };
+    to_request(shared, taken, absolute)
+}
+
+fn to_request(shared: &Shared, p: Prepared, absolute: bool) -> (http::Request<ReplayBody>, u64) {
     let uri = if absolute {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(if shared.target.https {
@@ -358,20 +422,19 @@ fn build(shared: &Shared, job: &mut Job, absolute: bool) -> (http::Request<Repla
             http::uri::Scheme::HTTP
         });
         parts.authority = Some(shared.target.authority.clone());
-        parts.path_and_query = Some(p.path.clone());
+        parts.path_and_query = Some(p.path);
         http::Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     } else {
-        http::Uri::from(p.path.clone())
+        http::Uri::from(p.path)
     };
-    let body = std::mem::replace(&mut p.body, super::request::BodySource::Empty);
-    let len = body.len();
-    let mut headers = std::mem::take(&mut p.headers);
+    let len = p.body.len();
+    let mut headers = p.headers;
     if absolute {
         // HTTP/2 carries the authority in the URI.
         headers.remove(http::header::HOST);
     }
-    let mut req = http::Request::new(body.into_body());
-    *req.method_mut() = p.method.clone();
+    let mut req = http::Request::new(p.body.into_body());
+    *req.method_mut() = p.method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     if absolute {
@@ -389,6 +452,10 @@ async fn exchange_h1(
     setup: Option<Setup>,
 ) -> bool {
     let (req, len) = build(shared, &mut job, false);
+    if skipped(shared, &job) {
+        finish(shared, job, waited, setup, Err(None), 0);
+        return true;
+    }
     if sender.ready().await.is_err() {
         closed(shared, job, waited, setup);
         return false;
@@ -404,6 +471,10 @@ async fn exchange_h2(
     setup: Option<Setup>,
 ) {
     let (req, len) = build(shared, &mut job, true);
+    if skipped(shared, &job) {
+        finish(shared, job, waited, setup, Err(None), 0);
+        return;
+    }
     if sender.ready().await.is_err() {
         closed(shared, job, waited, setup);
         return;
@@ -411,10 +482,16 @@ async fn exchange_h2(
     send_and_finish(shared, job, waited, setup, len, || sender.send_request(req)).await;
 }
 
+/// Whether the job is left unsent: a live value it needs never came, and the profile says skip.
+fn skipped(shared: &Shared, job: &Job) -> bool {
+    job.planned.flags & replayed_flags::UNMAPPED != 0
+        && shared.unmappable == super::state::Unmappable::Skip
+}
+
 /// Ends a job whose connection the target closed before it could go.
 fn closed(shared: &Shared, job: Job, waited: bool, setup: Option<Setup>) {
     let f = failure(FailureKind::Reset, "the target closed the connection");
-    finish(shared, job, waited, setup, Err(f), 0);
+    finish(shared, job, waited, setup, Err(Some(f)), 0);
 }
 
 /// Stamps the send, sends, reads the response within the timeout and ends the job; true when
@@ -436,25 +513,119 @@ where
         location: job.planned.issues.clone(),
         token: job.planned.issues_token.clone(),
         etag: job.planned.issues_etag.clone(),
+        json: job.planned.issues_json.clone(),
     };
-    let outcome =
-        match tokio::time::timeout(shared.timeout, roundtrip(send(), shared, &issues)).await {
-            Ok(r) => r,
-            Err(_) => Err(failure(
-                FailureKind::Timeout,
-                "no complete response in time",
-            )),
-        };
+    let outcome = timed(shared, roundtrip(send(), shared, &issues)).await;
     let complete = outcome.is_ok();
-    finish_sent(shared, job, waited, setup, sent, outcome, len);
+    // A token the target refused, or never saw issued: fetch one and send again, once.
+    let outcome = match outcome {
+        Ok(r) if r.status == 401 && job.planned.recorded.status != Some(401) => {
+            match refetch(shared, &job, r.challenge.as_deref(), &issues).await {
+                Some(again) => again,
+                None => Ok(r),
+            }
+        }
+        other => other,
+    };
+    finish_sent(shared, job, waited, setup, sent, outcome.map_err(Some), len);
     complete
 }
 
+async fn timed(
+    shared: &Shared,
+    work: impl std::future::Future<Output = Result<Response, UpstreamFailure>>,
+) -> Result<Response, UpstreamFailure> {
+    match tokio::time::timeout(shared.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(failure(
+            FailureKind::Timeout,
+            "no complete response in time",
+        )),
+    }
+}
+
+/// After an unexpected 401: fetches a token as the live challenge says (its realm's path and
+/// query, on the target, with the profile's account), then sends the request again with it,
+/// over a connection of its own. `None` when the job has no account to fetch with or the
+/// challenge names no token request.
+async fn refetch(
+    shared: &Shared,
+    job: &Job,
+    challenge: Option<&str>,
+    issues: &Issues,
+) -> Option<Result<Response, UpstreamFailure>> {
+    let fallback = job.planned.fallback.as_ref()?;
+    let target = challenge.and_then(super::auth::token_request_target)?;
+    let path = http::uri::PathAndQuery::try_from(target).ok()?;
+    shared.live.token_fetches.fetch_add(1, Ordering::Relaxed);
+    let protocol = shared.target.protocol_for(job.planned.version);
+    let (mut sender, _) = match open(shared, protocol).await {
+        Ok(s) => s,
+        Err(f) => return Some(Err(f)),
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, fallback.account.clone());
+    if let Some(host) = job.planned.request.headers.get(http::header::HOST) {
+        headers.insert(http::header::HOST, host.clone());
+    }
+    let token_request = Prepared {
+        method: http::Method::GET,
+        path,
+        headers,
+        body: BodySource::Empty,
+        dropped_credentials: Vec::new(),
+        authorization: None,
+    };
+    let token_issues = Issues {
+        token: Some(Arc::new(super::state::Issued::default())),
+        ..Issues::default()
+    };
+    let answer = timed(
+        shared,
+        send_on(shared, &mut sender, token_request, &token_issues),
+    )
+    .await;
+    match (&answer, token_issues.token.as_ref().and_then(|t| t.get())) {
+        (Ok(r), Some(token)) if (200..300).contains(&r.status) => fallback.set(token),
+        // The account was refused: the request's own 401 stands.
+        _ => return None,
+    }
+    let mut again = job.planned.request.clone();
+    again
+        .headers
+        .insert(http::header::AUTHORIZATION, fallback.get()?);
+    Some(timed(shared, send_on(shared, &mut sender, again, issues)).await)
+}
+
+/// Sends one request on a connection of its own and reads the answer.
+async fn send_on(
+    shared: &Shared,
+    sender: &mut Sender,
+    request: Prepared,
+    issues: &Issues,
+) -> Result<Response, UpstreamFailure> {
+    match sender {
+        Sender::H1(h) => {
+            h.ready().await.map_err(|e| classify(&e))?;
+            let (req, _) = to_request(shared, request, false);
+            roundtrip(h.send_request(req), shared, issues).await
+        }
+        Sender::H2(h) => {
+            h.ready().await.map_err(|e| classify(&e))?;
+            let (req, _) = to_request(shared, request, true);
+            roundtrip(h.send_request(req), shared, issues).await
+        }
+    }
+}
+
 /// Live values a response gives (stateful replay).
+#[derive(Default)]
 struct Issues {
     location: Option<Arc<super::state::Issued>>,
     token: Option<Arc<super::state::Issued>>,
     etag: Option<Arc<super::state::Issued>>,
+    /// Values of the profile's JSON fields: (JSON pointer, slot).
+    json: Vec<(String, Arc<super::state::Issued>)>,
 }
 
 /// Status, first byte and last byte (ns from the schedule's zero), bytes received.
@@ -463,6 +634,8 @@ struct Response {
     first_byte: Nanos,
     done: Nanos,
     bytes: u64,
+    /// A 401's `WWW-Authenticate`.
+    challenge: Option<String>,
 }
 
 async fn roundtrip(
@@ -492,10 +665,16 @@ async fn roundtrip(
         }
     }
     let status = response.status().as_u16();
+    let challenge = (status == 401)
+        .then(|| response.headers().get(http::header::WWW_AUTHENTICATE))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut body = response.into_body();
     let mut bytes = 0u64;
-    // A token endpoint's answer is read for its token (never stored anywhere else).
-    let mut kept = issues.token.as_ref().map(|_| Vec::new());
+    // A token endpoint's answer is read for its token (never stored anywhere else), an answer
+    // with JSON fields later requests use for them.
+    let mut kept = (issues.token.is_some() || !issues.json.is_empty()).then(Vec::new);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| classify(&e))?;
         if let Some(d) = frame.data_ref() {
@@ -510,11 +689,21 @@ async fn roundtrip(
             issued.set(token);
         }
     }
+    if let (false, Some(body)) = (issues.json.is_empty(), &kept) {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+            for (pointer, issued) in &issues.json {
+                if let Some(live) = v.pointer(pointer).and_then(super::state::scalar) {
+                    issued.set(live);
+                }
+            }
+        }
+    }
     Ok(Response {
         status,
         first_byte,
         done: shared.now(),
         bytes,
+        challenge,
     })
 }
 
@@ -536,13 +725,13 @@ fn classify(e: &hyper::Error) -> UpstreamFailure {
     failure(kind, &detail)
 }
 
-/// Ends a job that never went out (no connection).
+/// Ends a job that never went out (no connection; `Err(None)`: skipped).
 fn finish(
     shared: &Shared,
     job: Job,
     waited: bool,
     setup: Option<Setup>,
-    outcome: Result<Response, UpstreamFailure>,
+    outcome: Result<Response, Option<UpstreamFailure>>,
     len: u64,
 ) {
     let now = shared.now();
@@ -555,7 +744,7 @@ fn finish_sent(
     waited: bool,
     setup: Option<Setup>,
     sent: Nanos,
-    outcome: Result<Response, UpstreamFailure>,
+    outcome: Result<Response, Option<UpstreamFailure>>,
     len: u64,
 ) {
     let p = job.planned;
@@ -577,7 +766,7 @@ fn finish_sent(
             r.bytes,
             len,
         ),
-        Err(f) => {
+        Err(Some(f)) => {
             shared.live.failed.fetch_add(1, Ordering::Relaxed);
             (
                 Outcome::Failed(f),
@@ -586,6 +775,10 @@ fn finish_sent(
                 0,
                 0,
             )
+        }
+        Err(None) => {
+            shared.live.skipped.fetch_add(1, Ordering::Relaxed);
+            (Outcome::Skipped, None, 0, 0, 0)
         }
     };
     let record = Replayed {

@@ -27,6 +27,7 @@ pub mod plan;
 pub mod profile;
 pub mod request;
 mod results;
+pub mod rewrite;
 pub mod state;
 
 use std::path::PathBuf;
@@ -133,6 +134,11 @@ pub struct ReplayConfig {
     pub provenance: Vec<(String, String)>,
     /// Fresh credentials by path prefix (profile `[[auth]]`).
     pub auth: auth::Auth,
+    /// Host, path and header rewrites (profile `[[rewrite]]`, `remove-headers`).
+    pub rewrites: rewrite::Rewrites,
+    /// What the stateful replay maps beyond locations, ETags and tokens, and what it does
+    /// with a request whose value never came (profile `[state]`).
+    pub state: state::StateOptions,
 }
 
 impl ReplayConfig {
@@ -164,6 +170,8 @@ impl ReplayConfig {
             threads: 1,
             provenance: Vec::new(),
             auth: auth::Auth::default(),
+            rewrites: rewrite::Rewrites::default(),
+            state: state::StateOptions::default(),
         }
     }
 }
@@ -178,6 +186,8 @@ pub struct ReplayReport {
     /// Dispatched but not sent: the run was stopped, or the drain time ran out.
     pub abandoned: u64,
     pub connections_opened: u64,
+    /// Tokens fetched after an unexpected 401 (registry token flow).
+    pub token_fetches: u64,
     pub elapsed: Duration,
     /// Whether loadtape kept its schedule (dispatch lag p99 within the limit).
     pub valid: bool,
@@ -208,16 +218,24 @@ impl ReplayReport {
         let p = &self.plan;
         let _ = writeln!(
             out,
-            "accounting: {} as recorded, {} rewritten, {} with synthesised bodies, {} skipped by filters, {} upgrades not replayed, {} unmappable, {} late (sent > 1 ms after their instant), {} connections opened",
+            "accounting: {} as recorded, {} rewritten, {} with synthesised bodies, {} skipped by filters, {} upgrades not replayed, {} unmappable ({} of them not sent), {} late (sent > 1 ms after their instant), {} connections opened",
             s.all.replayed.count - s.rewritten,
             s.rewritten,
             s.synthesised,
             p.filtered,
             p.upgrades,
-            p.unmappable + s.unmapped,
+            p.unmappable + s.unmapped + s.skipped,
+            p.unmappable + s.skipped,
             s.late,
             self.connections_opened,
         );
+        if self.token_fetches > 0 {
+            let _ = writeln!(
+                out,
+                "tokens:     {} fetched after an unexpected 401 (the recorded token was issued before the tape began, or the live one was refused)",
+                self.token_fetches
+            );
+        }
         let _ = writeln!(
             out,
             "schedule lag (loadtape's own): p50 {}  p99 {}  max {}",
@@ -346,6 +364,8 @@ fn plan(config: &ReplayConfig) -> anyhow::Result<Plan> {
         host,
         headers: config.headers.clone(),
         auth: config.auth.clone(),
+        rewrites: config.rewrites.clone(),
+        state: config.state.clone(),
     };
     Ok(Plan::new(
         config.plan.clone(),
@@ -525,6 +545,7 @@ pub fn run(
             stop: stop.clone(),
             outstanding: Default::default(),
             unwritten: unwritten.clone(),
+            unmappable: config.state.unmappable,
         });
         let clock = clock::Clock::new(shared, config.plan.connections, pool_cap, stop.clone());
         let drain = config.drain;
@@ -569,6 +590,7 @@ pub fn run(
         completed,
         abandoned: dispatched - completed.min(dispatched),
         connections_opened: live.connections_opened.load(Ordering::Relaxed),
+        token_fetches: live.token_fetches.load(Ordering::Relaxed),
         elapsed,
         stopped,
         stats: collected.stats,

@@ -19,15 +19,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::auth::{sign_jwt, Credential, Tokens};
+use super::auth::{sign_jwt, AuthUse, Credential, Fallback, Tokens};
 use super::request::{prepare, BodySource, Prepared, RequestTemplate};
-use super::state::{is_upload, location_path, Digests, Etags, Issued, LiveTarget, Locations};
+use super::state::{
+    for_each_token, is_upload, is_upload_session, json_values, location_path, query_value, Digests,
+    Etags, Issued, LiveTarget, Locations, Recent, Unmappable,
+};
 use crate::endpoint;
 use crate::tape::reader::SourceFile;
 use crate::tape::replayed_flags;
 use crate::tape::{
-    Exchange, HttpVersion, Method, Nanos, ReadOptions, Record, RecordedOutcome, TapeError,
-    TapeReader,
+    Exchange, HttpVersion, Method, Nanos, ReadOptions, Record, RecordedOutcome, SecretKind,
+    TapeError, TapeReader,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -244,6 +247,16 @@ pub struct Planned {
     pub live_headers: Vec<(http::header::HeaderName, Arc<Issued>)>,
     /// This exchange's answer gives an ETag later requests use.
     pub issues_etag: Option<Arc<Issued>>,
+    /// Where its credential comes from, and the recorded one's kind and fingerprint.
+    pub auth_use: AuthUse,
+    pub recorded_credential: Option<(SecretKind, u64)>,
+    /// A token to fetch after an unexpected 401 (registry token flow).
+    pub fallback: Option<Arc<Fallback>>,
+    /// Recorded values of the profile's JSON fields this request carries, and the answers
+    /// that give the live ones.
+    pub live_values: Vec<(String, Arc<Issued>)>,
+    /// This exchange's answer gives values of the profile's JSON fields (JSON pointer, slot).
+    pub issues_json: Vec<(String, Arc<Issued>)>,
 }
 
 /// Completion of an exchange others may depend on: a flag and a wake-up.
@@ -375,6 +388,11 @@ pub struct Plan {
     tokens: Tokens,
     /// Recorded ETags and the exchanges whose live answers replace them.
     etags: Etags,
+    /// Tokens fetched after a 401, by the fingerprint of the recorded token they replace.
+    fallbacks: HashMap<u64, Arc<Fallback>>,
+    /// Recorded values of the profile's JSON fields and the exchanges whose live answers
+    /// replace them.
+    values: Recent,
     pub counters: PlanCounters,
     finished: bool,
 }
@@ -405,6 +423,8 @@ impl Plan {
             locations: Locations::default(),
             tokens: Tokens::default(),
             etags: Etags::default(),
+            fallbacks: HashMap::new(),
+            values: Recent::default(),
             counters: PlanCounters {
                 passes: 1,
                 ..PlanCounters::default()
@@ -573,50 +593,13 @@ impl Plan {
         let mut after: Vec<Arc<Done>> = after.into_iter().collect();
 
         // Credentials: fresh ones where the profile gives them.
-        let (mut auth_token, mut issues_token) = (None, None);
-        let mut replaced = false;
-        let redacted = request.authorization.take();
-        match self.template.auth.for_path(e.request.path()) {
-            Some(Credential::Basic(v)) | Some(Credential::Bearer(v)) if redacted.is_some() => {
-                request
-                    .headers
-                    .insert(http::header::AUTHORIZATION, v.clone());
-                replaced = true;
-            }
-            Some(Credential::Jwt { key, issuer }) if redacted.is_some() => {
-                request
-                    .headers
-                    .insert(http::header::AUTHORIZATION, sign_jwt(key, issuer));
-                replaced = true;
-            }
-            Some(Credential::RegistryToken(account)) => {
-                if crate::redact::is_token_endpoint(e.request.path()) {
-                    request
-                        .headers
-                        .insert(http::header::AUTHORIZATION, account.clone());
-                    replaced = true;
-                    if !e.issued_secrets.is_empty() {
-                        let done = done
-                            .get_or_insert_with(|| Arc::new(Done::default()))
-                            .clone();
-                        let issued = Arc::new(Issued::new(done));
-                        for secret in &e.issued_secrets {
-                            self.tokens.insert(secret.fingerprint, issued.clone());
-                        }
-                        issues_token = Some(issued);
-                    }
-                } else if let Some(issued) = redacted
-                    .as_ref()
-                    .and_then(|r| self.tokens.get(r.fingerprint))
-                {
-                    after.push(issued.done.clone());
-                    auth_token = Some(issued);
-                    replaced = true;
-                }
-            }
-            _ => {}
-        }
-        if replaced {
+        let (auth_use, auth_token, issues_token, fallback) =
+            self.credentials(e, &mut request, &mut after, &mut done);
+        let recorded_credential = request
+            .authorization
+            .take()
+            .map(|r| (r.kind, r.fingerprint));
+        if !matches!(auth_use, AuthUse::None | AuthUse::Dropped) {
             flags |= replayed_flags::REWRITTEN;
             request.dropped_credentials.clear();
         } else if dropped {
@@ -644,10 +627,13 @@ impl Plan {
             after.extend(self.digests.depends(text, e.timing.start));
         }
         if let (BodySource::Bytes(bytes), false) = (&request.body, is_upload(path)) {
-            // (A blob's bytes are opaque: only manifests and JSON requests are rewritten.)
-            let rewritten = std::str::from_utf8(bytes)
-                .ok()
-                .and_then(|text| self.digests.rewrite(text));
+            // (A blob's bytes are opaque: only manifests and JSON requests are rewritten, by
+            // the profile's literals, then by the digests the replay changed.)
+            let rewritten = std::str::from_utf8(bytes).ok().and_then(|text| {
+                let literal = self.template.rewrites.text(text);
+                let base = literal.as_deref().unwrap_or(text);
+                self.digests.rewrite(base).or(literal)
+            });
             if let Some(text) = rewritten {
                 let new = Bytes::from(text);
                 if let Some(recorded) = e.request.body.sha256 {
@@ -669,6 +655,18 @@ impl Plan {
         let live_target = self.locations.find(request.path.as_str());
         if let Some(t) = &live_target {
             after.push(t.issued.done.clone());
+            flags |= replayed_flags::REWRITTEN;
+        } else if is_upload_session(request.path.path()) {
+            // The session was opened before the tape began: no live answer will name it.
+            if self.template.state.unmappable == Unmappable::Skip {
+                return None;
+            }
+            flags |= replayed_flags::UNMAPPED;
+        }
+        // Values of the profile's JSON fields that earlier answers gave.
+        let live_values = self.live_values(&request);
+        for (_, issued) in &live_values {
+            after.push(issued.done.clone());
             flags |= replayed_flags::REWRITTEN;
         }
         // ETags: conditional requests carry the live one of the answer that gave the recorded.
@@ -696,6 +694,7 @@ impl Plan {
             }),
             Err(_) => None,
         };
+        let issues_json = self.issues_json(e, &mut done);
         let issues = match &e.response {
             Ok(r) if (200..300).contains(&r.status) => r
                 .headers
@@ -734,7 +733,164 @@ impl Plan {
             issues_token,
             live_headers,
             issues_etag,
+            auth_use,
+            recorded_credential,
+            fallback,
+            live_values,
+            issues_json,
         })
+    }
+
+    /// The recorded values of the profile's JSON fields that `request` carries (target,
+    /// header values, text body), with the exchanges whose live answers give theirs.
+    fn live_values(&self, request: &Prepared) -> Vec<(String, Arc<Issued>)> {
+        let mut out: Vec<(String, Arc<Issued>)> = Vec::new();
+        if self.values.is_empty() {
+            return out;
+        }
+        let mut look = |text: &str| {
+            for_each_token(text, |t| {
+                if let Some(issued) = self.values.get(t) {
+                    if !out.iter().any(|(v, _)| v == t) {
+                        out.push((t.to_string(), issued));
+                    }
+                }
+            })
+        };
+        look(request.path.as_str());
+        for v in request.headers.values() {
+            if let Ok(text) = v.to_str() {
+                look(text);
+            }
+        }
+        if let BodySource::Bytes(b) = &request.body {
+            if let Ok(text) = std::str::from_utf8(b) {
+                look(text);
+            }
+        }
+        out
+    }
+
+    /// The values of the profile's JSON fields in the recorded answer: later requests that
+    /// carry one take the live answer's instead.
+    fn issues_json(
+        &mut self,
+        e: &Exchange,
+        done: &mut Option<Arc<Done>>,
+    ) -> Vec<(String, Arc<Issued>)> {
+        let fields = &self.template.state.json_fields;
+        let Ok(response) = &e.response else {
+            return Vec::new();
+        };
+        let body = match response.body.whole_inline() {
+            Some(b) if !fields.is_empty() && (200..300).contains(&response.status) => b,
+            _ => return Vec::new(),
+        };
+        let found = json_values(body, fields);
+        let mut out = Vec::with_capacity(found.len());
+        for (value, pointer) in found {
+            let done = done
+                .get_or_insert_with(|| Arc::new(Done::default()))
+                .clone();
+            let issued = Arc::new(Issued::new(done));
+            self.values.insert(value, issued.clone());
+            out.push((pointer, issued));
+        }
+        out
+    }
+
+    /// Where the request's credential comes from (see `auth.rs`): a rule's, a token request
+    /// sent with a rule's account, the live token of a token request on the tape, or one
+    /// fetched after the target's 401. Sets the header where it is known now.
+    #[allow(clippy::type_complexity)]
+    fn credentials(
+        &mut self,
+        e: &Exchange,
+        request: &mut Prepared,
+        after: &mut Vec<Arc<Done>>,
+        done: &mut Option<Arc<Done>>,
+    ) -> (
+        AuthUse,
+        Option<Arc<Issued>>,
+        Option<Arc<Issued>>,
+        Option<Arc<Fallback>>,
+    ) {
+        let Some(redacted) = request.authorization.as_ref() else {
+            return (AuthUse::None, None, None, None);
+        };
+        let recorded = redacted.fingerprint;
+        let bearer = matches!(redacted.kind, SecretKind::Bearer | SecretKind::BearerJwt);
+        let auth = &self.template.auth;
+        let path = e.request.path();
+        if crate::redact::is_token_endpoint(path) {
+            let account = query_value(&e.request.target, "account");
+            let Some((i, rule)) = auth.rule_for(path, Some(recorded), account.as_deref()) else {
+                return (AuthUse::Dropped, None, None, None);
+            };
+            let Credential::RegistryToken(account) = &rule.credential else {
+                return (AuthUse::Dropped, None, None, None);
+            };
+            request
+                .headers
+                .insert(http::header::AUTHORIZATION, account.clone());
+            let mut issues_token = None;
+            if !e.issued_secrets.is_empty() {
+                let done = done
+                    .get_or_insert_with(|| Arc::new(Done::default()))
+                    .clone();
+                let issued = Arc::new(Issued::new(done));
+                for secret in &e.issued_secrets {
+                    self.tokens.insert(secret.fingerprint, issued.clone());
+                }
+                issues_token = Some(issued);
+            }
+            return (AuthUse::TokenRequest(i), None, issues_token, None);
+        }
+        let fallback = if bearer {
+            auth.token_account(path).map(|(i, account)| {
+                if self.fallbacks.len() >= 16_384 {
+                    self.fallbacks.clear();
+                }
+                let f = self
+                    .fallbacks
+                    .entry(recorded)
+                    .or_insert_with(|| Arc::new(Fallback::new(account)))
+                    .clone();
+                (i, f)
+            })
+        } else {
+            None
+        };
+        if let Some(issued) = self.tokens.get(recorded) {
+            after.push(issued.done.clone());
+            return (
+                AuthUse::LiveToken,
+                Some(issued),
+                None,
+                fallback.map(|(_, f)| f),
+            );
+        }
+        match auth.rule_for(path, Some(recorded), None) {
+            Some((i, rule)) => match &rule.credential {
+                Credential::Basic(v) | Credential::Bearer(v) => {
+                    request
+                        .headers
+                        .insert(http::header::AUTHORIZATION, v.clone());
+                    (AuthUse::Rule(i), None, None, None)
+                }
+                Credential::Jwt { key, issuer } => {
+                    request
+                        .headers
+                        .insert(http::header::AUTHORIZATION, sign_jwt(key, issuer));
+                    (AuthUse::Rule(i), None, None, None)
+                }
+                Credential::RegistryToken(_) => match fallback {
+                    Some((i, f)) => (AuthUse::Fetched(i), None, None, Some(f)),
+                    None => (AuthUse::Dropped, None, None, None),
+                },
+            },
+            None => (AuthUse::Dropped, None, None, None),
+        }
     }
 
     /// A request waits for the latest write to the same path that ended on the tape before it
@@ -787,6 +943,13 @@ pub struct PlanSummary {
     pub digests_remapped: u64,
     /// Redacted credentials by kind: a replay sends these requests without them.
     pub auth: BTreeMap<String, u64>,
+    /// Where requests' credentials come from (rules, token requests, live tokens, fetches),
+    /// and which recorded ones get none.
+    pub auth_sources: BTreeMap<String, u64>,
+    /// Requests carrying values of the profile's JSON fields that live answers will give.
+    pub json_mapped: u64,
+    /// Requests known unmappable now (an upload session opened before the tape began).
+    pub unmapped: u64,
     /// Live connections opened for recorded ones (preserve mode).
     pub connections: u64,
     /// Seconds from the first to the last intended instant.
@@ -823,6 +986,11 @@ impl Plan {
             for kind in &p.request.dropped_credentials {
                 *s.auth.entry(kind.clone()).or_default() += 1;
             }
+            if let Some(source) = self.describe_auth(&p) {
+                *s.auth_sources.entry(source).or_default() += 1;
+            }
+            s.json_mapped += u64::from(!p.live_values.is_empty());
+            s.unmapped += u64::from(p.flags & crate::tape::replayed_flags::UNMAPPED != 0);
             if self.options.connections == ConnectionMode::Preserve {
                 conns.insert(p.conn);
             }
@@ -839,6 +1007,42 @@ impl Plan {
         s.digests_remapped = self.digests.len() as u64;
         s.counters = self.counters.clone();
         Ok(s)
+    }
+}
+
+impl Plan {
+    /// Where a planned request's credential comes from, as the dry run lists it.
+    fn describe_auth(&self, p: &Planned) -> Option<String> {
+        let recorded = p
+            .recorded_credential
+            .map(|(kind, fp)| format!("recorded {} {fp:016x}", kind.as_str()));
+        let rule = |i: usize| self.template.auth.rule(i).describe();
+        Some(match p.auth_use {
+            AuthUse::None => return None,
+            AuthUse::Rule(i) => format!(
+                "{} (replaces recorded {})",
+                rule(i),
+                p.recorded_credential.map_or("?", |(k, _)| k.as_str())
+            ),
+            AuthUse::TokenRequest(i) => format!(
+                "token request with the account of the {}, for {}{}",
+                rule(i),
+                recorded.unwrap_or_default(),
+                query_value(p.request.path.as_str(), "account")
+                    .map(|a| format!(" (account={a})"))
+                    .unwrap_or_default()
+            ),
+            AuthUse::LiveToken => "live token from a token request on the tape".to_string(),
+            AuthUse::Fetched(i) => format!(
+                "token fetched after the target's 401 with the account of the {}: {} was issued before the tape began",
+                rule(i),
+                recorded.unwrap_or_default()
+            ),
+            AuthUse::Dropped => format!(
+                "NONE: {} has no [[auth]] rule, sent without",
+                recorded.unwrap_or_default()
+            ),
+        })
     }
 }
 
@@ -868,7 +1072,7 @@ impl PlanSummary {
         );
         let _ = writeln!(
             out,
-            "rewritten:   {} (headers set by --header or the profile)",
+            "rewritten:   {} (credentials, headers, hosts or paths changed by flags or the profile)",
             self.rewritten
         );
         let _ = writeln!(
@@ -890,6 +1094,19 @@ impl PlanSummary {
                 "auth:        recorded credentials were redacted ({}); these requests go without them unless --header sets one",
                 kinds.join(", ")
             );
+        }
+        if self.json_mapped > 0 || self.unmapped > 0 {
+            let _ = writeln!(
+                out,
+                "values:      {} requests carry values of the profile's JSON fields that live answers will give; {} cannot be mapped (sessions opened before the tape began)",
+                self.json_mapped, self.unmapped
+            );
+        }
+        if !self.auth_sources.is_empty() {
+            let _ = writeln!(out, "credentials:");
+            for (source, n) in &self.auth_sources {
+                let _ = writeln!(out, "  {n:>8}  {source}");
+            }
         }
         let _ = writeln!(out, "endpoints:");
         let mut v: Vec<_> = self.endpoints.iter().collect();

@@ -40,6 +40,17 @@ pub struct Profile {
     /// `[[auth]]`: fresh credentials per path prefix (see `replay::auth`).
     #[serde(default)]
     pub auth: Vec<super::auth::AuthRule>,
+    /// `[[rewrite]]`: hosts and path prefixes of the recorded world mapped onto the test
+    /// cluster's (see `replay::rewrite`).
+    #[serde(default)]
+    pub rewrite: Vec<super::rewrite::RewriteRule>,
+    /// Recorded header fields not to send.
+    #[serde(default)]
+    pub remove_headers: Vec<String>,
+    /// `[state]`: JSON fields to map, and what to do with unmappable requests (see
+    /// `replay::state`).
+    #[serde(default)]
+    pub state: super::state::StateOptions,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -30,10 +30,14 @@ pub struct RequestTemplate {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Fresh credentials by path prefix (the profile's `[[auth]]`).
     pub auth: super::auth::Auth,
+    /// The profile's `[[rewrite]]`s and `remove-headers`.
+    pub rewrites: super::rewrite::Rewrites,
+    /// The profile's `[state]`.
+    pub state: super::state::StateOptions,
 }
 
 /// A request ready to go.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     pub method: http::Method,
     pub path: http::uri::PathAndQuery,
@@ -129,14 +133,19 @@ pub fn prepare(
     blobs: &Blobs,
 ) -> Option<(Prepared, u32, bool)> {
     let method = http::Method::from_bytes(e.request.method.as_str().as_bytes()).ok()?;
-    let path = if e.request.target.starts_with('/') {
-        http::uri::PathAndQuery::try_from(e.request.target.as_str()).ok()?
+    let mut flags = 0;
+    let rewritten = template.rewrites.target(&e.request.target);
+    if rewritten.is_some() {
+        flags |= replayed_flags::REWRITTEN;
+    }
+    let target = rewritten.as_deref().unwrap_or(&e.request.target);
+    let path = if target.starts_with('/') {
+        http::uri::PathAndQuery::try_from(target).ok()?
     } else {
         // Absolute-form or `*`: only path and query go to the target.
-        let uri: http::Uri = e.request.target.parse().ok()?;
+        let uri: http::Uri = target.parse().ok()?;
         uri.path_and_query()?.clone()
     };
-    let mut flags = 0;
     let mut headers = HeaderMap::with_capacity(e.request.headers.len() + 2);
     // Names listed in `Connection` are hop-by-hop too.
     let listed: Vec<String> = e
@@ -158,9 +167,23 @@ pub fn prepare(
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             continue;
         };
+        if template.rewrites.remove_headers.contains(&name) {
+            flags |= replayed_flags::REWRITTEN;
+            continue;
+        }
         match value {
             TapeValue::Plain(v) => {
-                if let Ok(v) = HeaderValue::from_bytes(v) {
+                let replaced = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|text| template.rewrites.text(text));
+                if replaced.is_some() {
+                    flags |= replayed_flags::REWRITTEN;
+                }
+                let v = match &replaced {
+                    Some(text) => HeaderValue::from_str(text),
+                    None => HeaderValue::from_bytes(v),
+                };
+                if let Ok(v) = v {
                     headers.append(name, v);
                 }
             }

@@ -18,12 +18,119 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 
+use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::plan::Done;
 use super::request::BodySource;
 use crate::tape::codec::{digest_in_text, digest_position};
 use crate::tape::hex;
+
+/// The profile's `[state]`: what the stateful replay maps beyond locations, ETags, digests and
+/// tokens, and what it does when a live value never comes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StateOptions {
+    /// Fields of recorded JSON answers whose values later requests carry (a Quay build's
+    /// `id`, a robot's `token`...): each recorded value is replaced, in later targets, header
+    /// values and bodies, by the value of the same field in the live answer.
+    #[serde(default)]
+    pub json_fields: Vec<String>,
+    /// A request whose recorded value no live answer gave: `send` it as recorded (the
+    /// default; counted as unmapped) or `skip` it (counted, not sent).
+    #[serde(default)]
+    pub unmappable: Unmappable,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmappable {
+    #[default]
+    Send,
+    Skip,
+}
+
+/// Values of the named JSON fields in a recorded answer, with where they sit (a JSON pointer,
+/// where the live answer's value is read). Values shorter than 4 characters are left alone:
+/// too likely to stand for something else elsewhere.
+pub fn json_values(body: &[u8], fields: &[String]) -> Vec<(String, String)> {
+    fn walk(v: &serde_json::Value, at: &str, fields: &[String], out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let pointer = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+                    if fields.iter().any(|f| f == k) {
+                        if let Some(value) = scalar(v).filter(|s| s.len() >= 4) {
+                            out.push((value, pointer.clone()));
+                        }
+                    }
+                    walk(v, &pointer, fields, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    walk(v, &format!("{at}/{i}"), fields, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        walk(&v, "", fields, &mut out);
+    }
+    out
+}
+
+/// A JSON scalar as text (strings and numbers).
+pub fn scalar(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Calls `f` with every token of `text`: runs of characters that can make an id
+/// (alphanumerics, `-`, `_`, `.`).
+pub fn for_each_token(text: &str, mut f: impl FnMut(&str)) {
+    for t in text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        if t.len() >= 4 {
+            f(t);
+        }
+    }
+}
+
+/// `text` with whole tokens equal to a recorded value replaced by the live one; `None` when
+/// nothing changed.
+pub fn replace_tokens(text: &str, pairs: &[(&str, &str)]) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut start = None;
+    let is_token = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    for (i, c) in text
+        .char_indices()
+        .chain(std::iter::once((text.len(), ' ')))
+    {
+        match (is_token(c) && i < text.len(), start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                if let Some((_, live)) = pairs.iter().find(|(rec, _)| *rec == &text[s..i]) {
+                    out.push_str(&text[copied..s]);
+                    out.push_str(live);
+                    copied = i;
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.push_str(&text[copied..]);
+    Some(out)
+}
 
 /// A live value a recorded exchange's response will give, and the exchange's completion.
 #[derive(Default)]
@@ -107,6 +214,10 @@ impl Recent {
     pub fn get(&self, recorded: &str) -> Option<Arc<Issued>> {
         self.map.get(recorded.trim()).cloned()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 /// Recorded upload locations, for the plan.
@@ -164,6 +275,15 @@ const MAX_SESSIONS: usize = MAX_RECENT;
 /// Where an upload's data goes: `/v2/<name>/blobs/uploads/...`.
 pub fn is_upload(path: &str) -> bool {
     path.starts_with("/v2/") && path.contains("/blobs/uploads")
+}
+
+/// A target inside an upload session (`/v2/<name>/blobs/uploads/<uuid>`), which only a live
+/// answer can name.
+pub fn is_upload_session(path: &str) -> bool {
+    is_upload(path)
+        && path
+            .split_once("/blobs/uploads/")
+            .is_some_and(|(_, rest)| !rest.is_empty())
 }
 
 impl Digests {
@@ -282,6 +402,39 @@ fn for_each_digest(text: &str, mut f: impl FnMut(usize, [u8; 32])) {
     }
 }
 
+/// The value of a target's query parameter `key`, percent-decoded.
+pub fn query_value(target: &str, key: &str) -> Option<String> {
+    let (_, query) = target.split_once('?')?;
+    let raw = query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then_some(v)
+    })?;
+    let mut out = Vec::with_capacity(raw.len());
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The digest a target's `digest=` query parameter names.
 fn query_digest(target: &str) -> Option<[u8; 32]> {
     let (_, query) = target.split_once('?')?;
@@ -332,6 +485,36 @@ mod tests {
         let escaped = format!("/v2/app/blobs/uploads/?mount=sha256%3A{}", hex(&recorded));
         assert!(d.rewrite(&escaped).unwrap().ends_with(&hex(&sent)));
         assert_eq!(d.rewrite("/v2/app/manifests/v1"), None);
+    }
+
+    #[test]
+    fn named_json_fields_are_found_and_replaced_as_whole_tokens() {
+        let body =
+            br#"{"id": "6d1c-77aa", "phase": "waiting", "builds": [{"id": 123456}], "n": 7}"#;
+        let fields = vec!["id".to_string(), "n".to_string()];
+        let found = json_values(body, &fields);
+        assert_eq!(
+            found,
+            vec![
+                ("123456".to_string(), "/builds/0/id".to_string()),
+                ("6d1c-77aa".to_string(), "/id".to_string()),
+            ]
+        );
+        let pairs = [("6d1c-77aa", "LIVE-1"), ("123456", "9")];
+        assert_eq!(
+            replace_tokens("/api/v1/build/6d1c-77aa?x=123456&y=1234567", &pairs).unwrap(),
+            "/api/v1/build/LIVE-1?x=9&y=1234567"
+        );
+        assert_eq!(replace_tokens("/nothing/6d1c-77aab", &pairs), None);
+        let mut tokens = Vec::new();
+        for_each_token("/api/v1/build/6d1c-77aa?x=1", |t| {
+            tokens.push(t.to_string())
+        });
+        assert_eq!(tokens, ["build", "6d1c-77aa"]);
+        assert_eq!(
+            query_value("/v2/auth?account=bob%40corp&scope=x", "account").unwrap(),
+            "bob@corp"
+        );
     }
 
     #[test]

@@ -97,6 +97,7 @@ impl EndpointStats {
         match &r.outcome {
             Outcome::Status(s) => self.replayed.add(None, Some(*s), r.latency()),
             Outcome::Failed(f) => self.replayed.add(Some(f.kind.as_str()), None, r.latency()),
+            Outcome::Skipped => return,
         }
         let recorded_status = if r.recorded.status.is_none() {
             Some("upstream_failed")
@@ -129,6 +130,8 @@ pub struct Stats {
     pub unmapped: u64,
     /// Requests that got no response (refused, reset, timed out, TLS).
     pub failed: u64,
+    /// Requests not sent: a live value they needed never came, and the profile said skip.
+    pub skipped: u64,
     /// The schedule's span: first and last intended instants, ns.
     pub first_intended: Option<u64>,
     pub last_intended: u64,
@@ -146,6 +149,7 @@ impl Default for Stats {
             synthesised: 0,
             unmapped: 0,
             failed: 0,
+            skipped: 0,
             first_intended: None,
             last_intended: 0,
         }
@@ -154,6 +158,11 @@ impl Default for Stats {
 
 impl Stats {
     pub fn add(&mut self, r: &Replayed) {
+        if r.outcome == Outcome::Skipped {
+            // Not sent: neither side of the comparison counts it.
+            self.skipped += 1;
+            return;
+        }
         match self.endpoints.get_mut(&r.endpoint) {
             Some(e) => e.add(r),
             None => {
@@ -199,6 +208,7 @@ impl Stats {
         self.synthesised += other.synthesised;
         self.unmapped += other.unmapped;
         self.failed += other.failed;
+        self.skipped += other.skipped;
         self.first_intended = match (self.first_intended, other.first_intended) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -288,6 +298,7 @@ impl Stats {
             send_lag_p99_us: self.send_lag.value_at_quantile(0.99),
             late: self.late,
             failed: self.failed,
+            skipped: self.skipped,
         }
     }
 }
@@ -316,6 +327,7 @@ pub struct SummaryJson {
     pub send_lag_p99_us: u64,
     pub late: u64,
     pub failed: u64,
+    pub skipped: u64,
 }
 
 /// `200 x118, 404 x2`: the commonest first.

@@ -523,7 +523,7 @@ impl Replayed {
     pub fn status(&self) -> Option<u16> {
         match self.outcome {
             Outcome::Status(s) => Some(s),
-            Outcome::Failed(_) => None,
+            Outcome::Failed(_) | Outcome::Skipped => None,
         }
     }
 }
@@ -549,6 +549,8 @@ pub enum Outcome {
     Status(u16),
     /// No response: the connection was refused, reset, timed out, TLS failed.
     Failed(UpstreamFailure),
+    /// Not sent: it needed a value no live answer gave, and the profile said skip.
+    Skipped,
 }
 
 /// The recorded exchange's outcome and upstream timings, for like-for-like comparison.
