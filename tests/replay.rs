@@ -938,6 +938,103 @@ async fn a_recorded_push_and_pull_replays_into_an_empty_registry_that_then_serve
     let _ = out2;
 }
 
+/// `user:bcrypt` lines for docker-registry's htpasswd (cost 4: fast to check). The recording
+/// and the replay use different accounts: the replay's must be the fresh one it was given.
+const RECORDER: (&str, &str, &str) = (
+    "recorder",
+    "rec-pass",
+    "$2b$04$FeNIBejQWFKg0adG4MsS3OgNfxrL7sCCTYEJE6jN5TT52S6W1XKBq",
+);
+const REPLAYER: (&str, &str, &str) = (
+    "replayer",
+    "fresh-pass",
+    "$2b$04$Xk5U2EHqmHVdRFAvhtBvO.03nVsE.GXHEf.M05Ad/Ylrf.Q2Lo9D.",
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_registry_that_wants_credentials_replays_with_fresh_ones() {
+    use common::registry::*;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Registry::start_with_htpasswd(
+        &dir.path().join("registry-a"),
+        &format!("{}:{}\n", RECORDER.0, RECORDER.2),
+    );
+    let b = Registry::start_with_htpasswd(
+        &dir.path().join("registry-b"),
+        &format!("{}:{}\n", REPLAYER.0, REPLAYER.2),
+    );
+    let image = oci_image(&dir.path().join("image"), &[200_000, 90_000], 23);
+    let tape = dir.path().join("push");
+    let rec = net::start(net::config(a.addr, &tape)).await;
+    let remote = format!("docker://{}/secure/app:v1", rec.addr);
+    let creds = format!("{}:{}", RECORDER.0, RECORDER.1);
+    skopeo_copy_with(
+        &format!("oci:{}:v1", image.layout.display()),
+        &remote,
+        &["--dest-creds", &creds],
+    )
+    .await;
+    skopeo_copy_with(
+        &remote,
+        &format!("oci:{}:v1", dir.path().join("pulled").display()),
+        &["--src-creds", &creds],
+    )
+    .await;
+    rec.stop().await;
+
+    let profile = dir.path().join("basic.toml");
+    std::fs::write(
+        &profile,
+        "[[auth]]\npath-prefix = \"/v2/\"\nkind = \"basic\"\nusername-env = \"LT_REG_USER\"\npassword-env = \"LT_REG_PASSWORD\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("results.tape");
+    let o = std::process::Command::new(loadtape_bin())
+        .arg("replay")
+        .arg(&tape)
+        .args(["--target", &format!("http://{}", b.addr), "--speed", "4"])
+        .arg("--out")
+        .arg(&out)
+        .arg("--profile")
+        .arg(&profile)
+        .env("LT_REG_USER", REPLAYER.0)
+        .env("LT_REG_PASSWORD", REPLAYER.1)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let res = results(&out);
+    assert!(
+        res.iter().any(|r| r.recorded.status == Some(401)),
+        "skopeo's first /v2/ is a 401"
+    );
+    assert!(res
+        .iter()
+        .any(|r| r.endpoint.starts_with("PUT /v2/{repo}/manifests")));
+    for r in &res {
+        assert_eq!(
+            r.status(),
+            r.recorded.status,
+            "{} #{}\n{summary}",
+            r.endpoint,
+            r.exchange
+        );
+    }
+    // B holds the image, for its own account only.
+    let fresh = format!("{}:{}", REPLAYER.0, REPLAYER.1);
+    skopeo_copy_with(
+        &format!("docker://{}/secure/app:v1", b.addr),
+        &format!("oci:{}:v1", dir.path().join("from-b").display()),
+        &["--src-creds", &fresh],
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints() {
     use common::token_registry::*;
@@ -1042,7 +1139,11 @@ async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let res = results(&out);
     assert_eq!(res.len(), 5, "{res:?}");
     for r in &res {

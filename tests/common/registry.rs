@@ -25,6 +25,15 @@ impl Drop for Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Registry {
+        Registry::start_with(dir, None)
+    }
+
+    /// A registry that wants HTTP Basic credentials: `htpasswd` holds `user:bcrypt-hash` lines.
+    pub fn start_with_htpasswd(dir: &Path, htpasswd: &str) -> Registry {
+        Registry::start_with(dir, Some(htpasswd))
+    }
+
+    fn start_with(dir: &Path, htpasswd: Option<&str>) -> Registry {
         require("docker-registry", "docker-registry");
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -33,14 +42,19 @@ impl Registry {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).unwrap();
         let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            storage.display()
+        );
+        if let Some(lines) = htpasswd {
+            let file = dir.join("htpasswd");
+            std::fs::write(&file, lines).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: loadtape-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -49,14 +63,15 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         let registry = Registry { addr, child };
-        // Ready when /v2/ answers.
+        // Ready when /v2/ answers (401 when it wants credentials).
+        let ready: &[u8] = if htpasswd.is_some() { b"401" } else { b"200" };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut s) = std::net::TcpStream::connect(addr) {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
                 let mut head = [0u8; 12];
-                if s.read_exact(&mut head).is_ok() && &head[9..12] == b"200" {
+                if s.read_exact(&mut head).is_ok() && &head[9..12] == ready {
                     return registry;
                 }
             }
@@ -147,6 +162,11 @@ pub fn oci_image(dir: &Path, layer_sizes: &[usize], seed: u8) -> Image {
 
 /// `skopeo copy SRC DST` over plain HTTP; fails the test with skopeo's words.
 pub async fn skopeo_copy(src: &str, dst: &str) {
+    skopeo_copy_with(src, dst, &[]).await
+}
+
+/// The same with more flags (`--dest-creds user:password`...).
+pub async fn skopeo_copy_with(src: &str, dst: &str, flags: &[&str]) {
     require("skopeo", "skopeo");
     let out = tokio::process::Command::new("skopeo")
         .args([
@@ -154,9 +174,9 @@ pub async fn skopeo_copy(src: &str, dst: &str) {
             "copy",
             "--src-tls-verify=false",
             "--dest-tls-verify=false",
-            src,
-            dst,
         ])
+        .args(flags)
+        .args([src, dst])
         .output()
         .await
         .unwrap();
