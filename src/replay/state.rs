@@ -170,11 +170,15 @@ impl LiveTarget {
     pub fn resolve(&self, recorded: &str) -> Option<String> {
         let live = self.issued.get()?;
         let rest = recorded.get(self.len..).unwrap_or("");
-        // A recorded `?_state=...&digest=` onto a live location without a query.
-        if let (Some(stripped), false) = (rest.strip_prefix('&'), live.contains('?')) {
-            return Some(format!("{live}?{stripped}"));
-        }
-        Some(format!("{live}{rest}"))
+        // The recorded query's rest joins the live one: `?_state=...&digest=` onto a live
+        // location without a query, `?digest=` (Quay's locations carry no `_state`) onto
+        // one with.
+        let joined = match (rest.strip_prefix(['&', '?']), live.contains('?')) {
+            (Some(params), true) => format!("{live}&{params}"),
+            (Some(params), false) => format!("{live}?{params}"),
+            (None, _) => format!("{live}{rest}"),
+        };
+        Some(joined)
     }
 }
 
@@ -554,6 +558,19 @@ mod tests {
             "/v2/app/blobs/uploads/LIVE?_state=L&digest=sha256:00"
         );
         assert!(l.find("/v2/app/blobs/uploads/other").is_none());
+        // Quay's recorded locations carry no `_state`: the PUT's `?digest=` joins the live
+        // location's query.
+        let quay = Arc::new(Issued::default());
+        l.insert("/v2/app/blobs/uploads/q".into(), quay.clone());
+        quay.set("/v2/app/blobs/uploads/LIVE?_state=L".into());
+        let t = l
+            .find("/v2/app/blobs/uploads/q?digest=sha256%3A00")
+            .unwrap();
+        assert_eq!(
+            t.resolve("/v2/app/blobs/uploads/q?digest=sha256%3A00")
+                .unwrap(),
+            "/v2/app/blobs/uploads/LIVE?_state=L&digest=sha256%3A00"
+        );
         assert_eq!(
             location_path("http://registry:5000/v2/a/blobs/uploads/u?x=1").unwrap(),
             "/v2/a/blobs/uploads/u?x=1"
