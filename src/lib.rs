@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod files;
 pub mod har;
 pub mod inspect;
+pub mod percent;
 #[cfg(feature = "net")]
 pub mod record;
 pub mod redact;
@@ -18,6 +19,8 @@ pub mod report;
 pub mod select;
 pub mod synth;
 pub mod tape;
+#[cfg(feature = "net")]
+pub mod testbed;
 #[cfg(feature = "net")]
 pub mod tls;
 pub mod units;

@@ -308,7 +308,7 @@ pub fn token_request_target(challenge: &str) -> Option<String> {
     for (key, value) in challenge_params(params) {
         match key.as_str() {
             "realm" => realm = super::state::location_path(&value),
-            "service" | "scope" => query.push(format!("{key}={}", percent_encode(&value))),
+            "service" | "scope" => query.push(format!("{key}={}", crate::percent::encode(&value))),
             _ => {}
         }
     }
@@ -343,18 +343,6 @@ fn challenge_params(text: &str) -> Vec<(String, String)> {
         };
         out.push((key, value.to_string()));
         rest = next;
-    }
-    out
-}
-
-fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
     }
     out
 }
