@@ -1235,3 +1235,300 @@ async fn conditional_requests_carry_the_live_etag() {
     let arrivals = fresh.arrivals();
     assert_eq!(arrivals[1].headers["if-none-match"], "\"state-b7\"");
 }
+
+/// Imports a shared HAR fixture into a tape with the real `loadtape import`.
+fn import(har: &str, out: &Path) {
+    let har = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("captures/har")
+        .join(har);
+    let (code, _, err) = loadtape(&[
+        "import",
+        har.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Replays `tape` with `profile` against `target` at x4; the results and the summary.
+fn replay_with(
+    tape: &Path,
+    target: std::net::SocketAddr,
+    profile: &Path,
+    env: &[(&str, &str)],
+    out: &Path,
+) -> (Vec<Replayed>, String) {
+    let o = std::process::Command::new(loadtape_bin())
+        .arg("replay")
+        .arg(tape)
+        .args(["--target", &format!("http://{target}"), "--speed", "4"])
+        .arg("--out")
+        .arg(out)
+        .arg("--profile")
+        .arg(profile)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (results(out), summary)
+}
+
+fn assert_statuses_as_recorded(res: &[Replayed], summary: &str) {
+    let differ: Vec<String> = res
+        .iter()
+        .filter(|r| r.status() != r.recorded.status)
+        .map(|r| {
+            format!(
+                "#{} {} replayed {:?}, recorded {:?}",
+                r.exchange, r.endpoint, r.outcome, r.recorded.status
+            )
+        })
+        .collect();
+    assert!(differ.is_empty(), "{}\n{summary}", differ.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_quay_fixture_replays_against_the_testbed_with_every_status_as_recorded() {
+    use loadtape::testbed::{Config, Testbed};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tape = dir.path().join("quay");
+    import("quay-session.har", &tape);
+    let testbed = Testbed::start(Config {
+        accounts: vec![
+            ("admin".into(), "admin-fresh".into()),
+            ("bob".into(), "bob-fresh".into()),
+        ],
+        api_tokens: vec!["fresh-oauth-token".into()],
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    // What the recorded Quay held before the session began: the blobs its pulls read that its
+    // pushes did not write.
+    let har: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("captures/har/quay-session.har"))
+            .unwrap(),
+    )
+    .unwrap();
+    use base64::Engine as _;
+    for e in har["log"]["entries"].as_array().unwrap() {
+        let url = e["request"]["url"].as_str().unwrap();
+        let content = &e["response"]["content"];
+        if e["request"]["method"] == "GET"
+            && url.contains("/blobs/sha256:")
+            && e["response"]["status"] == 200
+        {
+            let text = content["text"].as_str().unwrap();
+            let bytes = match content["encoding"].as_str() {
+                Some("base64") => base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .unwrap(),
+                _ => text.as_bytes().to_vec(),
+            };
+            let digest = testbed.preload_blob(bytes.into());
+            assert!(url.ends_with(&digest), "{url} holds {digest}");
+        }
+    }
+    // Each recorded account gets a fresh one: admin's token requests, bob's, and bob's with
+    // the wrong password a wrong one again, named by its recorded fingerprint (which the dry
+    // run lists, and `export` shows): fingerprints are keyed per recording process.
+    let (code, jsonl, err) = loadtape(&["export", tape.to_str().unwrap(), "--format", "jsonl"]);
+    assert_eq!(code, 0, "{err}");
+    let wrong = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| {
+            r["kind"] == "exchange"
+                && r["request"]["target"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("/v2/auth")
+                && r["response"]["Ok"]["status"] == 401
+        })
+        .and_then(|r| {
+            r["request"]["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["name"] == "authorization")
+                .map(|h| h["redacted"]["fingerprint"].as_str().unwrap().to_string())
+        })
+        .expect("the fixture has a token request refused for a wrong password");
+    let profile = dir.path().join("quay.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            r#"
+[[auth]]
+path-prefix = "/v2/"
+kind = "registry-token"
+username-env = "LT_ADMIN"
+password-env = "LT_ADMIN_PASSWORD"
+
+[[auth]]
+path-prefix = "/v2/"
+kind = "registry-token"
+account = "bob"
+username-env = "LT_BOB"
+password-env = "LT_BOB_PASSWORD"
+
+[[auth]]
+path-prefix = "/v2/"
+kind = "registry-token"
+fingerprint = "{wrong}"
+username-env = "LT_BOB"
+password-env = "LT_WRONG_PASSWORD"
+
+[[auth]]
+path-prefix = "/api/v1/"
+kind = "bearer"
+token-env = "LT_QUAY_TOKEN"
+"#
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("LT_ADMIN", "admin"),
+        ("LT_ADMIN_PASSWORD", "admin-fresh"),
+        ("LT_BOB", "bob"),
+        ("LT_BOB_PASSWORD", "bob-fresh"),
+        ("LT_WRONG_PASSWORD", "not-bobs"),
+        ("LT_QUAY_TOKEN", "fresh-oauth-token"),
+    ];
+    let (dry, _, err) = {
+        let mut args = vec!["replay", tape.to_str().unwrap(), "--dry-run"];
+        let target = format!("http://{}", testbed.addr);
+        args.extend(["--target", &target, "--profile", profile.to_str().unwrap()]);
+        let o = std::process::Command::new(loadtape_bin())
+            .args(&args)
+            .envs(env)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            (),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    assert!(
+        dry.contains(&format!(
+            "fingerprint {wrong}, for recorded basic {wrong} (account=bob)"
+        )),
+        "{dry}{err}"
+    );
+    let (res, summary) = replay_with(&tape, testbed.addr, &profile, &env, &dir.path().join("r"));
+    assert_eq!(res.len(), 63);
+    assert_statuses_as_recorded(&res, &summary);
+    // The pushes went through live upload sessions, with tokens the testbed issued.
+    let served = testbed.served();
+    assert_eq!(
+        served[&("PUT /v2/{repo}/blobs/uploads/{uuid}".to_string(), 201)],
+        4
+    );
+    assert_eq!(served[&("GET /v2/auth".to_string(), 401)], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_clair_fixture_replays_against_the_testbed_with_layer_urls_rewritten() {
+    use loadtape::testbed::{Config, Testbed};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tape = dir.path().join("clair");
+    import("clair-session.har", &tape);
+    let psk = b"a fresh pre-shared key".to_vec();
+    // The fixture did not keep the layers' bytes: the storage below answers with placeholder
+    // bytes, so this Clair fetches but does not check their digests.
+    let clair = Testbed::start(Config {
+        clair_psk: Some(psk.clone()),
+        clair_verify_layers: false,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    // The test cluster's storage: Clair fetches the layers the index requests name from here.
+    let storage = sink(Behaviour::default(), None).await;
+    use base64::Engine as _;
+    let psk_b64 = base64::engine::general_purpose::STANDARD.encode(&psk);
+    let profile = |rewrite: bool| {
+        let path = dir.path().join(format!("clair-{rewrite}.toml"));
+        let mut text = String::from(
+            "[[auth]]\npath-prefix = \"/\"\nkind = \"jwt-hs256\"\nkey-env = \"LT_CLAIR_PSK\"\n",
+        );
+        if rewrite {
+            text.push_str(&format!(
+                "\n[[rewrite]]\nfrom = \"http://127.0.0.1:15690/\"\nto = \"http://{}/\"\n",
+                storage.addr
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let env = [("LT_CLAIR_PSK", psk_b64.as_str())];
+    let (res, summary) = replay_with(
+        &tape,
+        clair.addr,
+        &profile(true),
+        &env,
+        &dir.path().join("r"),
+    );
+    assert_eq!(res.len(), 28);
+    assert_statuses_as_recorded(&res, &summary);
+    // Every layer the recorded index requests name was fetched from the storage the profile
+    // named (once: a manifest indexed again is not fetched again).
+    let har: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("captures/har/clair-session.har"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut named = std::collections::BTreeSet::new();
+    for e in har["log"]["entries"].as_array().unwrap() {
+        let Some(text) = e["request"]["postData"]["text"].as_str() else {
+            continue;
+        };
+        let Ok(body) = serde_json::from_str::<serde_json::Value>(text) else {
+            continue;
+        };
+        for layer in body["layers"].as_array().into_iter().flatten() {
+            let uri = layer["uri"].as_str().unwrap();
+            named.insert(
+                uri.strip_prefix("http://127.0.0.1:15690")
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+    }
+    let fetched: std::collections::BTreeSet<String> =
+        storage.arrivals().into_iter().map(|a| a.path).collect();
+    assert_eq!(fetched, named);
+    assert_eq!(named.len(), 7);
+
+    // Without the rewrite, the layer URLs point at the recorded world: Clair cannot index.
+    let fresh = Testbed::start(Config {
+        clair_psk: Some(psk.clone()),
+        clair_verify_layers: false,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let (res, _) = replay_with(
+        &tape,
+        fresh.addr,
+        &profile(false),
+        &env,
+        &dir.path().join("r2"),
+    );
+    assert!(res
+        .iter()
+        .filter(
+            |r| r.endpoint == "POST /indexer/api/v1/index_report" && r.recorded.status == Some(201)
+        )
+        .all(|r| r.status() == Some(500)));
+}
