@@ -1532,3 +1532,124 @@ async fn the_shared_clair_fixture_replays_against_the_testbed_with_layer_urls_re
         )
         .all(|r| r.status() == Some(500)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_issued_json_ids_are_mapped_and_unmappable_requests_are_skipped_when_asked() {
+    use common::registry::{oci_image, skopeo_copy_with};
+    use loadtape::testbed::{Config, Testbed};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || Config {
+        accounts: vec![("alice".into(), "pw".into())],
+        api_tokens: vec!["api-token".into()],
+        ..Config::default()
+    };
+    let a = Testbed::start(config()).await.unwrap();
+    let tape = dir.path().join("session");
+    let rec = net::start(net::config(a.addr, &tape)).await;
+    let base = format!("http://{}", rec.addr);
+    // A push (upload sessions), then a build whose id the server issues and the client polls.
+    let image = oci_image(&dir.path().join("image"), &[120_000, 70_000], 5);
+    skopeo_copy_with(
+        &format!("oci:{}:v1", image.layout.display()),
+        &format!("docker://{}/org/app:v1", rec.addr),
+        &["--dest-creds", "alice:pw"],
+    )
+    .await;
+    let bearer = "Authorization: Bearer api-token";
+    let build = net::curl(&[
+        "-f",
+        "-X",
+        "POST",
+        "-H",
+        bearer,
+        &format!("{base}/api/v1/repository/org/app/build/"),
+    ])
+    .await;
+    let id = serde_json::from_str::<serde_json::Value>(&build).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..2 {
+        let url = format!("{base}/api/v1/repository/org/app/build/{id}");
+        net::curl(&["-f", "-o", "/dev/null", "-H", bearer, &url]).await;
+    }
+    rec.stop().await;
+
+    let profile = |extra: &str| {
+        let path = dir.path().join(format!("p{}.toml", extra.len()));
+        let text = format!(
+            "[[auth]]\npath-prefix = \"/v2/\"\nkind = \"registry-token\"\nusername-env = \"LT_U\"\npassword-env = \"LT_P\"\n\n[[auth]]\npath-prefix = \"/api/\"\nkind = \"bearer\"\ntoken-env = \"LT_T\"\n{extra}"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let env = [("LT_U", "alice"), ("LT_P", "pw"), ("LT_T", "api-token")];
+
+    // The build's id is the live answer's: every status as recorded.
+    let b = Testbed::start(config()).await.unwrap();
+    let mapped = profile("\n[state]\njson-fields = [\"id\"]\n");
+    let (res, summary) = replay_with(&tape, b.addr, &mapped, &env, &dir.path().join("r1"));
+    assert_statuses_as_recorded(&res, &summary);
+    let polls: Vec<_> = res
+        .iter()
+        .filter(|r| {
+            r.endpoint
+                .starts_with("GET /api/v1/repository/{namespace}/{repo}/build/")
+        })
+        .collect();
+    assert_eq!(polls.len(), 2, "{summary}");
+    // Without the mapping, the recorded id means nothing to another server.
+    let c = Testbed::start(config()).await.unwrap();
+    let (res, _) = replay_with(&tape, c.addr, &profile(""), &env, &dir.path().join("r2"));
+    assert!(res
+        .iter()
+        .filter(|r| r
+            .endpoint
+            .starts_with("GET /api/v1/repository/{namespace}/{repo}/build/"))
+        .all(|r| r.status() == Some(404)));
+
+    // A tape that begins inside the upload sessions (their POSTs left out): the sessions'
+    // requests cannot be mapped, and the profile says not to send them.
+    let d = Testbed::start(config()).await.unwrap();
+    let skip =
+        profile("\n[state]\nunmappable = \"skip\"\n\n[filter]\nexclude = [\"/blobs/uploads/$\"]\n");
+    let (res, summary) = replay_with(&tape, d.addr, &skip, &env, &dir.path().join("r3"));
+    assert!(
+        res.iter()
+            .all(|r| !r.endpoint.contains("/blobs/uploads/{uuid}")),
+        "{summary}"
+    );
+    assert!(
+        d.served()
+            .keys()
+            .all(|(endpoint, _)| !endpoint.contains("/blobs/uploads/")),
+        "{:?}",
+        d.served()
+    );
+    let sessions = 2 * 3; // two blobs and a config, each a PATCH and a PUT
+    assert!(
+        summary.contains(&format!("({sessions} of them not sent)")),
+        "{summary}"
+    );
+    let (code, dry, err) = {
+        let o = std::process::Command::new(loadtape_bin())
+            .arg("replay")
+            .arg(&tape)
+            .args(["--dry-run", "--target", "http://127.0.0.1:9", "--profile"])
+            .arg(profile("\n[filter]\nexclude = [\"/blobs/uploads/$\"]\n"))
+            .envs(env)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        dry.contains(&format!("{sessions} cannot be mapped")),
+        "{dry}"
+    );
+}

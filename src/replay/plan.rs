@@ -653,11 +653,17 @@ impl Plan {
 
         // Locations: a request to one a recorded answer gave waits for the live answer.
         let live_target = self.locations.find(request.path.as_str());
-        if let Some(t) = &live_target {
-            after.push(t.issued.done.clone());
-            flags |= replayed_flags::REWRITTEN;
-        } else if is_upload_session(request.path.path()) {
+        let unmappable = match &live_target {
+            Some(t) => {
+                after.push(t.issued.done.clone());
+                flags |= replayed_flags::REWRITTEN;
+                // The request that opened or moved the session could not be mapped either.
+                t.issued.doomed()
+            }
             // The session was opened before the tape began: no live answer will name it.
+            None => is_upload_session(request.path.path()),
+        };
+        if unmappable {
             if self.template.state.unmappable == Unmappable::Skip {
                 return None;
             }
@@ -706,6 +712,9 @@ impl Plan {
                         .get_or_insert_with(|| Arc::new(Done::default()))
                         .clone();
                     let issued = Arc::new(Issued::new(done));
+                    if flags & replayed_flags::UNMAPPED != 0 {
+                        issued.doom();
+                    }
                     self.locations.insert(location, issued.clone());
                     issued
                 }),
@@ -948,7 +957,8 @@ pub struct PlanSummary {
     pub auth_sources: BTreeMap<String, u64>,
     /// Requests carrying values of the profile's JSON fields that live answers will give.
     pub json_mapped: u64,
-    /// Requests known unmappable now (an upload session opened before the tape began).
+    /// Requests known unmappable now (an upload session opened before the tape began, and
+    /// the requests that continue it).
     pub unmapped: u64,
     /// Live connections opened for recorded ones (preserve mode).
     pub connections: u64,

@@ -137,6 +137,9 @@ pub fn replace_tokens(text: &str, pairs: &[(&str, &str)]) -> Option<String> {
 pub struct Issued {
     value: OnceLock<String>,
     pub done: Arc<Done>,
+    /// The issuing request itself could not be mapped: no live value will come, which the
+    /// plan knows before anything is sent.
+    doomed: std::sync::atomic::AtomicBool,
 }
 
 impl Issued {
@@ -144,7 +147,17 @@ impl Issued {
         Issued {
             value: OnceLock::new(),
             done,
+            doomed: Default::default(),
         }
+    }
+
+    pub fn doom(&self) {
+        self.doomed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn doomed(&self) -> bool {
+        self.doomed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sets the live value (a `Location`'s path and query); the first one stays.

@@ -36,6 +36,20 @@ pub(super) fn answer(shared: &Shared, req: &Request) -> Reply {
         (&Method::PUT | &Method::DELETE, ["repository", ns, repo, "permissions", "user", user]) => {
             permission(shared, req, &format!("{ns}/{repo}"), user)
         }
+        (&Method::POST, ["repository", ns, repo, "build"]) => {
+            start_build(shared, &format!("{ns}/{repo}"))
+        }
+        (&Method::GET, ["repository", ns, repo, "build", id]) => {
+            let store = shared.store();
+            match store
+                .repositories
+                .get(&format!("{ns}/{repo}"))
+                .and_then(|r| r.builds.get(*id))
+            {
+                Some(build) => json(StatusCode::OK, build),
+                None => not_found(),
+            }
+        }
         _ => not_found(),
     }
 }
@@ -177,4 +191,19 @@ fn permission(shared: &Shared, req: &Request, name: &str, user: &str) -> Reply {
         }
         None => invalid("role must be read, write or admin"),
     }
+}
+
+/// `POST .../build/`: a repository build, queued. Its `id` is issued here, and the client
+/// polls `GET .../build/{id}` with it: a value a replay must take from the live answer.
+fn start_build(shared: &Shared, name: &str) -> Reply {
+    let id = super::uuid();
+    let mut store = shared.store();
+    let Some(r) = store.repositories.get_mut(name) else {
+        return not_found();
+    };
+    let (namespace, repo) = split(name);
+    let build = json!({"id": id, "phase": "waiting", "status": {}, "tags": ["latest"],
+                       "repository": {"namespace": namespace, "name": repo}});
+    r.builds.insert(id, build.clone());
+    json(StatusCode::CREATED, &build)
 }

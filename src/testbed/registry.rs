@@ -261,7 +261,7 @@ fn start_upload(shared: &Shared, req: &Request, name: &str) -> Reply {
         drop(store);
         return store_blob(shared, req, name, &digest, req.body.to_vec());
     }
-    let uuid = uuid();
+    let uuid = super::uuid();
     let upload = Upload {
         name: name.to_string(),
         bytes: Vec::new(),
@@ -295,22 +295,6 @@ fn continue_upload(shared: &Shared, req: &Request, name: &str, uuid: &str) -> Re
     drop(store);
     let digest = req.query("digest").unwrap_or_default();
     store_blob(shared, req, name, &digest, bytes)
-}
-
-/// A random version-4 UUID, as Quay names upload sessions.
-fn uuid() -> String {
-    let mut b = random::<16>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = crate::tape::hex(&b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 fn manifest(shared: &Shared, name: &str, reference: &str) -> Reply {

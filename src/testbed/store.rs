@@ -27,6 +27,8 @@ pub(super) struct Repository {
     pub public: bool,
     /// Quay API user permissions: user -> role (`read`, `write`, `admin`).
     pub permissions: BTreeMap<String, String>,
+    /// Quay API builds by their issued id.
+    pub builds: BTreeMap<String, serde_json::Value>,
 }
 
 pub(super) struct Manifest {
