@@ -1653,3 +1653,111 @@ async fn server_issued_json_ids_are_mapped_and_unmappable_requests_are_skipped_w
         "{dry}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Two endpoint classes, interleaved: manifests and tag lists, 1,000 of each (enough to
+    // bound a p99 from both sides), 1 ms apart.
+    let mut records = Vec::new();
+    for i in 0..2000u64 {
+        let (id, at) = (i + 1, i * MS);
+        records.push(opened(id, at, HttpVersion::Http11));
+        let mut e = get(id, id, at + MS / 2, HttpVersion::Http11);
+        if let Record::Exchange(x) = &mut e {
+            x.request.target = if i % 2 == 0 {
+                format!("/v2/org/app/manifests/v{id}")
+            } else {
+                "/v2/org/app/tags/list".to_string()
+            };
+        }
+        records.push(e);
+        records.push(closed(id, at + 3 * MS, 1));
+    }
+    records.sort_by_key(|r| r.start());
+    let tape = dir.path().join("two-classes.tape");
+    write(&tape, &records, Default::default(), true);
+
+    let normal = sink(Behaviour::default(), None).await;
+    let slower = sink(
+        Behaviour {
+            delay: Some(("/manifests/".into(), Duration::from_millis(25))),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let replay_into = |target: std::net::SocketAddr, name: &str| {
+        let mut c = config(&tape, target);
+        let out = dir.path().join(name);
+        c.out = Some(out.clone());
+        (c, out)
+    };
+    let (c, a) = replay_into(normal.addr, "a.tape");
+    run(c).await;
+    let (c, a2) = replay_into(normal.addr, "a2.tape");
+    run(c).await;
+    let (c, b) = replay_into(slower.addr, "b.tape");
+    run(c).await;
+
+    // A floor above this shared machine's scheduling noise, far below the 25 ms injected.
+    let profile = dir.path().join("gate.toml");
+    std::fs::write(
+        &profile,
+        "[gate]\nlatency = [{ quantile = 0.5, growth = 0.1, floor-us = 5000 }, { quantile = 0.99, growth = 0.1, floor-us = 10000 }]\n",
+    )
+    .unwrap();
+    let diff = |x: &Path, y: &Path, format: &str| {
+        let o = std::process::Command::new(loadtape_bin())
+            .arg("diff")
+            .arg(x)
+            .arg(y)
+            .arg("--profile")
+            .arg(&profile)
+            .args(["--format", format])
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, json, err) = diff(&a, &b, "json");
+    assert_eq!(code, 1, "{json}{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["schema"], "loadtape.diff/1");
+    assert_eq!(v["phase"], "total");
+    let regressed: Vec<&str> = v["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "regression")
+        .map(|c| c["class"].as_str().unwrap())
+        .collect();
+    assert_eq!(regressed, ["GET /v2/{repo}/manifests/{tag}"], "{json}");
+    let (code, junit, _) = diff(&a, &b, "junit");
+    assert_eq!(code, 1);
+    assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+    assert!(
+        junit.contains("name=\"GET /v2/{repo}/tags/list\"><system-out>"),
+        "{junit}"
+    );
+
+    // Two runs against the same target: within thresholds.
+    let (code, text, err) = diff(&a, &a2, "text");
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.starts_with("verdict: pass"), "{text}");
+
+    // A results tape alone is compared with the recording it carries (first byte: 1 ms
+    // recorded, well under it live).
+    let o = std::process::Command::new(loadtape_bin())
+        .arg("diff")
+        .arg(&a)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("time to first byte"), "{text}");
+}

@@ -206,6 +206,10 @@ fn arb_record(index: usize) -> impl Strategy<Value = Record> {
                     bytes_received: n / 3,
                     recorded: RecordedOutcome { status, first_byte: None, total: n % 77 },
                     flags,
+                    divergence: (flags % 4 == 0).then(|| Box::new(Divergence {
+                        target: format!("/v2/app/blobs/uploads/{n}"),
+                        body: b"{\"errors\":[]}".to_vec(),
+                    })),
                 }))
             }),
         ]

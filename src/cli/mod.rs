@@ -4,6 +4,7 @@
 //! give verdicts (`diff`) add 1 for "regression".
 
 mod replay;
+mod report;
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,11 @@ enum Command {
     Replay(Box<ReplayArgs>),
     /// Join the results tapes of a replay's shards into one.
     Merge(MergeArgs),
+    /// Latency and status distributions per endpoint class of a tape or a replay's results.
+    Report(report::ReportArgs),
+    /// Compare a replay with its recording (or two runs) per endpoint class; exit 1 on a
+    /// regression, 2 on an invalid run.
+    Diff(report::DiffArgs),
     /// Run the built-in Quay/Clair session end to end; needs nothing installed.
     Demo(DemoArgs),
 }
@@ -288,6 +294,10 @@ pub(crate) struct ReplayArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Exit as `loadtape diff` does against the recording: 1 on a regression, 2 when the run
+    /// is invalid (thresholds from the profile's `[gate]`).
+    #[arg(long)]
+    gate: bool,
     /// Skip damaged frames instead of stopping.
     #[arg(long)]
     lenient: bool,
@@ -342,6 +352,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Import(args) => import(args),
         Command::Replay(args) => replay::replay(*args),
         Command::Merge(args) => replay::merge(args),
+        Command::Report(args) => report::report(args),
+        Command::Diff(args) => report::diff(args),
         Command::Demo(args) => crate::demo::run(&args.out).map(|_| ExitCode::SUCCESS),
     }
 }

@@ -43,12 +43,32 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let result = replay::run(&config, stop, live);
     progress.finish();
     let report = result?;
+    // The closing comparison: the replay against the recording its results carry.
+    let gate = super::report::gate_of(args.profile.as_deref())?;
+    let comparison = report.datasets.as_ref().map(|(replayed, recorded)| {
+        crate::report::diff::compare(
+            recorded,
+            replayed,
+            &gate,
+            crate::report::dataset::Phase::FirstByte,
+        )
+    });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        let mut json = serde_json::to_value(report.to_json())?;
+        if let (Some(c), Some(map)) = (&comparison, json.as_object_mut()) {
+            map.insert("diff".into(), serde_json::to_value(c)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print!("{}", report.to_text());
+        if let Some(c) = &comparison {
+            print!("\n{}", c.to_text(20));
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    match (&comparison, args.gate) {
+        (Some(c), true) => Ok(ExitCode::from(c.exit_code())),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Flags over profile over defaults.
@@ -201,6 +221,10 @@ fn configure(
         ),
         ("loadtape".into(), env!("CARGO_PKG_VERSION").into()),
         ("schedule".into(), format!("{:?}", config.plan.schedule)),
+        (
+            "lag_limit_us".into(),
+            config.lag_limit.as_micros().to_string(),
+        ),
     ];
     if let Some(h) = profile_hash {
         config.provenance.push(("profile_sha256".into(), h));

@@ -23,7 +23,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use super::plan::Planned;
 use super::request::{BodySource, Prepared, ReplayBody};
 use crate::tape::{
-    replayed_flags, FailureKind, HttpVersion, Nanos, Outcome, Replayed, UpstreamFailure,
+    replayed_flags, Divergence, FailureKind, HttpVersion, Nanos, Outcome, Replayed, UpstreamFailure,
 };
 
 /// Where requests go.
@@ -105,7 +105,15 @@ pub struct Shared {
     pub unwritten: Arc<crate::tape::capture::InFlight>,
     /// What to do with a request whose recorded value no live answer gave.
     pub unmappable: super::state::Unmappable,
+    /// Divergences (live status not the recorded one) kept so far per endpoint and status:
+    /// the results keep a few of each, not one per request. Touched only on a divergence.
+    pub divergences: std::sync::Mutex<std::collections::HashMap<(String, u16), u32>>,
 }
+
+/// Divergences kept per endpoint and live status, per clock.
+const DIVERGENCES_KEPT: u32 = 8;
+/// Bytes of a diverging answer's body kept.
+const DIVERGENCE_BODY: usize = 512;
 
 impl Shared {
     fn now(&self) -> Nanos {
@@ -514,6 +522,7 @@ where
         token: job.planned.issues_token.clone(),
         etag: job.planned.issues_etag.clone(),
         json: job.planned.issues_json.clone(),
+        recorded_status: job.planned.recorded.status,
     };
     let outcome = timed(shared, roundtrip(send(), shared, &issues)).await;
     let complete = outcome.is_ok();
@@ -626,6 +635,8 @@ struct Issues {
     etag: Option<Arc<super::state::Issued>>,
     /// Values of the profile's JSON fields: (JSON pointer, slot).
     json: Vec<(String, Arc<super::state::Issued>)>,
+    /// The recorded status: an answer with another keeps the start of its body.
+    recorded_status: Option<u16>,
 }
 
 /// Status, first byte and last byte (ns from the schedule's zero), bytes received.
@@ -636,6 +647,8 @@ struct Response {
     bytes: u64,
     /// A 401's `WWW-Authenticate`.
     challenge: Option<String>,
+    /// The start of the body of an answer whose status was not the recorded one.
+    diverging_body: Option<Vec<u8>>,
 }
 
 async fn roundtrip(
@@ -675,12 +688,19 @@ async fn roundtrip(
     // A token endpoint's answer is read for its token (never stored anywhere else), an answer
     // with JSON fields later requests use for them.
     let mut kept = (issues.token.is_some() || !issues.json.is_empty()).then(Vec::new);
+    let mut diverging_body = (issues.recorded_status.is_some_and(|r| r != status)).then(Vec::new);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| classify(&e))?;
         if let Some(d) = frame.data_ref() {
             bytes += d.len() as u64;
             if let Some(k) = kept.as_mut().filter(|k| k.len() < 65_536) {
                 k.extend_from_slice(d);
+            }
+            if let Some(k) = diverging_body
+                .as_mut()
+                .filter(|k| k.len() < DIVERGENCE_BODY)
+            {
+                k.extend_from_slice(&d[..d.len().min(DIVERGENCE_BODY - k.len())]);
             }
         }
     }
@@ -704,6 +724,7 @@ async fn roundtrip(
         done: shared.now(),
         bytes,
         challenge,
+        diverging_body,
     })
 }
 
@@ -738,6 +759,19 @@ fn finish(
     finish_sent(shared, job, waited, setup, now, outcome, len)
 }
 
+/// Whether another example of `endpoint` answering `status` is kept.
+fn keep_divergence(shared: &Shared, endpoint: &str, status: u16) -> bool {
+    let Ok(mut kept) = shared.divergences.lock() else {
+        return false;
+    };
+    if kept.len() >= 4096 {
+        return false;
+    }
+    let n = kept.entry((endpoint.to_string(), status)).or_default();
+    *n += 1;
+    *n <= DIVERGENCES_KEPT
+}
+
 fn finish_sent(
     shared: &Shared,
     job: Job,
@@ -758,6 +792,19 @@ fn finish_sent(
     if waited || sent.saturating_sub(p.at) > LATE_AFTER {
         flags |= replayed_flags::LATE;
     }
+    let divergence = match &outcome {
+        Ok(r) => r
+            .diverging_body
+            .as_ref()
+            .filter(|_| keep_divergence(shared, &p.endpoint, r.status))
+            .map(|body| {
+                Box::new(Divergence {
+                    target: p.request.path.as_str().to_string(),
+                    body: body.clone(),
+                })
+            }),
+        Err(_) => None,
+    };
     let (outcome, first_byte, done, bytes_received, bytes_sent) = match outcome {
         Ok(r) => (
             Outcome::Status(r.status),
@@ -800,6 +847,7 @@ fn finish_sent(
         bytes_received,
         recorded: p.recorded,
         flags,
+        divergence,
     };
     shared.live.completed.fetch_add(1, Ordering::Relaxed);
     let _ = shared.results.send(record);

@@ -180,6 +180,12 @@ impl ReplayConfig {
 #[derive(Debug)]
 pub struct ReplayReport {
     pub stats: Stats,
+    /// The replay's dataset and its recording's (`report::dataset`), for the closing
+    /// comparison.
+    pub datasets: Option<(
+        crate::report::dataset::Dataset,
+        crate::report::dataset::Dataset,
+    )>,
     pub plan: PlanCounters,
     pub dispatched: u64,
     pub completed: u64,
@@ -523,6 +529,14 @@ pub fn run(
         live.clone(),
         unwritten.clone(),
         move || Instant::now().saturating_duration_since(t0).as_nanos() as u64,
+        crate::report::dataset::ResultsBuilder::new(
+            config
+                .out
+                .as_ref()
+                .map_or("this replay".into(), |p| p.display().to_string()),
+            crate::report::dataset::Window::default(),
+            config.provenance.clone(),
+        ),
     );
 
     let in_flight = config
@@ -546,6 +560,7 @@ pub fn run(
             outstanding: Default::default(),
             unwritten: unwritten.clone(),
             unmappable: config.state.unmappable,
+            divergences: Default::default(),
         });
         let clock = clock::Clock::new(shared, config.plan.connections, pool_cap, stop.clone());
         let drain = config.drain;
@@ -594,6 +609,7 @@ pub fn run(
         elapsed,
         stopped,
         stats: collected.stats,
+        datasets: Some(collected.datasets),
         results: collected.tape,
         results_error: collected.error.map(|e| e.to_string()),
     })

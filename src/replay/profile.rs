@@ -51,6 +51,9 @@ pub struct Profile {
     /// `replay::state`).
     #[serde(default)]
     pub state: super::state::StateOptions,
+    /// `[gate]`: the thresholds of `loadtape diff` (and `replay --gate`); see
+    /// `report::verdict`.
+    pub gate: Option<crate::report::verdict::Gate>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -20,6 +20,11 @@ use crate::tape::{Record, Replayed, TapeError, TapeWriter, WriteSummary};
 /// What the results thread hands back at the end.
 pub struct Collected {
     pub stats: Stats,
+    /// The replay's dataset and its recording's, for the closing comparison.
+    pub datasets: (
+        crate::report::dataset::Dataset,
+        crate::report::dataset::Dataset,
+    ),
     pub tape: Option<WriteSummary>,
     /// A write error: the results tape stopped there (the replay itself went on).
     pub error: Option<TapeError>,
@@ -34,6 +39,7 @@ pub fn spawn(
     live: Arc<Live>,
     unwritten: Arc<InFlight>,
     clock: impl Fn() -> u64 + Send + 'static,
+    mut builder: crate::report::dataset::ResultsBuilder,
 ) -> std::thread::JoinHandle<Collected> {
     std::thread::Builder::new()
         .name("loadtape-results".into())
@@ -55,6 +61,7 @@ pub fn spawn(
                     Err(TryRecvError::Disconnected) => break,
                 };
                 stats.add(&r);
+                builder.add(&r);
                 recent
                     .record(r.latency() / 1000)
                     .expect("auto-resizing histograms take any u64");
@@ -85,7 +92,12 @@ pub fn spawn(
                 }
                 None => None,
             };
-            Collected { stats, tape, error }
+            Collected {
+                stats,
+                datasets: builder.finish(),
+                tape,
+                error,
+            }
         })
         .expect("a thread can be started")
 }

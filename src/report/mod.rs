@@ -6,7 +6,13 @@
 //! [`Stats`] live for its closing summary; `report` and `diff` (to come) build theirs from
 //! results tapes.
 
+pub mod dataset;
+pub mod diff;
+#[cfg(feature = "cli")]
+pub mod html;
 pub mod merge;
+pub mod render;
+pub mod verdict;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

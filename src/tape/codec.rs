@@ -181,7 +181,11 @@ fn decode_body(code: u8, body: &[u8], cache: &mut FrameState) -> Result<Record, 
                 .map_err(|e| e.to_string())?,
         )),
         kind::DROPPED => Record::Dropped(one::<Dropped>(body)?),
-        kind::REPLAYED => Record::Replayed(Box::new(one::<Replayed>(body)?)),
+        kind::REPLAYED => Record::Replayed(Box::new(match one::<Replayed>(body) {
+            Ok(r) => r,
+            // Written before `divergence` was appended: the same record with `None` (a zero).
+            Err(e) => one::<Replayed>(&[body, &[0]].concat()).map_err(|_| e)?,
+        })),
         code => Record::Unknown {
             code,
             payload: body.to_vec(),

@@ -512,6 +512,19 @@ pub struct Replayed {
     pub recorded: RecordedOutcome,
     /// [`replayed_flags`].
     pub flags: u32,
+    /// When the live status differed from the recorded one, what a report shows of why: the
+    /// target sent and the start of the live body. Kept for a few requests per endpoint and
+    /// status. (Appended to the record: results written before it read as `None`.)
+    pub divergence: Option<Box<Divergence>>,
+}
+
+/// See [`Replayed::divergence`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct Divergence {
+    /// Path and query as sent.
+    pub target: String,
+    /// The first bytes of the live response body (at most 512).
+    pub body: Vec<u8>,
 }
 
 impl Replayed {

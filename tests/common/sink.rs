@@ -40,6 +40,9 @@ pub struct Behaviour {
     /// `/state` answers with this ETag, or 304 to an `If-None-Match` carrying it (as Clair's
     /// index state does).
     pub etag: Option<String>,
+    /// Requests whose path contains this text answer this much later: one endpoint class of
+    /// the target slower than the others.
+    pub delay: Option<(String, Duration)>,
 }
 
 pub struct Sink {
@@ -101,6 +104,11 @@ async fn answer(
         if range.contains(&id) {
             let until = *state.stall_until.lock().unwrap().get_or_insert(at + *hold);
             tokio::time::sleep_until(until.into()).await;
+        }
+    }
+    if let Some((part, delay)) = &state.behaviour.delay {
+        if path.contains(part.as_str()) {
+            tokio::time::sleep(*delay).await;
         }
     }
     if let (Some(etag), "/state") = (&state.behaviour.etag, path.as_str()) {
