@@ -21,6 +21,8 @@ pub enum Format {
     Markdown,
     Html,
     Junit,
+    /// HdrHistogram's interval log (`.hlog`): one tagged histogram per class.
+    HdrLog,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -141,6 +143,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         Format::Markdown => data.to_markdown(phase),
         Format::Junit => data.to_junit(),
         Format::Html => crate::report::html::report(&data, phase)?,
+        Format::HdrLog => String::from_utf8(crate::report::hdrlog::write(&[("", &data)], phase)?)?,
     };
     emit(args.out.as_deref(), &text)?;
     Ok(ExitCode::SUCCESS)
@@ -199,6 +202,10 @@ pub fn write_comparison(
         Format::Markdown => c.to_markdown(),
         Format::Junit => c.to_junit(),
         Format::Html => crate::report::html::diff(c, base, cand)?,
+        Format::HdrLog => String::from_utf8(crate::report::hdrlog::write(
+            &[("baseline", base), ("candidate", cand)],
+            c.phase,
+        )?)?,
     };
     emit(out, &text)
 }

@@ -8,6 +8,7 @@
 
 pub mod dataset;
 pub mod diff;
+pub mod hdrlog;
 #[cfg(feature = "cli")]
 pub mod html;
 pub mod merge;
