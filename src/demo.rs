@@ -102,11 +102,32 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
         println!("   {line}");
     }
 
+    println!("\n5. the diff of that replay against the recording (what a CI job gates on)\n");
+    if let Some((replayed, recorded)) = &report.datasets {
+        let gate = crate::report::verdict::Gate::default();
+        let phase = crate::report::dataset::Phase::FirstByte;
+        let comparison = crate::report::diff::compare(recorded, replayed, &gate, phase);
+        for line in comparison.to_text(8).lines() {
+            println!("   {line}");
+        }
+        let html = dir.join("diff.html");
+        let page = crate::report::html::diff(&comparison, recorded, replayed)?;
+        crate::files::create_private(&html)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, page.as_bytes()))
+            .with_context(|| format!("cannot write {}", html.display()))?;
+        println!(
+            "\n   The stand-in answers 200 to everything, so every class the recording answered"
+        );
+        println!(
+            "   otherwise regresses: the gate at work. HTML report: {}",
+            display(&html)
+        );
+    }
     println!(
         "\n`loadtape record` records such tapes in front of a staging Quay, `loadtape replay`"
     );
-    println!("replays them against a test cluster (see the README). Still to come (open issues):");
-    println!("`diff` with a verdict a CI can gate on, an HTML report, a Quay/Clair testbed.");
+    println!("replays them against a test cluster, `loadtape diff` gates on the result (see the");
+    println!("README). Still to come (open issues): the demo against the Quay/Clair testbed.");
     println!("\nEverything is in {}", display(&dir));
     Ok(DemoOutput {
         tape_dir,

@@ -5,6 +5,55 @@
 //! `GET /v2/{repo}/blobs/{digest}`. Registry v2, Quay API v1 and Clair v4 routes are known;
 //! other paths are templated segment by segment, recognising digests, UUIDs, hex ids and numbers.
 
+/// A profile's `[[endpoint]]`: requests whose path matches `path` (a regular expression) and
+/// whose method is `method` (any when absent) make the class `class`. For routes the built-in
+/// rules do not know, or classes a team wants split or joined.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRule {
+    pub method: Option<String>,
+    pub path: String,
+    pub class: String,
+}
+
+/// Profile rules first, then the built-in templates.
+#[derive(Debug, Clone, Default)]
+pub struct Classifier {
+    rules: Vec<(Option<String>, regex::Regex, String)>,
+}
+
+impl Classifier {
+    pub fn new(rules: &[EndpointRule]) -> Result<Classifier, String> {
+        let mut out = Vec::with_capacity(rules.len());
+        for r in rules {
+            let pattern = regex::Regex::new(&r.path).map_err(|e| {
+                format!(
+                    "[[endpoint]] path {:?} is not a regular expression: {e}",
+                    r.path
+                )
+            })?;
+            out.push((
+                r.method.as_ref().map(|m| m.to_ascii_uppercase()),
+                pattern,
+                r.class.clone(),
+            ));
+        }
+        Ok(Classifier { rules: out })
+    }
+
+    pub fn classify(&self, method: &str, target: &str) -> String {
+        if !self.rules.is_empty() {
+            let path = target.split(['?', '#']).next().unwrap_or("");
+            for (m, pattern, class) in &self.rules {
+                if m.as_deref().map_or(true, |m| m == method) && pattern.is_match(path) {
+                    return class.clone();
+                }
+            }
+        }
+        template(method, target)
+    }
+}
+
 /// The endpoint class of a request: method and templated path (query dropped).
 pub fn template(method: &str, target: &str) -> String {
     let path = target.split(['?', '#']).next().unwrap_or("");

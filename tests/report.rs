@@ -213,6 +213,26 @@ async fn reports_read_back_as_json_markdown_junit_and_hdr_logs() {
     assert_eq!(code, 0);
     assert!(md.contains("| `GET /v2/auth` | 8 |"), "{md}");
 
+    // The shipped release gate's thresholds are the ones compared.
+    let gate = Path::new(env!("CARGO_MANIFEST_DIR")).join("replay-profiles/ci-gate.toml");
+    let (code, json, err) = loadtape(&[
+        "diff",
+        results.to_str().unwrap(),
+        "--profile",
+        gate.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert!(code == 0 || code == 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["gate"]["latency"].as_array().unwrap().len(), 3);
+    assert_eq!(v["baseline_kind"], "recorded-baseline");
+    assert!(v["classes"].as_array().unwrap().iter().any(|c| c["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["what"] == "p99.9")));
+
     // The interval log HdrHistogram's own tools read: one tagged histogram per class.
     let log = dir.path().join("latency.hlog");
     let (code, _, err) = loadtape(&[

@@ -44,7 +44,7 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     progress.finish();
     let report = result?;
     // The closing comparison: the replay against the recording its results carry.
-    let gate = super::report::gate_of(args.profile.as_deref())?;
+    let (gate, _) = super::report::profile_of(args.profile.as_deref())?;
     let comparison = report.datasets.as_ref().map(|(replayed, recorded)| {
         crate::report::diff::compare(
             recorded,
@@ -175,6 +175,8 @@ fn configure(
     config.rewrites =
         crate::replay::rewrite::Rewrites::new(&profile.rewrite, &profile.remove_headers)?;
     config.state = profile.state.clone();
+    config.classes =
+        crate::endpoint::Classifier::new(&profile.endpoint).map_err(anyhow::Error::msg)?;
     config.insecure = args.insecure || profile.insecure.unwrap_or(false);
     config.ca = args.ca.clone().or(profile.ca.clone());
     config.force = if args.http1 {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
+use crate::endpoint::Classifier;
 use crate::report::dataset::{load, Dataset, Phase, Window};
 use crate::report::diff::{compare, default_phase, Comparison};
 use crate::report::verdict::Gate;
@@ -89,6 +90,9 @@ pub struct ReportArgs {
     /// The latency shown (default: first byte for a capture, total for a replay).
     #[arg(long, value_enum)]
     phase: Option<PhaseArg>,
+    /// A profile whose `[[endpoint]]` rules name classes the built-in ones do not know.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     #[command(flatten)]
     window: WindowArgs,
 }
@@ -132,7 +136,13 @@ fn emit(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
 }
 
 pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
-    let (data, _) = load(&args.paths, args.window.window(), &args.window.read())?;
+    let (_, classes) = profile_of(args.profile.as_deref())?;
+    let (data, _) = load(
+        &args.paths,
+        args.window.window(),
+        &args.window.read(),
+        &classes,
+    )?;
     let phase = args.phase.map(Phase::from).unwrap_or(match data.kind {
         crate::report::dataset::Kind::Replay => Phase::Total,
         _ => Phase::FirstByte,
@@ -149,26 +159,32 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The gate of a profile, or the defaults.
-pub fn gate_of(profile: Option<&Path>) -> anyhow::Result<Gate> {
+/// The gate and endpoint classes of a profile, or the defaults.
+pub fn profile_of(profile: Option<&Path>) -> anyhow::Result<(Gate, Classifier)> {
     let Some(path) = profile else {
-        return Ok(Gate::default());
+        return Ok((Gate::default(), Classifier::default()));
     };
     let (profile, _) = crate::replay::profile::Profile::load(path)?;
     let gate = profile.gate.unwrap_or_default();
-    gate.validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(gate)
+    let problem = |e: String| anyhow::anyhow!("{}: {e}", path.display());
+    gate.validate().map_err(problem)?;
+    let classes = Classifier::new(&profile.endpoint).map_err(problem)?;
+    Ok((gate, classes))
 }
 
 pub fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
-    let gate = gate_of(args.profile.as_deref())?;
+    let (gate, classes) = profile_of(args.profile.as_deref())?;
     let window = args.window.window();
     let read = args.window.read();
-    let (first, recorded) = load(std::slice::from_ref(&args.baseline), window, &read)?;
+    let (first, recorded) = load(
+        std::slice::from_ref(&args.baseline),
+        window,
+        &read,
+        &classes,
+    )?;
     let (base, cand) = match &args.candidate {
         Some(c) => {
-            let (cand, _) = load(std::slice::from_ref(c), window, &read)?;
+            let (cand, _) = load(std::slice::from_ref(c), window, &read, &classes)?;
             (first, cand)
         }
         None => match recorded {

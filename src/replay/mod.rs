@@ -139,6 +139,8 @@ pub struct ReplayConfig {
     /// What the stateful replay maps beyond locations, ETags and tokens, and what it does
     /// with a request whose value never came (profile `[state]`).
     pub state: state::StateOptions,
+    /// Endpoint classes of the results (profile `[[endpoint]]`, then the built-in ones).
+    pub classes: crate::endpoint::Classifier,
 }
 
 impl ReplayConfig {
@@ -172,6 +174,7 @@ impl ReplayConfig {
             auth: auth::Auth::default(),
             rewrites: rewrite::Rewrites::default(),
             state: state::StateOptions::default(),
+            classes: crate::endpoint::Classifier::default(),
         }
     }
 }
@@ -372,6 +375,7 @@ fn plan(config: &ReplayConfig) -> anyhow::Result<Plan> {
         auth: config.auth.clone(),
         rewrites: config.rewrites.clone(),
         state: config.state.clone(),
+        classes: config.classes.clone(),
     };
     Ok(Plan::new(
         config.plan.clone(),

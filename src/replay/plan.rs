@@ -25,7 +25,6 @@ use super::state::{
     for_each_token, is_upload, is_upload_session, json_values, location_path, query_value, Digests,
     Etags, Issued, LiveTarget, Locations, Recent, Unmappable,
 };
-use crate::endpoint;
 use crate::tape::reader::SourceFile;
 use crate::tape::replayed_flags;
 use crate::tape::{
@@ -726,7 +725,10 @@ impl Plan {
             exchange: e.id,
             version: e.request.version,
             method: e.request.method.clone(),
-            endpoint: endpoint::template(e.request.method.as_str(), &e.request.target),
+            endpoint: self
+                .template
+                .classes
+                .classify(e.request.method.as_str(), &e.request.target),
             request,
             recorded: RecordedOutcome {
                 status: e.response.as_ref().ok().map(|r| r.status),

@@ -54,6 +54,9 @@ pub struct Profile {
     /// `[gate]`: the thresholds of `loadtape diff` (and `replay --gate`); see
     /// `report::verdict`.
     pub gate: Option<crate::report::verdict::Gate>,
+    /// `[[endpoint]]`: endpoint classes for routes the built-in templates do not know.
+    #[serde(default)]
+    pub endpoint: Vec<crate::endpoint::EndpointRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]

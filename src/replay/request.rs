@@ -34,6 +34,8 @@ pub struct RequestTemplate {
     pub rewrites: super::rewrite::Rewrites,
     /// The profile's `[state]`.
     pub state: super::state::StateOptions,
+    /// Endpoint classes (the profile's `[[endpoint]]`, then the built-in templates).
+    pub classes: crate::endpoint::Classifier,
 }
 
 /// A request ready to go.

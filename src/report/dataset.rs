@@ -420,6 +420,7 @@ pub fn load(
     inputs: &[PathBuf],
     window: Window,
     read: &ReadOptions,
+    classes: &crate::endpoint::Classifier,
 ) -> Result<(Dataset, Option<Dataset>), LoadError> {
     let files = discover(inputs)?;
     let label = inputs
@@ -465,7 +466,7 @@ pub fn load(
                 capture.outside_window += 1;
                 continue;
             }
-            let class = crate::endpoint::template(e.request.method.as_str(), &e.request.target);
+            let class = classes.classify(e.request.method.as_str(), &e.request.target);
             capture.add(&class, at, origin, &captured(&e));
         }
     }

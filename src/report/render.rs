@@ -181,8 +181,11 @@ impl Comparison {
             .collect();
         if !shifted.is_empty() {
             let _ = writeln!(out, "\nrequests answered otherwise than recorded:");
-            for d in shifted {
-                for e in d.examples.iter().take(3) {
+            let total: usize = shifted.iter().map(|d| d.examples.len()).sum();
+            let mut shown = 0;
+            for d in shifted.iter().take(max_classes.min(6)) {
+                for e in d.examples.iter().take(2) {
+                    shown += 1;
                     let body: String = e.body.chars().take(120).collect();
                     let _ = writeln!(
                         out,
@@ -195,6 +198,13 @@ impl Comparison {
                         body.replace('\n', " ")
                     );
                 }
+            }
+            if total > shown {
+                let _ = writeln!(
+                    out,
+                    "  ... {} more (--format html or json lists them)",
+                    total - shown
+                );
             }
         }
         out
