@@ -1,9 +1,11 @@
-//! Picking exchanges by status and endpoint class, for `inspect` and `export`.
+//! Picking exchanges (and a replay's results) by status and endpoint class, for `inspect` and
+//! `export`: on a results tape the status is the live one, so `--status 5xx` lists what the
+//! target failed and `--endpoint index_report` one class's requests.
 
 use std::str::FromStr;
 
 use crate::endpoint;
-use crate::tape::{Exchange, Record};
+use crate::tape::{Exchange, Outcome, Record};
 
 /// A status to match: `404`, a class `5xx`, or `error` (no response from upstream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +39,16 @@ impl FromStr for StatusPattern {
 
 impl StatusPattern {
     pub fn matches(&self, e: &Exchange) -> bool {
-        match (self, &e.response) {
-            (StatusPattern::Error, r) => r.is_err(),
-            (StatusPattern::Exact(code), Ok(r)) => r.status == *code,
-            (StatusPattern::Class(c), Ok(r)) => r.status / 100 == *c as u16,
-            (_, Err(_)) => false,
+        self.matches_status(e.response.as_ref().ok().map(|r| r.status))
+    }
+
+    /// `None`: no response.
+    fn matches_status(&self, status: Option<u16>) -> bool {
+        match (self, status) {
+            (StatusPattern::Error, s) => s.is_none(),
+            (StatusPattern::Exact(code), Some(s)) => s == *code,
+            (StatusPattern::Class(c), Some(s)) => s / 100 == *c as u16,
+            (_, None) => false,
         }
     }
 }
@@ -61,15 +68,28 @@ impl Selection {
     }
 
     pub fn matches(&self, record: &Record) -> bool {
-        let Record::Exchange(e) = record else {
-            return true;
+        let (status, class) = match record {
+            Record::Exchange(e) => (
+                e.response.as_ref().ok().map(|r| r.status),
+                std::borrow::Cow::Owned(endpoint::template(
+                    e.request.method.as_str(),
+                    &e.request.target,
+                )),
+            ),
+            Record::Replayed(r) => (
+                match r.outcome {
+                    Outcome::Status(s) => Some(s),
+                    Outcome::Failed(_) | Outcome::Skipped => None,
+                },
+                std::borrow::Cow::Borrowed(r.endpoint.as_str()),
+            ),
+            _ => return true,
         };
-        if !self.statuses.is_empty() && !self.statuses.iter().any(|s| s.matches(e)) {
+        if !self.statuses.is_empty() && !self.statuses.iter().any(|s| s.matches_status(status)) {
             return false;
         }
         match &self.endpoint {
-            Some(want) => endpoint::template(e.request.method.as_str(), &e.request.target)
-                .contains(want.as_str()),
+            Some(want) => class.contains(want.as_str()),
             None => true,
         }
     }

@@ -478,6 +478,46 @@ async fn four_shards_merged_equal_one_unsharded_replay() {
         assert_eq!(w.0, m.0);
         assert!(w.1.abs_diff(m.1) < 1000, "{w:?} vs {m:?}");
     }
+    // The report of the merged results is exact: the same histograms, statuses and counts as
+    // the report of the four shards read together.
+    let report = |inputs: &[&Path]| {
+        let mut args = vec!["report".to_string()];
+        args.extend(inputs.iter().map(|p| p.display().to_string()));
+        args.extend(["--format".into(), "json".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, json, err) = loadtape(&args);
+        assert_eq!(code, 0, "{err}");
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_object_mut().unwrap().remove("input");
+        v.as_object_mut().unwrap().remove("provenance");
+        v
+    };
+    let shards: Vec<&Path> = shard_paths.iter().map(PathBuf::as_path).collect();
+    let merged_report = report(&[merged.as_path()]);
+    assert_eq!(merged_report["all"]["count"], 200);
+    assert_eq!(merged_report, report(&shards));
+    // And `inspect --status`/`--endpoint` pick a results tape's requests by live status.
+    let (code, out, _) = loadtape(&[
+        "inspect",
+        merged.to_str().unwrap(),
+        "--status",
+        "2xx",
+        "--endpoint",
+        "/r/",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["methods"]["GET"], 200, "{out}");
+    let (_, out, _) = loadtape(&[
+        "inspect",
+        merged.to_str().unwrap(),
+        "--status",
+        "5xx",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["methods"].get("GET").is_none(), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
