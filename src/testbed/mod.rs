@@ -12,6 +12,7 @@
 //! held in one `store::Store` behind a lock that no handler holds across an await.
 
 mod clair;
+pub mod driver;
 mod quay_api;
 mod registry;
 mod store;
@@ -259,7 +260,11 @@ async fn answer(shared: Arc<Shared>, req: http::Request<Incoming>) -> Result<Rep
     // Per-endpoint latency (a later task) belongs here: the endpoint class is known and
     // nothing has been answered yet.
     let path = request.path.as_str();
-    let mut reply = if path == "/v2" || path.starts_with("/v2/") {
+    let mut reply = if let Some(digest) = path.strip_prefix("/_storage/") {
+        // Object storage, as a presigned URL reaches it: no registry auth. Quay hands such URLs
+        // to Clair for the layers to index.
+        registry::stored_blob(&shared, digest)
+    } else if path == "/v2" || path.starts_with("/v2/") {
         registry::answer(&shared, &request)
     } else if path.starts_with("/api/v1/") {
         quay_api::answer(&shared, &request)

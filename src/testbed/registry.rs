@@ -53,6 +53,11 @@ impl<'a> Route<'a> {
     }
 }
 
+/// `GET /_storage/{digest}`: a blob from storage (see `mod.rs`).
+pub(super) fn stored_blob(shared: &Shared, digest: &str) -> Reply {
+    blob(shared, digest)
+}
+
 pub(super) fn answer(shared: &Shared, req: &Request) -> Reply {
     let rest = req.path.strip_prefix("/v2").unwrap_or_default();
     let rest = rest.strip_prefix('/').unwrap_or(rest);

@@ -1,0 +1,1 @@
+//! The traffic driver: production-shaped load (see the module docs once written).
