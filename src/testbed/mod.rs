@@ -15,6 +15,7 @@ mod clair;
 pub mod driver;
 mod quay_api;
 mod registry;
+pub mod shape;
 mod store;
 
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub struct Config {
     /// as Clair's fetcher does. Off only for recordings that did not keep the layers' bytes
     /// (the shared Clair fixture): the fetch itself still has to succeed.
     pub clair_verify_layers: bool,
+    /// Latency, stalls and error bursts per endpoint class (`shape.rs`); none by default.
+    pub shape: shape::Shape,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             clair_psk: None,
             clair_issuers: vec!["quay".to_string()],
             clair_verify_layers: true,
+            shape: shape::Shape::default(),
         }
     }
 }
@@ -107,7 +111,12 @@ impl Testbed {
         let addr = listener.local_addr()?;
         let mut fetch = HttpConnector::new();
         fetch.set_connect_timeout(Some(clair::FETCH_TIMEOUT));
+        config
+            .shape
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let shared = Arc::new(Shared {
+            shaping: shape::Shaping::new(config.shape.clone()),
             config,
             addr,
             key: random(),
@@ -150,6 +159,7 @@ struct Shared {
     served: Mutex<BTreeMap<(String, u16), u64>>,
     /// Clair's layer fetches (plain HTTP only, as the testbed serves).
     fetcher: Client<HttpConnector, Full<Bytes>>,
+    shaping: shape::Shaping,
 }
 
 impl Shared {
@@ -257,8 +267,20 @@ async fn answer(shared: Arc<Shared>, req: http::Request<Incoming>) -> Result<Rep
         body,
     };
     let endpoint = crate::endpoint::template(request.method.as_str(), &request.path);
-    // Per-endpoint latency (a later task) belongs here: the endpoint class is known and
-    // nothing has been answered yet.
+    // The shape: this class's latency (and stall), or a 502 of a burst.
+    let verdict = shared.shaping.judge(&endpoint);
+    if let Some(status) = verdict.fail {
+        let reply = with_body(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            "text/html",
+            Bytes::from_static(b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>\n"),
+        );
+        *lock(&shared.served).entry((endpoint, status)).or_default() += 1;
+        return Ok(reply);
+    }
+    if !verdict.delay.is_zero() {
+        tokio::time::sleep(verdict.delay).await;
+    }
     let path = request.path.as_str();
     let mut reply = if let Some(digest) = path.strip_prefix("/_storage/") {
         // Object storage, as a presigned URL reaches it: no registry auth. Quay hands such URLs
