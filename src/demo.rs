@@ -1,29 +1,93 @@
-//! `loadtape demo`: the whole story on a built-in session, with nothing installed.
+//! `loadtape demo`: the whole story in under a minute, with nothing installed.
 //!
-//! Real Quay and Clair traffic (captured through mitmproxy from Quay v3.18 and Clair v4.9.0,
-//! shipped in `captures/har/`) is imported into a tape directory with its credentials redacted,
-//! inspected, exported back to HAR, then replayed at ten times its speed against a stand-in
-//! target started in-process on loopback (it answers every request 200: the realistic Quay and
-//! Clair testbed is an open issue), with the per-endpoint summary a real replay prints.
+//! 1. A Quay/Clair testbed (`testbed/`, shaped as the real ones: bcrypt-priced token and API
+//!    calls, a heavy-tailed Clair index, a periodic index stall, 502 bursts on API writes)
+//!    serves production-shaped load from the traffic driver, through `loadtape record`.
+//! 2. The tape is replayed at x1 against a second testbed, identical (same seed, same shapes)
+//!    but for a Clair index three... four times slower: the candidate release. The diff against
+//!    the recording must flag `POST /indexer/api/v1/index_report` and nothing else.
+//! 3. It is replayed again at x4 against a fresh copy of the candidate: where does it start to
+//!    break? Reported, not gated.
+//! 4. The HTML report of step 2 is written; the commands to do the same by hand are printed.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::har::{import_bytes, HarExporter, ImportOptions, BUILTIN_SESSIONS};
 use crate::inspect::summarise;
-use crate::redact::Redactor;
+use crate::replay::auth::{Auth, Credential, Rule};
+use crate::report::dataset::Phase;
+use crate::report::diff::{compare, Comparison};
+use crate::report::verdict::{Gate, Verdict};
 use crate::select::Selection;
-use crate::tape::{HeaderValue, Record, TapeReader};
+use crate::tape::TapeReader;
+use crate::testbed::driver::{drive, Credentials, DriveOptions, TrafficModel};
+use crate::testbed::shape::Shape;
+use crate::testbed::{Config, Testbed};
+
+/// The class the candidate made slower.
+pub const SLOWER_CLASS: &str = "POST /indexer/api/v1/index_report";
+const SLOWER_BY: f64 = 4.0;
+const SEED: u64 = 2026;
+const USER: &str = "demo";
+const PASSWORD: &str = "demo-password";
+const API_TOKEN: &str = "demo-oauth-token";
+const PSK: &[u8] = b"demo clair pre-shared key";
 
 /// What the demo made, for tests.
 pub struct DemoOutput {
+    pub dir: PathBuf,
     pub tape_dir: PathBuf,
-    pub har: PathBuf,
-    pub exchanges: u64,
+    pub requests: u64,
+    /// The x1 comparison's regressed classes.
+    pub regressed: Vec<String>,
+    pub verdict: Verdict,
 }
 
-pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
+fn testbed_config(shape: Shape) -> Config {
+    Config {
+        accounts: vec![(USER.into(), PASSWORD.into())],
+        api_tokens: vec![API_TOKEN.into()],
+        clair_psk: Some(PSK.to_vec()),
+        shape,
+        ..Config::default()
+    }
+}
+
+/// Fresh credentials for the replay, as a profile's `[[auth]]` would give them.
+fn auth() -> anyhow::Result<Auth> {
+    Ok(Auth::new(vec![
+        Rule {
+            prefix: "/v2/".into(),
+            fingerprint: None,
+            account: None,
+            credential: Credential::RegistryToken(Credential::basic(USER, PASSWORD)?),
+        },
+        Rule {
+            prefix: "/api/v1/".into(),
+            fingerprint: None,
+            account: None,
+            credential: Credential::Bearer(
+                http::HeaderValue::from_str(&format!("Bearer {API_TOKEN}"))
+                    .context("a header value")?,
+            ),
+        },
+        Rule {
+            prefix: "/".into(),
+            fingerprint: None,
+            account: None,
+            credential: Credential::Jwt {
+                key: PSK.to_vec(),
+                issuer: "quay".into(),
+            },
+        },
+    ]))
+}
+
+pub fn run(out: &Option<PathBuf>, seconds: f64) -> anyhow::Result<DemoOutput> {
     let dir = match out {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!(
@@ -31,151 +95,196 @@ pub fn run(out: &Option<PathBuf>) -> anyhow::Result<DemoOutput> {
             chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f")
         )),
     };
-    let tape_dir = dir.join("session");
-    if tape_dir.exists() || dir.join("results.tape").exists() {
+    let tape_dir = dir.join("recorded");
+    if tape_dir.exists() || dir.join("replay-x1.tape").exists() {
         anyhow::bail!(
             "{} already holds a demo's tapes (tapes are never overwritten): give --out a new or empty directory, or leave it out for a fresh temporary one",
             dir.display()
         );
     }
-    println!("loadtape demo: a real Quay v3.18 and Clair v4.9.0 session, built in\n");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
 
+    println!("loadtape demo: record production-shaped Quay/Clair traffic, replay it against a");
+    println!("candidate whose Clair index is {SLOWER_BY}x slower, and gate on the diff.\n");
+
+    // 1. Record.
+    let recorded = runtime.block_on(Testbed::start(testbed_config(Shape::quay_clair(SEED))))?;
     println!(
-        "1. import: HAR -> tape directory {} (credentials redacted)",
+        "1. record: a Quay/Clair testbed on {} (bcrypt-priced tokens and API calls, a heavy-tailed",
+        recorded.addr
+    );
+    println!(
+        "   Clair index that stalls every 8 s, 502 bursts on API writes), `loadtape record` in"
+    );
+    println!(
+        "   front of it, and the traffic driver's pulls, pushes, API calls and Clair reports for {seconds:.0} s"
+    );
+    let mut record = crate::record::RecordConfig::new(
+        "127.0.0.1:0".parse()?,
+        format!("http://{}", recorded.addr).parse()?,
+        tape_dir.clone(),
+    );
+    record.bodies = crate::record::BodyCapture::Prefix(64 << 10);
+    let recorder = runtime.block_on(crate::record::Recorder::bind(record))?;
+    let proxy = recorder.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let recording = runtime.spawn(recorder.run(stop.clone()));
+    let progress = Arc::new(AtomicU64::new(0));
+    let driving = {
+        let progress = progress.clone();
+        let options = DriveOptions {
+            target: proxy,
+            host: proxy.to_string(),
+            storage: format!("http://{}/_storage/", recorded.addr),
+            duration: Duration::from_secs_f64(seconds),
+            seed: SEED,
+            model: TrafficModel::default(),
+            credentials: Credentials {
+                user: USER.into(),
+                password: PASSWORD.into(),
+                api_token: API_TOKEN.into(),
+                clair_psk: PSK.to_vec(),
+                clair_issuer: "quay".into(),
+            },
+        };
+        runtime.spawn(async move { drive(options, Some(&progress)).await })
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    while !driving.is_finished() {
+        std::thread::sleep(Duration::from_millis(250));
+        if terminal {
+            print!(
+                "\r   {} requests recorded",
+                progress.load(Ordering::Relaxed)
+            );
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        }
+    }
+    let driven = runtime.block_on(driving)??;
+    stop.cancel();
+    let summary = runtime.block_on(recording)??;
+    println!(
+        "{}   {} requests in {} sessions ({}), written to {}",
+        if terminal { "\r" } else { "" },
+        driven.requests,
+        driven.sessions.values().sum::<u64>(),
+        driven
+            .sessions
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         tape_dir.display()
     );
-    let redactor = Redactor::default();
-    for (name, bytes) in BUILTIN_SESSIONS {
-        let s = import_bytes(bytes, name, &tape_dir, &redactor, &ImportOptions::default())?;
-        println!(
-            "   {name}: {} exchanges on {} connections, {} credential values redacted, {} on disk",
-            s.entries,
-            s.connections,
-            s.redacted,
-            crate::inspect::human_bytes(s.tape.bytes)
-        );
-    }
+    let _ = summary;
 
-    println!("\n2. inspect {}\n", tape_dir.display());
-    let summary = summarise(TapeReader::open_one(&tape_dir)?, &Selection::default())?;
-    for line in summary.to_text().lines() {
+    println!("\n2. inspect the tape\n");
+    let inspected = summarise(TapeReader::open_one(&tape_dir)?, &Selection::default())?;
+    for line in inspected.to_text().lines().take(14) {
         println!("   {line}");
     }
 
-    let har = dir.join("session.har");
+    // 2. Replay at x1 against the candidate.
+    let candidate = |runtime: &tokio::runtime::Runtime| {
+        runtime.block_on(Testbed::start(testbed_config(
+            Shape::quay_clair(SEED).slower(SLOWER_CLASS, SLOWER_BY),
+        )))
+    };
+    let x1 = candidate(&runtime)?;
     println!(
-        "\n3. export: tape -> {} (HAR 1.2, opens in browser dev tools)",
-        har.display()
+        "\n3. replay at x1 against the candidate on {} (the same testbed, its Clair index {SLOWER_BY}x slower)\n",
+        x1.addr
     );
-    let mut reader = TapeReader::open_one(&tape_dir)?;
-    let file = crate::files::create_private(&har)
-        .with_context(|| format!("cannot create {}", har.display()))?;
-    let mut exporter = HarExporter::new(std::io::BufWriter::new(file), reader.epoch_unix_ns())?;
-    let mut example = None;
-    for record in reader.by_ref() {
-        let record = record?;
-        if let Record::Exchange(e) = &record {
-            if example.is_none() {
-                if let Some(HeaderValue::Redacted(r)) = e.request.headers.get("authorization") {
-                    example = Some(format!(
-                        "{} {}: authorization = {}",
-                        e.request.method,
-                        e.request.path(),
-                        r.marker()
-                    ));
-                }
-            }
-        }
-        exporter.add(&record)?;
-    }
-    let entries = exporter.finish()?;
-    println!("   {entries} entries written");
-    if let Some(example) = example {
-        println!("   a credential as the tape keeps it: {example}");
-    }
-
-    println!(
-        "\n4. replay at x10 against a stand-in target on loopback (answers 200 to everything)\n"
-    );
-    let report = replay_demo(&tape_dir, &dir.join("results.tape"))?;
-    for line in report.to_text().lines() {
+    let (comparison, replayed, baseline) =
+        replay(&tape_dir, &dir.join("replay-x1.tape"), &recorded, &x1, 1.0)?;
+    for line in comparison.to_text(12).lines() {
         println!("   {line}");
     }
+    let html = dir.join("diff-x1.html");
+    let page = crate::report::html::diff(&comparison, &baseline, &replayed)?;
+    crate::files::create_private(&html)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, page.as_bytes()))
+        .with_context(|| format!("cannot write {}", html.display()))?;
 
-    println!("\n5. the diff of that replay against the recording (what a CI job gates on)\n");
-    if let Some((replayed, recorded)) = &report.datasets {
-        let gate = crate::report::verdict::Gate::default();
-        let phase = crate::report::dataset::Phase::FirstByte;
-        let comparison = crate::report::diff::compare(recorded, replayed, &gate, phase);
-        for line in comparison.to_text(8).lines() {
-            println!("   {line}");
-        }
-        let html = dir.join("diff.html");
-        let page = crate::report::html::diff(&comparison, recorded, replayed)?;
-        crate::files::create_private(&html)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, page.as_bytes()))
-            .with_context(|| format!("cannot write {}", html.display()))?;
-        println!(
-            "\n   The stand-in answers 200 to everything, so every class the recording answered"
-        );
-        println!(
-            "   otherwise regresses: the gate at work. HTML report: {}",
-            display(&html)
-        );
-    }
+    // 3. Replay at x4: where does it break?
+    let x4 = candidate(&runtime)?;
     println!(
-        "\n`loadtape record` records such tapes in front of a staging Quay, `loadtape replay`"
+        "\n4. replay at x4 against a fresh candidate: where does it start to break? (not gated)\n"
     );
-    println!("replays them against a test cluster, `loadtape diff` gates on the result (see the");
-    println!("README). Still to come (open issues): the demo against the Quay/Clair testbed.");
-    println!("\nEverything is in {}", display(&dir));
+    let (at_x4, _, _) = replay(&tape_dir, &dir.join("replay-x4.tape"), &recorded, &x4, 4.0)?;
+    println!("   {}", at_x4.headline());
+    for d in at_x4
+        .classes
+        .iter()
+        .filter(|d| d.verdict == Verdict::Regression)
+        .take(8)
+    {
+        println!("   {}: {}", d.class, crate::report::render::regressions(d));
+    }
+
+    let regressed: Vec<String> = comparison
+        .classes
+        .iter()
+        .filter(|d| d.verdict == Verdict::Regression)
+        .map(|d| d.class.clone())
+        .collect();
+    println!("\n5. the HTML report of the x1 diff: {}", html.display());
+    println!("\nBy hand, against your own staging and test clusters:");
+    println!(
+        "   loadtape record --listen 0.0.0.0:8443 --upstream https://quay-staging --out tapes/"
+    );
+    println!("   loadtape replay tapes/ --target https://quay-test --profile replay-profiles/ci-gate.toml --out results.tape --gate");
+    println!("   loadtape diff results.tape --format html --out report.html");
+    println!("\nEverything is in {}", dir.display());
+    drop((recorded, x1, x4));
+    runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(DemoOutput {
+        dir,
         tape_dir,
-        har,
-        exchanges: summary.records,
+        requests: driven.requests,
+        regressed,
+        verdict: comparison.verdict,
     })
 }
 
-/// Replays `tape` at x10 against a target that answers 200 to everything, on loopback.
-fn replay_demo(tape: &Path, results: &Path) -> anyhow::Result<crate::replay::ReplayReport> {
-    use http_body_util::Full;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    runtime.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        bytes::Bytes::from_static(b"ok\n"),
-                    )))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
+/// Replays the tape into `target` at `speed` (fresh credentials; the recorded testbed's
+/// storage URLs mapped onto the target's) and compares it with the recording.
+fn replay(
+    tape: &Path,
+    results: &Path,
+    recorded: &Testbed,
+    target: &Testbed,
+    speed: f64,
+) -> anyhow::Result<(
+    Comparison,
+    crate::report::dataset::Dataset,
+    crate::report::dataset::Dataset,
+)> {
     let mut config = crate::replay::ReplayConfig::new(
         vec![tape.to_path_buf()],
-        format!("http://{addr}").parse()?,
+        format!("http://{}", target.addr).parse()?,
     );
-    config.plan.schedule = crate::replay::Schedule::Speed(10.0);
+    config.plan.schedule = crate::replay::Schedule::Speed(speed);
     config.out = Some(results.to_path_buf());
+    config.auth = auth()?;
+    config.rewrites = crate::replay::rewrite::Rewrites::new(
+        &[crate::replay::rewrite::RewriteRule {
+            from: Some(format!("http://{}/_storage/", recorded.addr)),
+            path_prefix: None,
+            to: format!("http://{}/_storage/", target.addr),
+        }],
+        &[],
+    )?;
     let report = crate::replay::run(
         &config,
         tokio_util::sync::CancellationToken::new(),
-        std::sync::Arc::new(crate::replay::Live::default()),
+        Arc::new(crate::replay::Live::default()),
     )?;
-    runtime.shutdown_background();
-    Ok(report)
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
+    let (replayed, baseline) = report.datasets.context("a replay keeps its datasets")?;
+    let comparison = compare(&baseline, &replayed, &Gate::default(), Phase::FirstByte);
+    Ok((comparison, replayed, baseline))
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use common::*;
@@ -212,20 +212,38 @@ fn export_writes_private_har_and_jsonl_and_import_takes_the_har_back() {
 #[test]
 fn demo_runs_with_nothing_installed() {
     let dir = tempfile::tempdir().unwrap();
-    let out = loadtape(&["demo", "--out", dir.path().to_str().unwrap()]);
+    let out = loadtape(&[
+        "demo",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--seconds",
+        "12",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("91 entries written"), "{stdout}");
-    assert!(stdout.contains("Still to come"), "{stdout}");
-    assert!(Path::new(&dir.path().join("session.har")).exists());
-    // The replay step sent every recorded request to the stand-in target.
-    assert!(stdout.contains("91 requests replayed"), "{stdout}");
-    let results = dir.path().join("results.tape");
-    assert_eq!(inspect_json(&[results.to_str().unwrap()])["records"], 91);
-    let tapes = std::fs::read_dir(dir.path().join("session"))
+    // The x1 replay against the candidate whose Clair index is slower: exactly that class.
+    let x1 = dir.path().join("replay-x1.tape");
+    let diff = loadtape(&["diff", x1.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(diff.status.code(), Some(1), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    let regressed: Vec<&str> = v["classes"]
+        .as_array()
         .unwrap()
-        .count();
-    assert_eq!(tapes, 2, "one tape per imported recording");
+        .iter()
+        .filter(|c| c["verdict"] == "regression")
+        .map(|c| c["class"].as_str().unwrap())
+        .collect();
+    assert_eq!(regressed, ["POST /indexer/api/v1/index_report"], "{stdout}");
+    assert!(stdout.contains("verdict: REGRESSION (1 of"), "{stdout}");
+    // Every request the driver sent through the proxy was replayed, with its recorded status.
+    let recorded = inspect_json(&[dir.path().join("recorded").to_str().unwrap()]);
+    let replayed = inspect_json(&[x1.to_str().unwrap()]);
+    assert_eq!(
+        recorded["status_counts"], replayed["status_counts"],
+        "{stdout}"
+    );
+    assert!(dir.path().join("diff-x1.html").exists());
+    assert!(dir.path().join("replay-x4.tape").exists());
     // Run again into the same directory: refused, saying what to do, nothing overwritten.
     let again = loadtape(&["demo", "--out", dir.path().to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(2));

@@ -315,9 +315,12 @@ pub(crate) struct MergeArgs {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where to write the demo's tapes and exports (default: a new temporary directory).
+    /// Where to write the demo's tapes and reports (default: a new temporary directory).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// How long the traffic driver runs, in seconds (a shorter demo for tests).
+    #[arg(long, value_name = "SECONDS", default_value_t = 15.0)]
+    pub seconds: f64,
 }
 
 /// Runs the command line; the binary's `main` is only this.
@@ -354,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Merge(args) => replay::merge(args),
         Command::Report(args) => report::report(args),
         Command::Diff(args) => report::diff(args),
-        Command::Demo(args) => crate::demo::run(&args.out).map(|_| ExitCode::SUCCESS),
+        Command::Demo(args) => crate::demo::run(&args.out, args.seconds).map(|_| ExitCode::SUCCESS),
     }
 }
 

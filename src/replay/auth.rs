@@ -125,12 +125,27 @@ fn env(name: &Option<String>, what: &str, rule: &AuthRule) -> anyhow::Result<Str
     })
 }
 
+impl Credential {
+    /// A Basic `Authorization` value.
+    pub fn basic(user: &str, password: &str) -> anyhow::Result<HeaderValue> {
+        basic(user, password)
+    }
+}
+
 fn basic(user: &str, password: &str) -> anyhow::Result<HeaderValue> {
     let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     HeaderValue::from_str(&format!("Basic {b64}")).context("credentials do not make a header")
 }
 
 impl Auth {
+    /// Rules made in code (the demo); the most specific first, as from a profile.
+    pub fn new(mut rules: Vec<Rule>) -> Auth {
+        rules.sort_by_key(|r| {
+            std::cmp::Reverse((r.fingerprint.is_some(), r.account.is_some(), r.prefix.len()))
+        });
+        Auth { rules }
+    }
+
     pub fn from_rules(rules: &[AuthRule]) -> anyhow::Result<Auth> {
         let mut out = Vec::new();
         for r in rules {
@@ -180,11 +195,7 @@ impl Auth {
                 credential,
             });
         }
-        // Most specific first: fingerprint, account, then the longest prefix.
-        out.sort_by_key(|r| {
-            std::cmp::Reverse((r.fingerprint.is_some(), r.account.is_some(), r.prefix.len()))
-        });
-        Ok(Auth { rules: out })
+        Ok(Auth::new(out))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -625,6 +625,19 @@ impl Plan {
         {
             after.extend(self.digests.depends(text, e.timing.start));
         }
+        // A write creates or changes the resource its target or its answer's `Location` names
+        // by digest (a manifest, a Clair index report): later requests naming it wait for it.
+        if let (Some(d), false) = (&done, is_upload(path)) {
+            self.digests.wrote(&e.request.target, d, e.timing.end());
+            if let Some(location) = e
+                .response
+                .as_ref()
+                .ok()
+                .and_then(|r| r.headers.get_str("location"))
+            {
+                self.digests.wrote(location, d, e.timing.end());
+            }
+        }
         if let (BodySource::Bytes(bytes), false) = (&request.body, is_upload(path)) {
             // (A blob's bytes are opaque: only manifests and JSON requests are rewritten, by
             // the profile's literals, then by the digests the replay changed.)

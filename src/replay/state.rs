@@ -362,8 +362,20 @@ impl Digests {
         }
     }
 
-    /// The uploads still in flight that `text` names digests of, among those that ended on the
-    /// tape before `start`.
+    /// Notes that `done` (a write that ended at `end` on the tape) made the resources whose
+    /// digests `text` names: its target, or the `Location` it answered (a manifest, a Clair
+    /// index report). A later request naming one waits for it, as an upload's do.
+    pub fn wrote(&mut self, text: &str, done: &Arc<Done>, end: u64) {
+        for_each_digest(text, |_, d| {
+            if self.uploaded.len() >= MAX_SESSIONS {
+                self.uploaded.retain(|_, (d, _)| !d.is_set());
+            }
+            self.uploaded.insert(d, (done.clone(), end));
+        });
+    }
+
+    /// The writes still in flight that `text` names digests of (uploads, and what `wrote`
+    /// noted), among those that ended on the tape before `start`.
     pub fn depends(&self, text: &str, start: u64) -> Vec<Arc<Done>> {
         let mut out = Vec::new();
         if self.uploaded.is_empty() {

@@ -78,10 +78,12 @@ impl Shape {
         };
         Shape {
             seed,
+            // First match wins: Clair's paths hold `/api/v1/` too, Quay's API classes start
+            // with ` /api/v1/` after the method.
             latency: vec![
                 // bcrypt on every Basic token request and OAuth API call.
                 l("GET /v2/auth", 180.0, 0.15),
-                l("/api/v1/", 180.0, 0.2),
+                l(" /api/v1/", 180.0, 0.2),
                 // The slow, heavy-tailed first index; cheap reads.
                 l("POST /indexer/api/v1/index_report", 60.0, 0.8),
                 l("/indexer/api/v1/index_report/", 2.5, 0.3),
@@ -279,6 +281,18 @@ mod tests {
         assert_eq!(failed.iter().filter(|f| **f).count(), 9);
         assert!(failed[7] && failed[8] && failed[9] && !failed[6] && !failed[10]);
         assert!(Shape::quay_clair(1).validate().is_ok());
+        // Clair's classes are not Quay's API, though both paths hold `/api/v1/`.
+        let quay = Shaping::new(Shape::quay_clair(1));
+        let index = quay.judge("POST /indexer/api/v1/index_report").delay;
+        assert!(index < Duration::from_millis(150) || index > Duration::from_millis(400));
+        let median = |class: &str| {
+            let s = Shaping::new(Shape::quay_clair(1));
+            let mut v: Vec<Duration> = (0..101).map(|_| s.judge(class).delay).collect();
+            v.sort();
+            v[50].as_secs_f64() * 1e3
+        };
+        assert!((1.5..4.0).contains(&median("GET /indexer/api/v1/index_report/{digest}")));
+        assert!((150.0..220.0).contains(&median("GET /api/v1/user/")));
         let slower = Shape::quay_clair(1).slower("POST /indexer/api/v1/index_report", 3.0);
         assert_eq!(
             slower
