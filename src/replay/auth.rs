@@ -332,7 +332,7 @@ pub fn token_request_target(challenge: &str) -> Option<String> {
 }
 
 /// `key="value"` pairs of a challenge, commas inside quotes kept.
-fn challenge_params(text: &str) -> Vec<(String, String)> {
+pub fn challenge_params(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some((key, after)) = rest.split_once('=') {

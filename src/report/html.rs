@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use super::dataset::{ClassStats, Dataset, Phase, Timeline};
 use super::diff::Comparison;
 use super::micros;
-use super::render::kind_name;
+use super::render::{kind_name, signed};
 use super::verdict::Verdict;
 
 const BASE_COLOUR: RGBColor = RGBColor(90, 110, 140);
@@ -98,23 +98,10 @@ fn cdf_chart(
             .x_label_formatter(&|v| micros(10f64.powf(*v).round() as u64))
             .draw()
             .map_err(chart_error)?;
-        for (label, h, colour) in sides {
-            let colour = *colour;
-            chart
-                .draw_series(LineSeries::new(cdf(h), colour.stroke_width(2)))
-                .map_err(chart_error)?
-                .label(*label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(chart_error)?;
+        let lines = sides
+            .iter()
+            .map(|(label, h, colour)| (*label, cdf(h), *colour));
+        draw_lines(&mut chart, lines, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(chart_error)?;
     }
     Ok(svg)
@@ -163,26 +150,46 @@ fn timeline_chart(
             })
             .draw()
             .map_err(chart_error)?;
-        for ((label, _, colour), pts) in sides.iter().zip(all) {
-            let colour = *colour;
-            chart
-                .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
-                .map_err(chart_error)?
-                .label(*label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(chart_error)?;
+        let lines = sides
+            .iter()
+            .zip(all)
+            .map(|((label, _, colour), points)| (*label, points, *colour));
+        draw_lines(&mut chart, lines, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(chart_error)?;
     }
     Ok(svg)
+}
+
+/// Draws one line per side, with its legend.
+fn draw_lines<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    lines: impl Iterator<Item = (&'a str, Vec<(f64, f64)>, RGBColor)>,
+    legend_at: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    for (label, points, colour) in lines {
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(chart_error)?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(legend_at)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(chart_error)?;
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
@@ -385,17 +392,6 @@ pub fn diff(c: &Comparison, base: &Dataset, cand: &Dataset) -> anyhow::Result<St
     statuses_table(&mut body, &[("baseline", base), ("candidate", cand)]);
     accounting_and_provenance(&mut body, &[("baseline", base), ("candidate", cand)]);
     Ok(page("loadtape diff", &body))
-}
-
-fn signed(v: f64) -> String {
-    if v.is_infinite() {
-        return if v > 0.0 { "+inf" } else { "-inf" }.into();
-    }
-    format!(
-        "{}{}",
-        if v < 0.0 { "-" } else { "+" },
-        micros(v.abs().round() as u64)
-    )
 }
 
 /// One dataset as a page.

@@ -11,24 +11,21 @@ use super::diff::{ClassDiff, Comparison};
 use super::micros;
 use super::verdict::{Check, Verdict};
 
-/// `+1.20 ms [+0.90, +1.60]`.
-fn delta(c: &Check) -> String {
-    let f = |v: f64| {
-        if v.is_infinite() {
-            if v > 0.0 { "+inf" } else { "-inf" }.to_string()
-        } else {
-            signed_micros(v)
-        }
-    };
+/// `+1.20 ms [+0.90 ms, +1.60 ms]`.
+pub fn delta(c: &Check) -> String {
     format!(
         "{} [{}, {}]",
-        signed_micros(c.candidate - c.baseline),
-        f(c.delta_low),
-        f(c.delta_high)
+        signed(c.candidate - c.baseline),
+        signed(c.delta_low),
+        signed(c.delta_high)
     )
 }
 
-fn signed_micros(v: f64) -> String {
+/// A signed duration in µs as text; an unbounded one as `±inf`.
+pub fn signed(v: f64) -> String {
+    if v.is_infinite() {
+        return if v > 0.0 { "+inf" } else { "-inf" }.into();
+    }
     let sign = if v < 0.0 { "-" } else { "+" };
     format!("{sign}{}", micros(v.abs().round() as u64))
 }
@@ -59,18 +56,15 @@ pub fn kind_name(k: Kind) -> &'static str {
 }
 
 impl Comparison {
+    /// Classes with this verdict.
+    pub fn count(&self, verdict: Verdict) -> usize {
+        self.classes.iter().filter(|c| c.verdict == verdict).count()
+    }
+
     /// The verdict's headline.
     pub fn headline(&self) -> String {
-        let regressed = self
-            .classes
-            .iter()
-            .filter(|c| c.verdict == Verdict::Regression)
-            .count();
-        let inconclusive = self
-            .classes
-            .iter()
-            .filter(|c| c.verdict == Verdict::Inconclusive)
-            .count();
+        let regressed = self.count(Verdict::Regression);
+        let inconclusive = self.count(Verdict::Inconclusive);
         let mut out = match self.verdict {
             Verdict::Regression => format!(
                 "verdict: REGRESSION ({regressed} of {} endpoint classes regressed",
@@ -271,16 +265,8 @@ impl Comparison {
 
     pub fn to_junit(&self) -> String {
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        let failures = self
-            .classes
-            .iter()
-            .filter(|c| c.verdict == Verdict::Regression)
-            .count();
-        let skipped = self
-            .classes
-            .iter()
-            .filter(|c| c.verdict == Verdict::Inconclusive)
-            .count();
+        let failures = self.count(Verdict::Regression);
+        let skipped = self.count(Verdict::Inconclusive);
         let _ = writeln!(
             out,
             "<testsuites name=\"loadtape diff\" tests=\"{}\" failures=\"{failures}\" errors=\"{}\">",

@@ -41,7 +41,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::percent::encode;
-use crate::replay::auth::sign_jwt;
+use crate::replay::auth::{challenge_params, sign_jwt};
+use crate::replay::state::location_path;
 
 /// What traffic to make. Every field has a default, so a model file names only what it changes
 /// (`sessions-per-second = 50`, `[mix]`, `[burst]`, ...).
@@ -882,8 +883,9 @@ impl Session {
         let challenge = self.send(registry, Call::get("/v2/"), &[401]).await?;
         let header = challenge.header("www-authenticate").unwrap_or_default();
         let bearer = header.strip_prefix("Bearer ").unwrap_or_default();
-        let (realm, service) = (parameter(bearer, "realm"), parameter(bearer, "service"));
-        let (Some(realm), Some(service)) = (realm, service) else {
+        let params = challenge_params(bearer);
+        let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        let (Some(realm), Some(service)) = (param("realm"), param("service")) else {
             let why = "no Bearer challenge with a realm and a service";
             return Err(self.malformed(&challenge, why).await);
         };
@@ -1181,23 +1183,10 @@ fn image_manifest(config: &Blob, layers: &[Blob]) -> Bytes {
     Bytes::from(manifest.to_string())
 }
 
-/// A parameter's quoted value in an auth challenge's parameters (`realm="..."`).
-fn parameter<'a>(parameters: &'a str, name: &str) -> Option<&'a str> {
-    parameters
-        .split(',')
-        .find_map(|p| p.trim().strip_prefix(name)?.strip_prefix('='))
-        .map(|v| v.trim_matches('"'))
-}
-
 /// The path and query of a URL (absolute or already relative): requests go to the target,
 /// whatever host a realm or Location names.
 fn origin_form(url: &str) -> String {
-    match url.split_once("://") {
-        Some((_, rest)) => rest
-            .find('/')
-            .map_or("/".to_string(), |i| rest[i..].to_string()),
-        None => url.to_string(),
-    }
+    location_path(url).unwrap_or_else(|| url.to_string())
 }
 
 #[cfg(test)]
@@ -1231,8 +1220,9 @@ mod tests {
     fn challenge_parameters_and_locations_are_read_as_clients_read_them() {
         let challenge =
             r#"realm="http://q:8080/v2/auth",service="q:8080",scope="repository:a/b:pull,push""#;
-        assert_eq!(parameter(challenge, "realm"), Some("http://q:8080/v2/auth"));
-        assert_eq!(parameter(challenge, "service"), Some("q:8080"));
+        let params = challenge_params(challenge);
+        assert_eq!(params[0], ("realm".into(), "http://q:8080/v2/auth".into()));
+        assert_eq!(params[2].1, "repository:a/b:pull,push");
         assert_eq!(
             origin_form("http://q:8080/v2/a/blobs/uploads/u?_state=s"),
             "/v2/a/blobs/uploads/u?_state=s"
