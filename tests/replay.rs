@@ -1077,10 +1077,23 @@ async fn a_push_to_a_registry_that_wants_credentials_replays_with_fresh_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints() {
-    use common::token_registry::*;
+    use loadtape::testbed::{Config, Testbed};
+    const USER: &str = "alice";
+    const PASSWORD: &str = "secret";
     let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let recorded = token_registry().await;
+    // A Quay-like registry that wants tokens: /v2/auth issues its own for Basic alice:secret.
+    let testbed = || async {
+        let t = Testbed::start(Config {
+            accounts: vec![(USER.into(), PASSWORD.into())],
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let digest = t.preload_blob(bytes::Bytes::from_static(b"a layer"));
+        (t, digest)
+    };
+    let (recorded, digest) = testbed().await;
     let tape = dir.path().join("tokens");
     let rec = net::start(net::config(recorded.addr, &tape)).await;
     let base = format!("http://{}", rec.addr);
@@ -1096,13 +1109,14 @@ async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints
         let token: serde_json::Value = serde_json::from_str(&json).unwrap();
         let bearer = format!("Authorization: Bearer {}", token["token"].as_str().unwrap());
         for _ in 0..2 {
-            net::curl(&["-f", "-H", &bearer, &format!("{base}/v2/app/manifests/v1")]).await;
+            let blob = format!("{base}/v2/app/blobs/{digest}");
+            net::curl(&["-f", "-o", "/dev/null", "-H", &bearer, &blob]).await;
         }
     }
     rec.stop().await;
 
     // A fresh registry issues tokens of its own.
-    let fresh = token_registry().await;
+    let (fresh, _) = testbed().await;
     let profile = dir.path().join("auth.toml");
     std::fs::write(
         &profile,
@@ -1145,7 +1159,7 @@ async fn registry_tokens_are_fetched_afresh_and_follow_the_recorded_fingerprints
         .unwrap();
     assert!(res
         .iter()
-        .filter(|r| r.endpoint.contains("manifests"))
+        .filter(|r| r.endpoint.contains("blobs"))
         .all(|r| r.status() == Some(401)));
 
     // A tape that begins after the client logged in (no token request on it): the target's

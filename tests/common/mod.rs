@@ -5,7 +5,6 @@
 pub mod net;
 pub mod registry;
 pub mod sink;
-pub mod token_registry;
 
 use std::path::{Path, PathBuf};
 
