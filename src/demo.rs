@@ -26,16 +26,12 @@ use crate::select::Selection;
 use crate::tape::TapeReader;
 use crate::testbed::driver::{drive, Credentials, DriveOptions, TrafficModel};
 use crate::testbed::shape::Shape;
-use crate::testbed::{Config, Testbed};
+use crate::testbed::{Config, Testbed, API_TOKEN, PASSWORD, PSK, USER};
 
 /// The class the candidate made slower.
 pub const SLOWER_CLASS: &str = "POST /indexer/api/v1/index_report";
 const SLOWER_BY: f64 = 4.0;
 const SEED: u64 = 2026;
-const USER: &str = "demo";
-const PASSWORD: &str = "demo-password";
-const API_TOKEN: &str = "demo-oauth-token";
-const PSK: &[u8] = b"demo clair pre-shared key";
 
 /// What the demo made, for tests.
 pub struct DemoOutput {
@@ -45,16 +41,6 @@ pub struct DemoOutput {
     /// The x1 comparison's regressed classes.
     pub regressed: Vec<String>,
     pub verdict: Verdict,
-}
-
-fn testbed_config(shape: Shape) -> Config {
-    Config {
-        accounts: vec![(USER.into(), PASSWORD.into())],
-        api_tokens: vec![API_TOKEN.into()],
-        clair_psk: Some(PSK.to_vec()),
-        shape,
-        ..Config::default()
-    }
 }
 
 /// Fresh credentials for the replay, as a profile's `[[auth]]` would give them.
@@ -112,7 +98,7 @@ pub fn run(out: &Option<PathBuf>, seconds: f64) -> anyhow::Result<DemoOutput> {
     println!("candidate whose Clair index is {SLOWER_BY}x slower, and gate on the diff.\n");
 
     // 1. Record.
-    let recorded = runtime.block_on(Testbed::start(testbed_config(Shape::quay_clair(SEED))))?;
+    let recorded = runtime.block_on(Testbed::start(Config::standard(Shape::quay_clair(SEED))))?;
     println!(
         "1. record: a Quay/Clair testbed on {} (bcrypt-priced tokens and API calls, a heavy-tailed",
         recorded.addr
@@ -143,13 +129,7 @@ pub fn run(out: &Option<PathBuf>, seconds: f64) -> anyhow::Result<DemoOutput> {
             duration: Duration::from_secs_f64(seconds),
             seed: SEED,
             model: TrafficModel::default(),
-            credentials: Credentials {
-                user: USER.into(),
-                password: PASSWORD.into(),
-                api_token: API_TOKEN.into(),
-                clair_psk: PSK.to_vec(),
-                clair_issuer: "quay".into(),
-            },
+            credentials: Credentials::standard(),
         };
         runtime.spawn(async move { drive(options, Some(&progress)).await })
     };
@@ -190,7 +170,7 @@ pub fn run(out: &Option<PathBuf>, seconds: f64) -> anyhow::Result<DemoOutput> {
 
     // 2. Replay at x1 against the candidate.
     let candidate = |runtime: &tokio::runtime::Runtime| {
-        runtime.block_on(Testbed::start(testbed_config(
+        runtime.block_on(Testbed::start(Config::standard(
             Shape::quay_clair(SEED).slower(SLOWER_CLASS, SLOWER_BY),
         )))
     };

@@ -1815,3 +1815,75 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
     assert_eq!(o.status.code(), Some(0), "{text}");
     assert!(text.contains("time to first byte"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_testbed_sample_tape_replays_into_a_fresh_testbed_with_every_status_as_recorded() {
+    use loadtape::testbed::shape::Shape;
+    use loadtape::testbed::{Config, Testbed, API_TOKEN, PASSWORD, PSK, USER};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // `captures/README.md` says how it was made: the traffic driver through `loadtape record`
+    // (bodies kept to 4 KiB, so the layers replay as synthetic bytes under new digests) in
+    // front of a testbed on 127.0.0.1:5077.
+    let tape = Path::new(env!("CARGO_MANIFEST_DIR")).join("captures/testbed/driven-session.tape");
+    let fresh = Testbed::start(Config::standard(Shape::default()))
+        .await
+        .unwrap();
+    let profile = dir.path().join("testbed.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            r#"
+[[auth]]
+path-prefix = "/v2/"
+kind = "registry-token"
+username-env = "LT_USER"
+password-env = "LT_PASSWORD"
+
+[[auth]]
+path-prefix = "/api/v1/"
+kind = "bearer"
+token-env = "LT_TOKEN"
+
+[[auth]]
+path-prefix = "/indexer/"
+kind = "jwt-hs256"
+key-env = "LT_PSK"
+
+[[auth]]
+path-prefix = "/matcher/"
+kind = "jwt-hs256"
+key-env = "LT_PSK"
+
+# Clair fetches the layers it indexes from the storage the index requests name.
+[[rewrite]]
+from = "http://127.0.0.1:5077/_storage/"
+to = "http://{}/_storage/"
+"#,
+            fresh.addr
+        ),
+    )
+    .unwrap();
+    let psk = String::from_utf8(PSK.to_vec()).unwrap();
+    let env = [
+        ("LT_USER", USER),
+        ("LT_PASSWORD", PASSWORD),
+        ("LT_TOKEN", API_TOKEN),
+        ("LT_PSK", psk.as_str()),
+    ];
+    let (res, summary) = replay_with(&tape, fresh.addr, &profile, &env, &dir.path().join("r"));
+    assert!(res.len() > 300, "{summary}");
+    assert_statuses_as_recorded(&res, &summary);
+    // The layers went as synthetic bytes: their digests, remapped, reached Clair's index
+    // requests, and Clair fetched them from the fresh testbed's storage.
+    assert!(
+        res.iter()
+            .any(|r| r.flags & loadtape::tape::replayed_flags::SYNTHESISED != 0),
+        "{summary}"
+    );
+    let served = fresh.served();
+    assert!(
+        served[&("GET /_storage/{digest}".to_string(), 200)] > 0,
+        "{served:?}"
+    );
+}

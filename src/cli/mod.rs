@@ -5,6 +5,7 @@
 
 mod replay;
 mod report;
+mod testbed;
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -53,6 +54,10 @@ enum Command {
     /// Compare a replay with its recording (or two runs) per endpoint class; exit 1 on a
     /// regression, 2 on an invalid run.
     Diff(report::DiffArgs),
+    /// Serve the Quay/Clair testbed (registry v2, Quay API v1, Clair v4, in memory) until Ctrl-C.
+    Testbed(testbed::TestbedArgs),
+    /// Drive production-shaped Quay/Clair sessions at a testbed (or the proxy in front of one).
+    Drive(testbed::DriveArgs),
     /// Run the built-in Quay/Clair session end to end; needs nothing installed.
     Demo(DemoArgs),
 }
@@ -356,6 +361,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay::replay(*args),
         Command::Merge(args) => replay::merge(args),
         Command::Report(args) => report::report(args),
+        Command::Testbed(args) => testbed::testbed(args),
+        Command::Drive(args) => testbed::drive_command(args),
         Command::Diff(args) => report::diff(args),
         Command::Demo(args) => crate::demo::run(&args.out, args.seconds).map(|_| ExitCode::SUCCESS),
     }

@@ -239,6 +239,19 @@ pub struct Credentials {
     pub clair_issuer: String,
 }
 
+impl Credentials {
+    /// What a [`super::Config::standard`] testbed accepts.
+    pub fn standard() -> Credentials {
+        Credentials {
+            user: super::USER.into(),
+            password: super::PASSWORD.into(),
+            api_token: super::API_TOKEN.into(),
+            clair_psk: super::PSK.to_vec(),
+            clair_issuer: "quay".into(),
+        }
+    }
+}
+
 /// Where to send traffic, for how long, shaped by which model, as whom.
 #[derive(Clone)]
 pub struct DriveOptions {

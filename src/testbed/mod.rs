@@ -90,6 +90,26 @@ impl Default for Config {
     }
 }
 
+/// The account, API token and Clair key of [`Config::standard`]: what `loadtape testbed`
+/// accepts, and what `loadtape drive` and the demo send.
+pub const USER: &str = "demo";
+pub const PASSWORD: &str = "demo-password";
+pub const API_TOKEN: &str = "demo-oauth-token";
+pub const PSK: &[u8] = b"demo clair pre-shared key";
+
+impl Config {
+    /// A testbed with the standard account, API token and Clair key, and `shape`.
+    pub fn standard(shape: shape::Shape) -> Config {
+        Config {
+            accounts: vec![(USER.into(), PASSWORD.into())],
+            api_tokens: vec![API_TOKEN.into()],
+            clair_psk: Some(PSK.to_vec()),
+            shape,
+            ..Config::default()
+        }
+    }
+}
+
 /// A running testbed on `addr` (127.0.0.1, a free port); it stops serving, open connections
 /// included, when dropped.
 pub struct Testbed {
@@ -107,7 +127,12 @@ impl Drop for Testbed {
 impl Testbed {
     /// Binds 127.0.0.1:0 and serves HTTP/1.1 and h2c; call inside a tokio runtime.
     pub async fn start(config: Config) -> std::io::Result<Testbed> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Testbed::start_on("127.0.0.1:0".parse().expect("an address"), config).await
+    }
+
+    /// The same on a chosen address (`loadtape testbed --listen`).
+    pub async fn start_on(listen: SocketAddr, config: Config) -> std::io::Result<Testbed> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let mut fetch = HttpConnector::new();
         fetch.set_connect_timeout(Some(clair::FETCH_TIMEOUT));
