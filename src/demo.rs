@@ -259,11 +259,30 @@ fn replay(
         }],
         &[],
     )?;
-    let report = crate::replay::run(
-        &config,
-        tokio_util::sync::CancellationToken::new(),
-        Arc::new(crate::replay::Live::default()),
-    )?;
+    let live = Arc::new(crate::replay::Live::default());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Progress on a terminal: requests answered so far.
+    let shown = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(|| {
+        let (live, done) = (live.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                print!(
+                    "\r   {} requests replayed, {} in flight",
+                    live.completed.load(Ordering::Relaxed),
+                    live.in_flight()
+                );
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
+            print!("\r{:60}\r", "");
+        })
+    });
+    let report = crate::replay::run(&config, tokio_util::sync::CancellationToken::new(), live);
+    done.store(true, Ordering::Relaxed);
+    if let Some(t) = shown {
+        let _ = t.join();
+    }
+    let report = report?;
     let (replayed, baseline) = report.datasets.context("a replay keeps its datasets")?;
     let comparison = compare(&baseline, &replayed, &Gate::default(), Phase::FirstByte);
     Ok((comparison, replayed, baseline))
