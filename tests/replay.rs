@@ -1890,3 +1890,42 @@ to = "http://{}/_storage/"
         "{served:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverging_token_request_never_puts_its_live_token_on_the_results_tape() {
+    use loadtape::testbed::{Config, Testbed};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || Config {
+        accounts: vec![("alice".into(), "secret".into())],
+        ..Config::default()
+    };
+    let recorded = Testbed::start(config()).await.unwrap();
+    let tape = dir.path().join("wrong-password");
+    let rec = net::start(net::config(recorded.addr, &tape)).await;
+    // A wrong password, recorded: 401 (curl without -f).
+    let url = format!(
+        "http://{}/v2/auth?service=x&scope=repository:app:pull&token=abcdef123456",
+        rec.addr
+    );
+    net::curl(&["-o", "/dev/null", "-u", "alice:wrong", &url]).await;
+    rec.stop().await;
+    // The replay gives the right one: 200 with a live token, where the recording had 401.
+    let fresh = Testbed::start(config()).await.unwrap();
+    let profile = dir.path().join("auth.toml");
+    std::fs::write(
+        &profile,
+        "[[auth]]\npath-prefix = \"/v2/\"\nkind = \"registry-token\"\nusername-env = \"LT_USER\"\npassword-env = \"LT_PASSWORD\"\n",
+    )
+    .unwrap();
+    let env = [("LT_USER", "alice"), ("LT_PASSWORD", "secret")];
+    let (res, summary) = replay_with(&tape, fresh.addr, &profile, &env, &dir.path().join("r"));
+    assert_eq!(res[0].status(), Some(200), "{summary}");
+    let d = res[0].divergence.as_ref().expect("the divergence is kept");
+    assert!(
+        !String::from_utf8_lossy(&d.body).contains("token\""),
+        "{d:?}"
+    );
+    assert!(d.target.contains("token=loadtape-redacted-"), "{d:?}");
+    assert!(!d.target.contains("abcdef123456"), "{d:?}");
+}

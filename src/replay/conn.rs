@@ -798,9 +798,17 @@ fn finish_sent(
             .as_ref()
             .filter(|_| keep_divergence(shared, &p.endpoint, r.status))
             .map(|body| {
+                // A tape never holds a credential: secret query values are redacted as the
+                // recorder does, and a token endpoint's answer is not kept.
+                let redactor = crate::redact::Redactor::default();
+                let body = if crate::redact::is_token_endpoint(p.request.path.path()) {
+                    b"(the answer of a token endpoint is not kept)".to_vec()
+                } else {
+                    body.clone()
+                };
                 Box::new(Divergence {
-                    target: p.request.path.as_str().to_string(),
-                    body: body.clone(),
+                    target: redactor.target(p.request.path.as_str()),
+                    body,
                 })
             }),
         Err(_) => None,
