@@ -3,12 +3,13 @@
 //! 1. A Quay/Clair testbed (`testbed/`, shaped as the real ones: bcrypt-priced token and API
 //!    calls, a heavy-tailed Clair index, a periodic index stall, 502 bursts on API writes)
 //!    serves production-shaped load from the traffic driver, through `loadtape record`.
-//! 2. The tape is replayed at x1 against a second testbed, identical (same seed, same shapes)
-//!    but for a Clair index three... four times slower: the candidate release. The diff against
-//!    the recording must flag `POST /indexer/api/v1/index_report` and nothing else.
-//! 3. It is replayed again at x4 against a fresh copy of the candidate: where does it start to
+//! 2. The tape is inspected.
+//! 3. It is replayed at x1 against a second testbed, identical (same seed, same shapes) but for
+//!    a Clair index four times slower: the candidate release. The diff against the recording
+//!    must flag `POST /indexer/api/v1/index_report` and nothing else.
+//! 4. It is replayed again at x4 against a fresh copy of the candidate: where does it start to
 //!    break? Reported, not gated.
-//! 4. The HTML report of step 2 is written; the commands to do the same by hand are printed.
+//! 5. The HTML report of step 3 is written; the commands to do the same by hand are printed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -26,6 +26,8 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         None => (Profile::default(), None),
     };
     let config = configure(&args, &profile, profile_hash)?;
+    // The gate's thresholds are checked before a long run, not after it.
+    let (gate, _) = super::report::profile_of(args.profile.as_deref())?;
     if args.dry_run {
         let summary = replay::dry_run(&config)?;
         if args.json {
@@ -44,7 +46,6 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     progress.finish();
     let report = result?;
     // The closing comparison: the replay against the recording its results carry.
-    let (gate, _) = super::report::profile_of(args.profile.as_deref())?;
     let comparison = report.datasets.as_ref().map(|(replayed, recorded)| {
         crate::report::diff::compare(
             recorded,

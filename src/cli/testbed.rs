@@ -90,6 +90,13 @@ fn shape_of(args: &TestbedArgs) -> anyhow::Result<Shape> {
 
 pub fn testbed(args: TestbedArgs) -> anyhow::Result<ExitCode> {
     let shape = shape_of(&args)?;
+    if !args.listen.ip().is_loopback() {
+        // A publicly known account, and a Clair that fetches any URL it is given.
+        tracing::warn!(
+            "the testbed listens on {}, beyond this machine: its account and key are public, and its Clair fetches whatever URL an index request names",
+            args.listen
+        );
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let config = Config::standard(shape);

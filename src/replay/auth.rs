@@ -284,6 +284,9 @@ pub enum AuthUse {
 pub struct Fallback {
     /// The account token requests are sent with (Basic).
     pub account: HeaderValue,
+    /// Whether a token was fetched: read first, so that the common case (none ever fetched)
+    /// takes no lock on the send path.
+    fetched: std::sync::atomic::AtomicBool,
     token: std::sync::Mutex<Option<HeaderValue>>,
 }
 
@@ -291,12 +294,16 @@ impl Fallback {
     pub fn new(account: HeaderValue) -> Fallback {
         Fallback {
             account,
+            fetched: std::sync::atomic::AtomicBool::new(false),
             token: std::sync::Mutex::new(None),
         }
     }
 
     /// The token fetched last, as an `Authorization` value.
     pub fn get(&self) -> Option<HeaderValue> {
+        if !self.fetched.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         self.token.lock().ok()?.clone()
     }
 
@@ -306,6 +313,8 @@ impl Fallback {
             self.token.lock(),
         ) {
             *slot = Some(v);
+            self.fetched
+                .store(true, std::sync::atomic::Ordering::Release);
         }
     }
 }

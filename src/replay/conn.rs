@@ -627,6 +627,16 @@ async fn send_on(
     }
 }
 
+impl Issues {
+    /// Nothing to take from an answer, but what a divergence needs.
+    fn none(of: &Issues) -> Issues {
+        Issues {
+            recorded_status: of.recorded_status,
+            ..Issues::default()
+        }
+    }
+}
+
 /// Live values a response gives (stateful replay).
 #[derive(Default)]
 struct Issues {
@@ -658,6 +668,15 @@ async fn roundtrip(
 ) -> Result<Response, UpstreamFailure> {
     let response = send.await.map_err(|e| classify(&e))?;
     let first_byte = shared.now();
+    // Live values come from answers that succeeded: a 401 before a token fetch, or an error
+    // page, names no location or state a later request could use.
+    let status = response.status().as_u16();
+    let succeeded = (200..300).contains(&status) || status == 304;
+    let issues = if succeeded {
+        issues
+    } else {
+        &Issues::none(issues)
+    };
     if let Some(issued) = &issues.etag {
         if let Some(etag) = response
             .headers()
@@ -677,7 +696,6 @@ async fn roundtrip(
             issued.set(location);
         }
     }
-    let status = response.status().as_u16();
     let challenge = (status == 401)
         .then(|| response.headers().get(http::header::WWW_AUTHENTICATE))
         .flatten()
@@ -801,7 +819,10 @@ fn finish_sent(
                 // A tape never holds a credential: secret query values are redacted as the
                 // recorder does, and a token endpoint's answer is not kept.
                 let redactor = crate::redact::Redactor::default();
-                let body = if crate::redact::is_token_endpoint(p.request.path.path()) {
+                let token_endpoint = crate::redact::is_token_endpoint(p.request.path.path())
+                    || p.issues_token.is_some()
+                    || matches!(p.auth_use, super::auth::AuthUse::TokenRequest(_));
+                let body = if token_endpoint {
                     b"(the answer of a token endpoint is not kept)".to_vec()
                 } else {
                     body.clone()

@@ -677,12 +677,19 @@ impl Plan {
         };
         if unmappable {
             if self.template.state.unmappable == Unmappable::Skip {
+                // Not sent: whatever waits for it must not wait for ever.
+                if let Some(d) = &done {
+                    d.set();
+                }
+                if let Some(t) = &issues_token {
+                    t.done.set();
+                }
                 return None;
             }
             flags |= replayed_flags::UNMAPPED;
         }
         // Values of the profile's JSON fields that earlier answers gave.
-        let live_values = self.live_values(&request);
+        let live_values = self.live_values(&request, e.timing.start);
         for (_, issued) in &live_values {
             after.push(issued.done.clone());
             flags |= replayed_flags::REWRITTEN;
@@ -718,6 +725,8 @@ impl Plan {
                 .headers
                 .get_str("location")
                 .and_then(location_path)
+                // Stored as the later requests that use it will look once rewritten.
+                .map(|l| self.template.rewrites.target(&l).unwrap_or(l))
                 .filter(|l| is_upload(l))
                 .map(|location| {
                     let done = done
@@ -767,14 +776,15 @@ impl Plan {
 
     /// The recorded values of the profile's JSON fields that `request` carries (target,
     /// header values, text body), with the exchanges whose live answers give theirs.
-    fn live_values(&self, request: &Prepared) -> Vec<(String, Arc<Issued>)> {
+    fn live_values(&self, request: &Prepared, start: Nanos) -> Vec<(String, Arc<Issued>)> {
         let mut out: Vec<(String, Arc<Issued>)> = Vec::new();
         if self.values.is_empty() {
             return out;
         }
         let mut look = |text: &str| {
             for_each_token(text, |t| {
-                if let Some(issued) = self.values.get(t) {
+                // Only a value an answer gave before this request started on the tape.
+                if let Some(issued) = self.values.get(t).filter(|i| i.recorded_end <= start) {
                     if !out.iter().any(|(v, _)| v == t) {
                         out.push((t.to_string(), issued));
                     }
@@ -816,7 +826,7 @@ impl Plan {
             let done = done
                 .get_or_insert_with(|| Arc::new(Done::default()))
                 .clone();
-            let issued = Arc::new(Issued::new(done));
+            let issued = Arc::new(Issued::ending(done, e.timing.end()));
             self.values.insert(value, issued.clone());
             out.push((pointer, issued));
         }
@@ -839,24 +849,10 @@ impl Plan {
         Option<Arc<Issued>>,
         Option<Arc<Fallback>>,
     ) {
-        let Some(redacted) = request.authorization.as_ref() else {
-            return (AuthUse::None, None, None, None);
-        };
-        let recorded = redacted.fingerprint;
-        let bearer = matches!(redacted.kind, SecretKind::Bearer | SecretKind::BearerJwt);
-        let auth = &self.template.auth;
         let path = e.request.path();
         if crate::redact::is_token_endpoint(path) {
-            let account = query_value(&e.request.target, "account");
-            let Some((i, rule)) = auth.rule_for(path, Some(recorded), account.as_deref()) else {
-                return (AuthUse::Dropped, None, None, None);
-            };
-            let Credential::RegistryToken(account) = &rule.credential else {
-                return (AuthUse::Dropped, None, None, None);
-            };
-            request
-                .headers
-                .insert(http::header::AUTHORIZATION, account.clone());
+            // The tokens it issues replace the recorded ones in later requests, whether the
+            // request was anonymous (a public pull) or sent with an account.
             let mut issues_token = None;
             if !e.issued_secrets.is_empty() {
                 let done = done
@@ -868,8 +864,33 @@ impl Plan {
                 }
                 issues_token = Some(issued);
             }
-            return (AuthUse::TokenRequest(i), None, issues_token, None);
+            let Some(redacted) = request.authorization.as_ref() else {
+                return (AuthUse::None, None, issues_token, None);
+            };
+            let account = query_value(&e.request.target, "account");
+            let rule =
+                self.template
+                    .auth
+                    .rule_for(path, Some(redacted.fingerprint), account.as_deref());
+            return match rule {
+                Some((i, rule)) => match &rule.credential {
+                    Credential::RegistryToken(account) => {
+                        request
+                            .headers
+                            .insert(http::header::AUTHORIZATION, account.clone());
+                        (AuthUse::TokenRequest(i), None, issues_token, None)
+                    }
+                    _ => (AuthUse::Dropped, None, issues_token, None),
+                },
+                None => (AuthUse::Dropped, None, issues_token, None),
+            };
         }
+        let Some(redacted) = request.authorization.as_ref() else {
+            return (AuthUse::None, None, None, None);
+        };
+        let recorded = redacted.fingerprint;
+        let bearer = matches!(redacted.kind, SecretKind::Bearer | SecretKind::BearerJwt);
+        let auth = &self.template.auth;
         let fallback = if bearer {
             auth.token_account(path).map(|(i, account)| {
                 if self.fallbacks.len() >= 16_384 {

@@ -140,14 +140,22 @@ pub struct Issued {
     /// The issuing request itself could not be mapped: no live value will come, which the
     /// plan knows before anything is sent.
     doomed: std::sync::atomic::AtomicBool,
+    /// When the issuing exchange ended on the tape (0: unknown). A request that started
+    /// before it could not have used its value.
+    pub recorded_end: u64,
 }
 
 impl Issued {
     pub fn new(done: Arc<Done>) -> Issued {
+        Issued::ending(done, 0)
+    }
+
+    pub fn ending(done: Arc<Done>, recorded_end: u64) -> Issued {
         Issued {
             value: OnceLock::new(),
             done,
             doomed: Default::default(),
+            recorded_end,
         }
     }
 

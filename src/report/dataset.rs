@@ -341,7 +341,7 @@ impl Window {
 pub enum LoadError {
     #[error(transparent)]
     Tape(#[from] TapeError),
-    #[error("{0}: no requests in it (or none in the window asked for)")]
+    #[error("{0}: no requests in it, or none in the window asked for: check the path, or widen --warmup/--from/--to")]
     Empty(String),
     #[error("the inputs mix capture and results tapes ({0}): give one kind per side")]
     Mixed(String),

@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use super::dataset::{ClassStats, Dataset, Phase, Timeline};
 use super::diff::Comparison;
 use super::micros;
-use super::render::{kind_name, signed};
+use super::render::{kind_name, signed, xml as esc};
 use super::verdict::Verdict;
 
 const BASE_COLOUR: RGBColor = RGBColor(90, 110, 140);
@@ -26,13 +26,6 @@ th:first-child,td:first-child{text-align:left;font-family:monospace}.REGRESSION{
 .inconclusive{background:#f4f0d0}.pass{background:#dcefdc}.charts{display:flex;flex-wrap:wrap;gap:12px}\
 figure{margin:0}figcaption{font-family:monospace;font-size:13px}.verdict{font-size:22px;font-weight:bold}\
 pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}";
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
 
 fn page(title: &str, body: &str) -> String {
     format!(

@@ -3,8 +3,9 @@
 //! Everything here is built from results records ([`Replayed`]) alone: each carries what the
 //! recording said of its exchange, so the baseline needs no second pass over the source tape,
 //! and the statistics of shards merge exactly (histograms add). The replay builds one
-//! [`Stats`] live for its closing summary; `report` and `diff` (to come) build theirs from
-//! results tapes.
+//! [`Stats`] live for its closing summary; `report` and `diff` build [`dataset::Dataset`]s
+//! from capture and results tapes (`dataset.rs`), compare them (`diff.rs`, `verdict.rs`) and
+//! render them (`render.rs`, `html.rs`, `hdrlog.rs`).
 
 pub mod dataset;
 pub mod diff;

@@ -66,6 +66,11 @@ impl Comparison {
         let regressed = self.count(Verdict::Regression);
         let inconclusive = self.count(Verdict::Inconclusive);
         let mut out = match self.verdict {
+            Verdict::Regression if regressed == 0 => format!(
+                "verdict: REGRESSION (all requests together regressed: {}; no single one of {} endpoint classes did",
+                regressions(&self.overall),
+                self.classes.len()
+            ),
             Verdict::Regression => format!(
                 "verdict: REGRESSION ({regressed} of {} endpoint classes regressed",
                 self.classes.len()
@@ -365,7 +370,8 @@ pub fn regressions(d: &ClassDiff) -> String {
     what.join("; ")
 }
 
-fn xml(s: &str) -> String {
+/// `s` escaped for XML and HTML text and attributes.
+pub fn xml(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -256,11 +256,13 @@ pub fn new_status_classes(base: &ClassStats, cand: &ClassStats) -> Vec<String> {
         .collect()
 }
 
-/// `404` -> `4xx`; failure kinds stay as they are.
+/// `404` -> `4xx`; every way of getting no response (a timeout, a reset, a recorded upstream
+/// failure) is one class, `no response`: a replay's timeout where the recording failed too is
+/// not new.
 pub fn status_class(status: &str) -> String {
     match status.as_bytes() {
         [d @ b'1'..=b'5', b'0'..=b'9', b'0'..=b'9'] => format!("{}xx", *d as char),
-        _ => status.to_string(),
+        _ => "no response".to_string(),
     }
 }
 
@@ -436,7 +438,8 @@ mod tests {
     #[test]
     fn statuses_group_into_classes() {
         assert_eq!(status_class("404"), "4xx");
-        assert_eq!(status_class("timeout"), "timeout");
+        assert_eq!(status_class("timeout"), "no response");
+        assert_eq!(status_class("upstream_failed"), status_class("reset"));
         assert!(is_error("502") && is_error("refused") && !is_error("404"));
     }
 }
