@@ -97,10 +97,14 @@ impl Default for ClassStats {
 impl ClassStats {
     fn add(&mut self, s: &Sample) {
         self.count += 1;
-        match self.statuses.get_mut(s.status.as_ref()) {
+        // Keyed by text without allocating per record (the replay's results thread sees every
+        // request): a status code is written into a stack buffer.
+        let mut buf = [0u8; 8];
+        let key = s.status.text(&mut buf);
+        match self.statuses.get_mut(key) {
             Some(n) => *n += 1,
             None => {
-                self.statuses.insert(s.status.to_string(), 1);
+                self.statuses.insert(key.to_string(), 1);
             }
         }
         if let Some(fb) = s.first_byte_us {
@@ -190,7 +194,7 @@ impl Timeline {
         }
         let b = &mut self.buckets[i];
         b.count += 1;
-        b.errors += u64::from(super::verdict::is_error(&s.status));
+        b.errors += u64::from(s.status.is_error());
         b.latency
             .record(s.total_us)
             .expect("auto-resizing histograms take any u64");
@@ -314,9 +318,45 @@ impl Dataset {
     }
 }
 
+/// A response's status, or why there was none.
+#[derive(Clone, Copy)]
+enum Status {
+    Code(u16),
+    Failed(&'static str),
+}
+
+impl Status {
+    fn text<'b>(&self, buf: &'b mut [u8; 8]) -> &'b str {
+        match *self {
+            Status::Code(c) => {
+                use std::io::Write as _;
+                let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                let _ = write!(cursor, "{c}");
+                let len = cursor.position() as usize;
+                std::str::from_utf8(&buf[..len]).expect("digits are UTF-8")
+            }
+            Status::Failed(kind) => kind,
+        }
+    }
+
+    fn is_error(&self) -> bool {
+        match *self {
+            Status::Code(c) => c >= 500,
+            Status::Failed(_) => true,
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            Status::Code(c) => c.to_string(),
+            Status::Failed(k) => k.to_string(),
+        }
+    }
+}
+
 /// A request as a dataset counts it.
-struct Sample<'a> {
-    status: std::borrow::Cow<'a, str>,
+struct Sample {
+    status: Status,
     first_byte_us: Option<u64>,
     total_us: u64,
     bytes_sent: u64,
@@ -476,14 +516,10 @@ pub fn load(
     Ok((capture, None))
 }
 
-fn status_text(status: u16) -> std::borrow::Cow<'static, str> {
-    std::borrow::Cow::Owned(status.to_string())
-}
-
-fn captured(e: &Exchange) -> Sample<'static> {
+fn captured(e: &Exchange) -> Sample {
     let (status, received) = match &e.response {
-        Ok(r) => (status_text(r.status), r.body.len),
-        Err(f) => (std::borrow::Cow::Borrowed(f.kind.as_str()), 0),
+        Ok(r) => (Status::Code(r.status), r.body.len),
+        Err(f) => (Status::Failed(f.kind.as_str()), 0),
     };
     Sample {
         status,
@@ -494,11 +530,11 @@ fn captured(e: &Exchange) -> Sample<'static> {
     }
 }
 
-fn replayed(r: &Replayed) -> Sample<'static> {
+fn replayed(r: &Replayed) -> Sample {
     let status = match &r.outcome {
-        Outcome::Status(s) => status_text(*s),
-        Outcome::Failed(f) => std::borrow::Cow::Borrowed(f.kind.as_str()),
-        Outcome::Skipped => std::borrow::Cow::Borrowed("skipped"),
+        Outcome::Status(s) => Status::Code(*s),
+        Outcome::Failed(f) => Status::Failed(f.kind.as_str()),
+        Outcome::Skipped => Status::Failed("skipped"),
     };
     Sample {
         status,
@@ -509,11 +545,11 @@ fn replayed(r: &Replayed) -> Sample<'static> {
     }
 }
 
-fn recorded(r: &Replayed) -> Sample<'static> {
+fn recorded(r: &Replayed) -> Sample {
     Sample {
         status: match r.recorded.status {
-            Some(s) => status_text(s),
-            None => std::borrow::Cow::Borrowed("upstream_failed"),
+            Some(s) => Status::Code(s),
+            None => Status::Failed("upstream_failed"),
         },
         first_byte_us: r.recorded.first_byte.map(|n| n / 1000),
         total_us: r.recorded.total / 1000,
@@ -537,7 +573,7 @@ fn note_example(examples: &mut BTreeMap<String, Vec<Example>>, r: &Replayed) {
         exchange: r.exchange,
         target: d.target.clone(),
         recorded: r.recorded.status,
-        live: replayed(r).status.into_owned(),
+        live: replayed(r).status.into_string(),
         body: String::from_utf8_lossy(&d.body).into_owned(),
     });
 }
