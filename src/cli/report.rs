@@ -200,6 +200,17 @@ pub fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
         .phase
         .map(Phase::from)
         .unwrap_or_else(|| default_phase(base.kind, cand.kind));
+    if phase != default_phase(base.kind, cand.kind) {
+        tracing::warn!(
+            "--phase {} compares what the two sides measure differently ({} and {}): the default phase is the like-for-like one",
+            match phase {
+                Phase::FirstByte => "first-byte",
+                Phase::Total => "total",
+            },
+            crate::report::render::kind_name(base.kind),
+            crate::report::render::kind_name(cand.kind)
+        );
+    }
     let comparison = compare(&base, &cand, &gate, phase);
     write_comparison(&comparison, &base, &cand, args.format, args.out.as_deref())?;
     Ok(ExitCode::from(comparison.exit_code()))
