@@ -284,7 +284,11 @@ fn replay(
         let _ = t.join();
     }
     let report = report?;
-    let (replayed, baseline) = report.datasets.context("a replay keeps its datasets")?;
+    let crate::report::Summary {
+        replayed,
+        recorded: baseline,
+        ..
+    } = report.summary;
     let comparison = compare(&baseline, &replayed, &Gate::default(), Phase::FirstByte);
     Ok((comparison, replayed, baseline))
 }

@@ -249,7 +249,7 @@ async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewe
         );
     }
     // The summary's p99 shows the stall.
-    assert!(report.stats.all.replayed.quantile_us(0.99) >= 250_000);
+    assert!(report.summary.replayed.all.total.value_at_quantile(0.99) >= 250_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +305,7 @@ async fn requests_of_one_recorded_connection_share_one_live_connection_in_order(
     c.plan.schedule = Schedule::Speed(4.0);
     c.threads = 2;
     let report = run(c).await;
-    assert_eq!(report.stats.all.replayed.count, 30);
+    assert_eq!(report.summary.replayed.all.count, 30);
     let arrivals = target.arrivals();
     assert_eq!(
         target.connections.load(std::sync::atomic::Ordering::SeqCst),
@@ -360,7 +360,7 @@ async fn http2_connections_multiplex_and_https_targets_measure_tls() {
     c.ca = Some(cert.clone());
     c.out = Some(dir.path().join("tls.tape"));
     let report = run(c).await;
-    assert_eq!(report.stats.failed, 0, "{}", report.to_text());
+    assert_eq!(report.summary.failed(), 0, "{}", report.to_text());
     assert!(tls
         .arrivals()
         .iter()
@@ -381,8 +381,8 @@ async fn http2_connections_multiplex_and_https_targets_measure_tls() {
     );
     c.timeout = Duration::from_secs(5);
     let report = run(c).await;
-    assert_eq!(report.stats.failed, 20, "{}", report.to_text());
-    assert!(report.stats.all.replayed.statuses.contains_key("tls"));
+    assert_eq!(report.summary.failed(), 20, "{}", report.to_text());
+    assert!(report.summary.replayed.all.statuses.contains_key("tls"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,7 +429,7 @@ async fn four_shards_merged_equal_one_unsharded_replay() {
     }
     let mut sizes = Vec::new();
     for s in shards {
-        sizes.push(s.await.unwrap().stats.all.replayed.count);
+        sizes.push(s.await.unwrap().summary.replayed.all.count);
     }
     assert!(
         sizes.iter().all(|&n| n > 0 && n % 5 == 0),
@@ -1238,7 +1238,7 @@ async fn bodies_not_kept_are_regenerated_with_their_length_identically_every_tim
     for _ in 0..2 {
         let target = sink(Behaviour::default(), None).await;
         let report = run(config(&tape, target.addr)).await;
-        assert_eq!(report.stats.synthesised, 1);
+        assert_eq!(report.summary.accounting().synthesised, 1);
         let a = target.arrivals();
         assert_eq!(a[0].body_len, 300_000);
         assert_eq!(a[0].headers["content-length"], "300000");

@@ -46,14 +46,12 @@ pub(super) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     progress.finish();
     let report = result?;
     // The closing comparison: the replay against the recording its results carry.
-    let comparison = report.datasets.as_ref().map(|(replayed, recorded)| {
-        crate::report::diff::compare(
-            recorded,
-            replayed,
-            &gate,
-            crate::report::dataset::Phase::FirstByte,
-        )
-    });
+    let comparison = Some(crate::report::diff::compare(
+        &report.summary.recorded,
+        &report.summary.replayed,
+        &gate,
+        crate::report::dataset::Phase::FirstByte,
+    ));
     if args.json {
         let mut json = serde_json::to_value(report.to_json())?;
         if let (Some(c), Some(map)) = (&comparison, json.as_object_mut()) {
@@ -387,6 +385,6 @@ pub(super) fn merge(args: MergeArgs) -> anyhow::Result<ExitCode> {
         merged.inputs,
         args.out.display()
     );
-    print!("{}", merged.stats.to_text(20));
+    print!("{}", merged.summary.to_text(20));
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@
 //!            (plan.rs, request.rs:                        (clock.rs: sleeps, spins,   connection tasks
 //!             which requests, when, built)                 dispatches)               (conn.rs, tokio)
 //!                                                                                        |
-//!                    results tape + Stats  <--(channel of Replayed)-- results thread <---+
+//!                    results tape + Summary <--(channel of Replayed)-- results thread <---+
 //!                                                                     (results.rs)
 //! ```
 //!
@@ -45,7 +45,7 @@ pub use plan::{
     ConnectionMode, Filter, Plan, PlanCounters, PlanOptions, PlanSummary, Schedule, Shard,
 };
 
-use crate::report::Stats;
+use crate::report::Summary;
 use crate::tape::reader::discover;
 use crate::tape::{TapeError, TapeHeader, TapeKind, TapeWriter, WriteSummary, WriterOptions};
 use plan::Step;
@@ -182,13 +182,9 @@ impl ReplayConfig {
 /// How a run went.
 #[derive(Debug)]
 pub struct ReplayReport {
-    pub stats: Stats,
-    /// The replay's dataset and its recording's (`report::dataset`), for the closing
-    /// comparison.
-    pub datasets: Option<(
-        crate::report::dataset::Dataset,
-        crate::report::dataset::Dataset,
-    )>,
+    /// The replay's figures and its recording's (`report::Summary`): the closing summary and
+    /// the verdict against the recording.
+    pub summary: Summary,
     pub plan: PlanCounters,
     pub dispatched: u64,
     pub completed: u64,
@@ -210,32 +206,34 @@ pub struct ReplayReport {
 impl ReplayReport {
     pub fn to_text(&self) -> String {
         use std::fmt::Write;
-        let s = &self.stats;
+        let s = &self.summary;
+        let a = s.accounting();
+        let (count, failed) = (s.replayed_count(), s.failed());
         let mut out = String::new();
         let lag = |q| crate::report::micros(s.dispatch_lag.value_at_quantile(q));
         let send = |q| crate::report::micros(s.send_lag.value_at_quantile(q));
         let _ = writeln!(
             out,
             "{} requests replayed in {:.1} s{}: {} answered, {} failed without a response, {} abandoned",
-            s.all.replayed.count,
+            count,
             self.elapsed.as_secs_f64(),
             if self.stopped { " (stopped early)" } else { "" },
-            s.all.replayed.count - s.failed,
-            s.failed,
+            count - failed,
+            failed,
             self.abandoned,
         );
         let p = &self.plan;
         let _ = writeln!(
             out,
             "accounting: {} as recorded, {} rewritten, {} with synthesised bodies, {} skipped by filters, {} upgrades not replayed, {} unmappable ({} of them not sent), {} late (sent > 1 ms after their instant), {} connections opened",
-            s.all.replayed.count - s.rewritten,
-            s.rewritten,
-            s.synthesised,
+            count - a.rewritten,
+            a.rewritten,
+            a.synthesised,
             p.filtered,
             p.upgrades,
-            p.unmappable + s.unmapped + s.skipped,
-            p.unmappable + s.skipped,
-            s.late,
+            p.unmappable + a.unmapped + a.skipped,
+            p.unmappable + a.skipped,
+            a.late,
             self.connections_opened,
         );
         if self.token_fetches > 0 {
@@ -297,7 +295,7 @@ impl ReplayReport {
             abandoned: self.abandoned,
             connections_opened: self.connections_opened,
             plan: self.plan.clone(),
-            summary: self.stats.to_json(),
+            summary: self.summary.to_json(),
         }
     }
 }
@@ -600,7 +598,7 @@ pub fn run(
 
     let completed = live.completed.load(Ordering::Relaxed);
     let dispatched = live.dispatched.load(Ordering::Relaxed);
-    let lag_p99 = collected.stats.dispatch_lag.value_at_quantile(0.99);
+    let lag_p99 = collected.summary.dispatch_lag.value_at_quantile(0.99);
     Ok(ReplayReport {
         valid: lag_p99 <= config.lag_limit.as_micros() as u64,
         lag_limit: config.lag_limit,
@@ -612,8 +610,7 @@ pub fn run(
         token_fetches: live.token_fetches.load(Ordering::Relaxed),
         elapsed,
         stopped,
-        stats: collected.stats,
-        datasets: Some(collected.datasets),
+        summary: collected.summary,
         results: collected.tape,
         results_error: collected.error.map(|e| e.to_string()),
     })

@@ -13,18 +13,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 const NAP: Duration = Duration::from_millis(5);
 
 use super::conn::Live;
-use crate::report::Stats;
 use crate::tape::capture::InFlight;
 use crate::tape::{Record, Replayed, TapeError, TapeWriter, WriteSummary};
 
 /// What the results thread hands back at the end.
 pub struct Collected {
-    pub stats: Stats,
-    /// The replay's dataset and its recording's, for the closing comparison.
-    pub datasets: (
-        crate::report::dataset::Dataset,
-        crate::report::dataset::Dataset,
-    ),
+    /// The replay's figures and its recording's, for the closing summary and verdict.
+    pub summary: crate::report::Summary,
     pub tape: Option<WriteSummary>,
     /// A write error: the results tape stopped there (the replay itself went on).
     pub error: Option<TapeError>,
@@ -45,7 +40,6 @@ pub fn spawn(
         .name("loadtape-results".into())
         .spawn(move || {
             super::clock::set_thread_nice(super::clock::BACKGROUND_NICE);
-            let mut stats = Stats::default();
             let mut error = None;
             let mut recent = Histogram::<u64>::new(3).expect("valid precision");
             let mut window = Instant::now();
@@ -60,7 +54,6 @@ pub fn spawn(
                     }
                     Err(TryRecvError::Disconnected) => break,
                 };
-                stats.add(&r);
                 builder.add(&r);
                 recent
                     .record(r.latency() / 1000)
@@ -93,8 +86,7 @@ pub fn spawn(
                 None => None,
             };
             Collected {
-                stats,
-                datasets: builder.finish(),
+                summary: builder.finish_summary(),
                 tape,
                 error,
             }

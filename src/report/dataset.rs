@@ -397,6 +397,7 @@ pub struct ResultsBuilder {
     origin: Option<u64>,
     accounting: Accounting,
     dispatch_lag: Histogram<u64>,
+    send_lag: Histogram<u64>,
 }
 
 impl ResultsBuilder {
@@ -412,6 +413,7 @@ impl ResultsBuilder {
             origin: None,
             accounting: Accounting::default(),
             dispatch_lag: histogram(),
+            send_lag: histogram(),
         }
     }
 
@@ -435,13 +437,22 @@ impl ResultsBuilder {
         self.dispatch_lag
             .record(r.dispatched / 1000)
             .expect("auto-resizing histograms take any u64");
+        self.send_lag
+            .record(r.sent / 1000)
+            .expect("auto-resizing histograms take any u64");
         self.replay.add(&r.endpoint, at, origin, &replayed(r));
         self.baseline.add(&r.endpoint, at, origin, &recorded(r));
         note_example(&mut self.replay.examples, r);
     }
 
     /// The replay's dataset and its recording's.
-    pub fn finish(mut self) -> (Dataset, Dataset) {
+    pub fn finish(self) -> (Dataset, Dataset) {
+        let s = self.finish_summary();
+        (s.replayed, s.recorded)
+    }
+
+    /// Everything: both datasets and loadtape's own lags.
+    pub fn finish_summary(mut self) -> super::Summary {
         self.accounting.dispatch_lag_p99_us = self.dispatch_lag.value_at_quantile(0.99);
         self.accounting.lag_limit_us = self
             .replay
@@ -450,7 +461,12 @@ impl ResultsBuilder {
             .find(|(k, _)| k == "lag_limit_us")
             .and_then(|(_, v)| v.parse().ok());
         self.replay.accounting = Some(self.accounting);
-        (self.replay, self.baseline)
+        super::Summary {
+            replayed: self.replay,
+            recorded: self.baseline,
+            dispatch_lag: self.dispatch_lag,
+            send_lag: self.send_lag,
+        }
     }
 }
 

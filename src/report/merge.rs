@@ -1,11 +1,12 @@
 //! `loadtape merge`: the results tapes of a replay's shards joined into one, as if one
 //! replayer had sent everything. Shards started with one `--start-at` share an epoch, so their
 //! records interleave on one timeline; statistics built from the merged tape equal the sum of
-//! the shards' (see `Stats::merge`).
+//! the shards' (histograms add).
 
 use std::path::{Path, PathBuf};
 
-use super::Stats;
+use super::dataset::{ResultsBuilder, Window};
+use super::Summary;
 use crate::tape::reader::discover;
 use crate::tape::{
     ReadOptions, Record, TapeError, TapeHeader, TapeKind, TapeReader, TapeWriter, WriteSummary,
@@ -26,7 +27,7 @@ pub enum MergeError {
 pub struct Merged {
     pub records: u64,
     pub inputs: usize,
-    pub stats: Stats,
+    pub summary: Summary,
     pub tape: WriteSummary,
 }
 
@@ -75,12 +76,12 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<Merged, MergeError> {
         .options
         .push(("merged".into(), ids.len().to_string()));
     let mut writer = TapeWriter::create(out, header, WriterOptions::default())?;
-    let mut stats = Stats::default();
+    let mut summary = ResultsBuilder::new(out.display().to_string(), Window::default(), Vec::new());
     let mut records = 0;
     for record in reader {
         let record = record?;
         if let Record::Replayed(r) = &record {
-            stats.add(r);
+            summary.add(r);
             records += 1;
         }
         writer.write(&record)?;
@@ -88,7 +89,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<Merged, MergeError> {
     Ok(Merged {
         records,
         inputs: ids.len(),
-        stats,
+        summary: summary.finish_summary(),
         tape: writer.finish()?,
     })
 }
