@@ -147,21 +147,13 @@ pub fn run(out: &Option<PathBuf>, seconds: f64) -> anyhow::Result<DemoOutput> {
     }
     let driven = runtime.block_on(driving)??;
     stop.cancel();
-    let summary = runtime.block_on(recording)??;
+    runtime.block_on(recording)??;
     println!(
-        "{}   {} requests in {} sessions ({}), written to {}",
+        "{}   {}, written to {}",
         if terminal { "\r" } else { "" },
-        driven.requests,
-        driven.sessions.values().sum::<u64>(),
-        driven
-            .sessions
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        driven.describe(),
         tape_dir.display()
     );
-    let _ = summary;
 
     println!("\n2. inspect the tape\n");
     let inspected = summarise(TapeReader::open_one(&tape_dir)?, &Selection::default())?;

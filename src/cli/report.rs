@@ -77,16 +77,23 @@ impl WindowArgs {
     }
 }
 
+/// What to write, and where.
 #[derive(Args, Debug)]
-pub struct ReportArgs {
-    /// A capture tape (the recorded baseline) or a replay's results, files or directories.
-    #[arg(required = true, value_name = "TAPE_OR_RESULTS")]
-    paths: Vec<PathBuf>,
+pub struct OutputArgs {
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     /// Write here instead of standard output (created 0600).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A capture tape (the recorded baseline) or a replay's results, files or directories.
+    #[arg(required = true, value_name = "TAPE_OR_RESULTS")]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    output: OutputArgs,
     /// The latency shown (default: first byte for a capture, total for a replay).
     #[arg(long, value_enum)]
     phase: Option<PhaseArg>,
@@ -109,10 +116,8 @@ pub struct DiffArgs {
     /// A profile whose `[gate]` sets the thresholds (the replay's own profile will do).
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
-    format: Format,
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    output: OutputArgs,
     /// The latency compared (default: first byte against a recording, total between replays).
     #[arg(long, value_enum)]
     phase: Option<PhaseArg>,
@@ -147,7 +152,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         crate::report::dataset::Kind::Replay => Phase::Total,
         _ => Phase::FirstByte,
     });
-    let text = match args.format {
+    let text = match args.output.format {
         Format::Text => data.to_text(phase),
         Format::Json => serde_json::to_string_pretty(&data.to_json())? + "\n",
         Format::Markdown => data.to_markdown(phase),
@@ -155,7 +160,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         Format::Html => crate::report::html::report(&data, phase)?,
         Format::HdrLog => String::from_utf8(crate::report::hdrlog::write(&[("", &data)], phase)?)?,
     };
-    emit(args.out.as_deref(), &text)?;
+    emit(args.output.out.as_deref(), &text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -203,16 +208,19 @@ pub fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
     if phase != default_phase(base.kind, cand.kind) {
         tracing::warn!(
             "--phase {} compares what the two sides measure differently ({} and {}): the default phase is the like-for-like one",
-            match phase {
-                Phase::FirstByte => "first-byte",
-                Phase::Total => "total",
-            },
+            phase.name(),
             crate::report::render::kind_name(base.kind),
             crate::report::render::kind_name(cand.kind)
         );
     }
     let comparison = compare(&base, &cand, &gate, phase);
-    write_comparison(&comparison, &base, &cand, args.format, args.out.as_deref())?;
+    write_comparison(
+        &comparison,
+        &base,
+        &cand,
+        args.output.format,
+        args.output.out.as_deref(),
+    )?;
     Ok(ExitCode::from(comparison.exit_code()))
 }
 

@@ -6,8 +6,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -126,7 +124,6 @@ pub fn drive_command(args: DriveArgs) -> anyhow::Result<ExitCode> {
         None => TrafficModel::default(),
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    let progress = Arc::new(AtomicU64::new(0));
     let options = DriveOptions {
         target: args.target,
         host: args.target.to_string(),
@@ -136,20 +133,10 @@ pub fn drive_command(args: DriveArgs) -> anyhow::Result<ExitCode> {
         model,
         credentials: Credentials::standard(),
     };
-    let driven = {
-        let progress = progress.clone();
-        runtime.block_on(async move { drive(options, Some(&progress)).await })?
-    };
+    let driven = runtime.block_on(drive(options, None))?;
     println!(
-        "{} requests in {} sessions ({}); statuses {:?}; {} failed",
-        progress.load(Ordering::Relaxed),
-        driven.sessions.values().sum::<u64>(),
-        driven
-            .sessions
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        "{}; statuses {:?}; {} failed",
+        driven.describe(),
         driven.statuses,
         driven.failed
     );

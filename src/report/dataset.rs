@@ -44,6 +44,14 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// As `--phase` and the JSON name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::FirstByte => "first-byte",
+            Phase::Total => "total",
+        }
+    }
+
     pub fn describe(&self) -> &'static str {
         match self {
             Phase::FirstByte => {
@@ -139,6 +147,15 @@ impl ClassStats {
             Phase::FirstByte => &self.first_byte,
             Phase::Total => &self.total,
         }
+    }
+
+    /// Requests that got no response (failure kinds, not status codes).
+    pub fn no_response(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(k, _)| !k.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Requests answered 5xx or not at all.

@@ -198,6 +198,21 @@ fn compare_class(
     }
 }
 
+impl ClassDiff {
+    /// The verdict as a table shows it: why a class was not compared, or its verdict and the
+    /// status classes only the candidate has.
+    pub fn label(&self) -> String {
+        let mut out = self
+            .note
+            .clone()
+            .unwrap_or_else(|| self.verdict.as_str().to_string());
+        if !self.new_statuses.is_empty() {
+            out = format!("{out}: new {}", self.new_statuses.join(", "));
+        }
+        out
+    }
+}
+
 impl Comparison {
     /// 0 within thresholds (or inconclusive), 1 a regression, 2 an invalid run.
     pub fn exit_code(&self) -> u8 {

@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use super::dataset::{ClassStats, Dataset, Phase, Timeline};
 use super::diff::Comparison;
 use super::micros;
-use super::render::{kind_name, signed, xml as esc};
+use super::render::{kind_name, quantiles, signed, xml as esc};
 use super::verdict::Verdict;
 
 const BASE_COLOUR: RGBColor = RGBColor(90, 110, 140);
@@ -199,6 +199,23 @@ fn figure(out: &mut String, caption: &str, svg: &str) {
     );
 }
 
+/// Closes the CDF charts' block and adds throughput and p99 over time, one line per side.
+fn over_time(body: &mut String, sides: &[(&str, &Timeline, RGBColor)]) -> anyhow::Result<()> {
+    body.push_str("</div><h2>Over time</h2><div class=\"charts\">");
+    figure(
+        body,
+        "throughput",
+        &timeline_chart("requests per second", sides, Series::Rate)?,
+    );
+    figure(
+        body,
+        "p99 latency",
+        &timeline_chart("p99 latency (ms, total)", sides, Series::P99)?,
+    );
+    body.push_str("</div>");
+    Ok(())
+}
+
 fn statuses_table(out: &mut String, sides: &[(&str, &Dataset)]) {
     let _ = write!(out, "<h2>Status mix</h2><table><tr><th>class</th>");
     for (label, _) in sides {
@@ -284,13 +301,7 @@ pub fn diff(c: &Comparison, base: &Dataset, cand: &Dataset) -> anyhow::Result<St
         let (b, k) = (d.baseline.as_ref(), d.candidate.as_ref());
         let p99 = d.checks.iter().find(|x| x.what == "p99");
         let err = d.checks.iter().find(|x| x.what == "error share");
-        let mut verdict = d
-            .note
-            .clone()
-            .unwrap_or_else(|| d.verdict.as_str().to_string());
-        if !d.new_statuses.is_empty() {
-            verdict = format!("{verdict}: new {}", d.new_statuses.join(", "));
-        }
+        let verdict = d.label();
         let _ = write!(
             body,
             "<tr class=\"{}\"><td>{}</td><td>{} → {}</td><td>{} → {}</td><td>{} → {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -366,22 +377,13 @@ pub fn diff(c: &Comparison, base: &Dataset, cand: &Dataset) -> anyhow::Result<St
         )?;
         figure(&mut body, name, &svg);
     }
-    body.push_str("</div><h2>Over time</h2><div class=\"charts\">");
-    let sides = [
-        ("baseline", &base.timeline, BASE_COLOUR),
-        ("candidate", &cand.timeline, CAND_COLOUR),
-    ];
-    figure(
+    over_time(
         &mut body,
-        "throughput",
-        &timeline_chart("requests per second", &sides, Series::Rate)?,
-    );
-    figure(
-        &mut body,
-        "p99 latency",
-        &timeline_chart("p99 latency (ms, total)", &sides, Series::P99)?,
-    );
-    body.push_str("</div>");
+        &[
+            ("baseline", &base.timeline, BASE_COLOUR),
+            ("candidate", &cand.timeline, CAND_COLOUR),
+        ],
+    )?;
     statuses_table(&mut body, &[("baseline", base), ("candidate", cand)]);
     accounting_and_provenance(&mut body, &[("baseline", base), ("candidate", cand)]);
     Ok(page("loadtape diff", &body))
@@ -404,17 +406,12 @@ pub fn report(d: &Dataset, phase: Phase) -> anyhow::Result<String> {
         .into_iter()
         .chain(std::iter::once((&"all".to_string(), &d.all)))
     {
-        let h = c.latency(phase);
+        let [p50, p90, p99, p999, max] = quantiles(c.latency(phase)).texts();
         let _ = write!(
             body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{p50}</td><td>{p90}</td><td>{p99}</td><td>{p999}</td><td>{max}</td><td>{}</td></tr>",
             esc(name),
             c.count,
-            micros(h.value_at_quantile(0.5)),
-            micros(h.value_at_quantile(0.9)),
-            micros(h.value_at_quantile(0.99)),
-            micros(h.value_at_quantile(0.999)),
-            micros(h.max()),
             c.errors()
         );
     }
@@ -423,19 +420,7 @@ pub fn report(d: &Dataset, phase: Phase) -> anyhow::Result<String> {
         let svg = cdf_chart(name, &[("latency", c.latency(phase), CAND_COLOUR)])?;
         figure(&mut body, name, &svg);
     }
-    body.push_str("</div><h2>Over time</h2><div class=\"charts\">");
-    let sides = [("requests", &d.timeline, CAND_COLOUR)];
-    figure(
-        &mut body,
-        "throughput",
-        &timeline_chart("requests per second", &sides, Series::Rate)?,
-    );
-    figure(
-        &mut body,
-        "p99 latency",
-        &timeline_chart("p99 latency (ms, total)", &sides, Series::P99)?,
-    );
-    body.push_str("</div>");
+    over_time(&mut body, &[("requests", &d.timeline, CAND_COLOUR)])?;
     statuses_table(&mut body, &[("requests", d)]);
     accounting_and_provenance(&mut body, &[("input", d)]);
     Ok(page("loadtape report", &body))

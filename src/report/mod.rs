@@ -44,7 +44,7 @@ impl Summary {
 
     /// Requests that got no response.
     pub fn failed(&self) -> u64 {
-        no_response(&self.replayed.all)
+        self.replayed.all.no_response()
     }
 
     pub fn accounting(&self) -> dataset::Accounting {
@@ -138,15 +138,6 @@ impl Summary {
             skipped: a.skipped,
         }
     }
-}
-
-/// Requests of `c` that got no response (failure kinds, not status codes).
-fn no_response(c: &ClassStats) -> u64 {
-    c.statuses
-        .iter()
-        .filter(|(k, _)| !k.bytes().all(|b| b.is_ascii_digit()))
-        .map(|(_, n)| n)
-        .sum()
 }
 
 #[derive(Debug, Serialize)]

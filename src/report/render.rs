@@ -136,11 +136,8 @@ impl Comparison {
                 s.map_or("-".into(), |s| micros(f(s)))
             };
             let dq = |what| check(d, what).map_or("-".into(), delta);
-            let err = |s: Option<&super::diff::SideSummary>, which: fn(&Check) -> f64| {
-                check(d, "error share")
-                    .map(|c| share(which(c)))
-                    .or_else(|| s.map(|_| "-".into()))
-                    .unwrap_or_else(|| "-".into())
+            let err = |which: fn(&Check) -> f64| {
+                check(d, "error share").map_or("-".into(), |c| share(which(c)))
             };
             let verdict = match &d.note {
                 Some(note) => note.clone(),
@@ -158,8 +155,8 @@ impl Comparison {
                 q(b, |s| s.p99_us),
                 q(c, |s| s.p99_us),
                 dq("p99"),
-                err(b, |c| c.baseline),
-                err(c, |c| c.candidate),
+                err(|c| c.baseline),
+                err(|c| c.candidate),
             );
         };
         for d in self.classes.iter().take(max_classes) {
@@ -244,13 +241,7 @@ impl Comparison {
             let errors = check(d, "error share").map_or("-".into(), |c| {
                 format!("{} → {}", share(c.baseline), share(c.candidate))
             });
-            let mut verdict = d
-                .note
-                .clone()
-                .unwrap_or_else(|| d.verdict.as_str().to_string());
-            if !d.new_statuses.is_empty() {
-                verdict = format!("{verdict} (new: {})", d.new_statuses.join(", "));
-            }
+            let verdict = d.label();
             let _ = writeln!(
                 out,
                 "| `{}` | {} → {} | {} | {} | {} | {} | {} | **{}** |",
@@ -416,7 +407,21 @@ pub struct Quantiles {
     pub max_us: u64,
 }
 
-fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Quantiles {
+impl Quantiles {
+    /// p50, p90, p99, p99.9 and max as people read them.
+    pub fn texts(&self) -> [String; 5] {
+        [
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.p999_us,
+            self.max_us,
+        ]
+        .map(micros)
+    }
+}
+
+pub fn quantiles(h: &hdrhistogram::Histogram<u64>) -> Quantiles {
     Quantiles {
         p50_us: h.value_at_quantile(0.5),
         p90_us: h.value_at_quantile(0.9),
@@ -523,7 +528,7 @@ impl Dataset {
             "class", "requests", "per s", "p50", "p90", "p99", "p99.9", "max", "errors"
         );
         let row = |out: &mut String, name: &str, c: &ClassStats| {
-            let h = c.latency(phase);
+            let [p50, p90, p99, p999, max] = quantiles(c.latency(phase)).texts();
             let _ = writeln!(
                 out,
                 "{name:width$}  {:>8} {:>8.1}  {:>9} {:>9} {:>9} {:>9} {:>9}  {:>7}  {}",
@@ -533,11 +538,11 @@ impl Dataset {
                 } else {
                     0.0
                 },
-                micros(h.value_at_quantile(0.5)),
-                micros(h.value_at_quantile(0.9)),
-                micros(h.value_at_quantile(0.99)),
-                micros(h.value_at_quantile(0.999)),
-                micros(h.max()),
+                p50,
+                p90,
+                p99,
+                p999,
+                max,
                 c.errors(),
                 statuses(&c.statuses)
             );
@@ -569,16 +574,16 @@ impl Dataset {
             .iter()
             .chain(std::iter::once((&"all".to_string(), &self.all)))
         {
-            let h = c.latency(phase);
+            let [p50, p90, p99, p999, max] = quantiles(c.latency(phase)).texts();
             let _ = writeln!(
                 out,
                 "| `{name}` | {} | {} | {} | {} | {} | {} | {} | {} |",
                 c.count,
-                micros(h.value_at_quantile(0.5)),
-                micros(h.value_at_quantile(0.9)),
-                micros(h.value_at_quantile(0.99)),
-                micros(h.value_at_quantile(0.999)),
-                micros(h.max()),
+                p50,
+                p90,
+                p99,
+                p999,
+                max,
                 c.errors(),
                 statuses(&c.statuses)
             );

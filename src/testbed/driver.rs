@@ -40,6 +40,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::mix;
 use crate::percent::encode;
 use crate::replay::auth::{challenge_params, sign_jwt};
 use crate::replay::state::location_path;
@@ -287,6 +288,22 @@ pub struct Driven {
     pub failed: u64,
 }
 
+impl Driven {
+    /// `2284 requests in 342 sessions (49 api, 38 clair, 240 pull, 15 push)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} requests in {} sessions ({})",
+            self.requests,
+            self.sessions.values().sum::<u64>(),
+            self.sessions
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
 const UNEXPECTED_KEPT: usize = 50;
 /// Events in flight from sessions to the tally; a full queue holds sessions back briefly.
 const EVENT_QUEUE: usize = 4096;
@@ -491,11 +508,6 @@ impl Rng {
 }
 
 /// splitmix64's finaliser.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {

@@ -386,6 +386,13 @@ fn uuid() -> String {
     )
 }
 
+/// splitmix64's finaliser: the testbed's seeded dice (`shape.rs`, `driver.rs`) stir with it.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).expect("the OS provides random bytes");

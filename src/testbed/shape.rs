@@ -216,12 +216,10 @@ impl Shaping {
 
 /// A uniform number in (0, 1) for (seed, rule, k): splitmix64 of the three.
 fn unit(seed: u64, rule: u64, k: u64) -> f64 {
-    let mut x = seed
-        .wrapping_add(rule.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(k.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
+    let x = super::mix(
+        seed.wrapping_add(rule.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_add(k.wrapping_mul(0xD1B5_4A32_D192_ED03)),
+    );
     ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
