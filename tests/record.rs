@@ -921,3 +921,31 @@ async fn proxy_tapes_carry_frame_watermarks_that_hold() {
     assert_eq!(exchanges_in(&records).len(), 75);
     assert_eq!(stats.out_of_order, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_dealt_evenly_to_the_proxy_threads() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(up.addr, &dir.path().join("t"));
+    c.threads = 3;
+    c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let rec = start(c).await;
+    // Nine clients, one connection each, all open at once: left to the kernel, whichever thread
+    // woke first would take them in bursts.
+    let url = format!("http://{}/json", rec.addr);
+    let clients: Vec<_> = (0..9)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { curl(&["-w", " %{http_code}", &url]).await })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.await.unwrap(), "{\"ok\": true} 200");
+    }
+    let metrics = scrape(&rec).await;
+    for thread in 0..3 {
+        let line = format!("loadtape_connections_total{{thread=\"{thread}\"}} 3");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    assert_eq!(rec.stop().await.exchanges, 9);
+}

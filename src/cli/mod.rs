@@ -204,6 +204,9 @@ struct RecordArgs {
     /// How long the upstream may take to send a response head before the client gets 504.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Proxy threads, each serving its share of the connections (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,6 +392,9 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     config.forwarded_headers = !args.no_forwarded_headers;
     config.drain_timeout = args.drain_timeout;
     config.upstream_timeout = args.upstream_timeout;
+    if let Some(n) = args.threads {
+        config.threads = n.into();
+    }
     // The proxy runs on threads of its own (one runtime per core); this runtime only waits for
     // signals and serves the admin endpoint.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -56,11 +56,13 @@ pub struct Metrics {
     /// Exchanges handed to the tape writer (before any drop).
     pub recorded: AtomicU64,
     pub upstream_latency: Histogram,
+    /// Client connections each proxy thread took, to show how evenly they are dealt.
+    pub connections: Box<[AtomicU64]>,
     tape: Arc<CaptureCounters>,
 }
 
 impl Metrics {
-    pub fn new(tape: Arc<CaptureCounters>) -> Metrics {
+    pub fn new(tape: Arc<CaptureCounters>, threads: usize) -> Metrics {
         Metrics {
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -68,6 +70,7 @@ impl Metrics {
             upstream_failures: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
             upstream_latency: Histogram::new(),
+            connections: (0..threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
             tape,
         }
     }
@@ -141,6 +144,13 @@ impl Metrics {
                 i + 1,
                 get(c)
             );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP loadtape_connections_total Client connections by the proxy thread serving them.\n# TYPE loadtape_connections_total counter"
+        );
+        for (i, c) in self.connections.iter().enumerate() {
+            let _ = writeln!(o, "loadtape_connections_total{{thread=\"{i}\"}} {}", get(c));
         }
         let h = &self.upstream_latency;
         let _ = writeln!(

@@ -164,6 +164,10 @@ impl Proxy {
         })
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Handles one request from `connection` (on HTTP/2 stream `stream`, 0 on HTTP/1.x).
     pub async fn handle(
         self: Arc<Self>,

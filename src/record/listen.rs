@@ -3,6 +3,7 @@
 //! in-flight exchanges get the drain timeout to finish.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +58,11 @@ impl Listener {
     /// upstream client (`make_proxy`), until `stop`; then each waits up to `drain` for its
     /// connections to finish. A connection, its exchanges and their upstream connections stay on
     /// one thread: no wake-up crosses threads on the request path.
+    ///
+    /// Every thread accepts, but connections are dealt round-robin: the n-th accepted goes to
+    /// thread n mod `threads`, handed over if another thread took it from the socket. Left to
+    /// the kernel, whichever thread wakes first takes a burst of connections (a load generator
+    /// opening 64 at once), and one core serves them all while the other idles.
     pub fn serve(
         self,
         threads: usize,
@@ -64,14 +71,25 @@ impl Listener {
         stop: CancellationToken,
         drain: Duration,
     ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+        let threads = threads.max(1);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let deal = Arc::new(Deal {
+            next: AtomicUsize::new(0),
+            threads: senders,
+        });
         let mut handles = Vec::with_capacity(threads);
-        for i in 0..threads.max(1) {
+        for (i, handed) in receivers.into_iter().enumerate() {
             let tcp = self
                 .tcp
                 .try_clone()
                 .context("cannot share the listening socket")?;
             let proxy = make_proxy()?;
             let one = OneThread {
+                index: i,
+                deal: deal.clone(),
+                handed,
                 tls: self.tls.clone(),
                 header_read_timeout: self.header_read_timeout,
                 proxy,
@@ -100,8 +118,19 @@ impl Listener {
     }
 }
 
+/// How accepted connections are dealt to the proxy threads: round-robin, by the count of
+/// connections accepted so far.
+struct Deal {
+    next: AtomicUsize,
+    /// Each thread's inbox of connections another thread accepted for it.
+    threads: Vec<UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+}
+
 /// What one proxy thread needs.
 struct OneThread {
+    index: usize,
+    deal: Arc<Deal>,
+    handed: UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
     proxy: Arc<Proxy>,
@@ -113,6 +142,9 @@ struct OneThread {
 impl OneThread {
     async fn serve(self, tcp: TcpListener) {
         let OneThread {
+            index,
+            deal,
+            mut handed,
             tls: self_tls,
             header_read_timeout,
             proxy,
@@ -124,7 +156,31 @@ impl OneThread {
         loop {
             let (stream, client) = tokio::select! {
                 accepted = tcp.accept() => match accepted {
-                    Ok(a) => a,
+                    Ok((stream, client)) => {
+                        let to = deal.next.fetch_add(1, Ordering::Relaxed) % deal.threads.len();
+                        if to == index {
+                            (stream, client)
+                        } else {
+                            // Another thread's turn: hand the socket over (off this thread's
+                            // reactor, onto that one's). Should that thread be gone, serve it here.
+                            match stream.into_std() {
+                                Ok(std) => match deal.threads[to].send((std, client)) {
+                                    Ok(()) => continue,
+                                    Err(back) => match TcpStream::from_std(back.0 .0) {
+                                        Ok(s) => (s, client),
+                                        Err(e) => {
+                                            tracing::warn!("cannot serve a connection from {client}: {e}");
+                                            continue;
+                                        }
+                                    },
+                                },
+                                Err(e) => {
+                                    tracing::warn!("cannot hand over a connection from {client}: {e}");
+                                    continue;
+                                }
+                            }
+                        }
+                    }
                     Err(e) => {
                         // Out of file descriptors and the like: pause rather than spin.
                         tracing::warn!("cannot accept a connection: {e}");
@@ -132,8 +188,18 @@ impl OneThread {
                         continue;
                     }
                 },
+                Some((std, client)) = handed.recv() => match TcpStream::from_std(std) {
+                    Ok(s) => (s, client),
+                    Err(e) => {
+                        tracing::warn!("cannot serve a connection from {client}: {e}");
+                        continue;
+                    }
+                },
                 _ = stop.cancelled() => break,
             };
+            if let Some(n) = proxy.metrics().connections.get(index) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
             let _ = stream.set_nodelay(true);
             let proxy = proxy.clone();
             let capture = capture.clone();

@@ -131,6 +131,8 @@ pub struct RecordConfig {
     /// How long a client may take to send a request head.
     pub header_read_timeout: Duration,
     pub queue: CaptureLimits,
+    /// Proxy threads (each a runtime of its own); one per core by default.
+    pub threads: usize,
 }
 
 impl RecordConfig {
@@ -161,6 +163,7 @@ impl RecordConfig {
             upstream_timeout: Duration::from_secs(300),
             header_read_timeout: Duration::from_secs(30),
             queue: CaptureLimits::default(),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -270,7 +273,7 @@ impl Recorder {
         // watermark and readers release records without waiting out a reorder window.
         let (sink, capture_thread) =
             capture::spawn_tracking(writer, config.queue, Arc::new(move || clock.now()));
-        let metrics = Arc::new(admin::Metrics::new(sink.counters().clone()));
+        let metrics = Arc::new(admin::Metrics::new(sink.counters().clone(), config.threads));
         let spool = match config.bodies {
             BodyCapture::Full => {
                 let dir = spool_dir(&config.out);
@@ -299,9 +302,8 @@ impl Recorder {
         let admin_task = self
             .admin
             .map(|l| tokio::spawn(admin::serve(l, metrics.clone(), stop.clone())));
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let proxies = self.listener.serve(
-            threads,
+            config.threads,
             make_proxy,
             capture.clone(),
             stop.clone(),

@@ -180,6 +180,9 @@ pub struct Running {
     pub admin: Option<SocketAddr>,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<anyhow::Result<RecordSummary>>,
+    /// A test that fails before `stop` still stops the recorder: its threads would otherwise
+    /// keep the test's runtime from shutting down, and the failure would show as a hang.
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl Running {
@@ -208,6 +211,7 @@ pub async fn start(config: RecordConfig) -> Running {
     Running {
         addr,
         admin,
+        _stop_on_drop: stop.clone().drop_guard(),
         stop,
         handle,
     }
