@@ -8,6 +8,11 @@
 # With SOAK=300 it also records under load for 5 minutes and samples loadtape's resident
 # memory.
 #
+# Beside throughput it reports CPU time per request of each proxy (user + system, from
+# /proc, all its threads and worker processes): on a shared 2-core VM where wrk, the origin
+# and the proxy compete for the same cores, throughput swings by 10-15% between runs, while
+# the CPU a proxy spends per request is what decides its share and varies far less.
+#
 #   bash benches/proxy.sh            # ROUNDS=5 DURATION=10s CONNS=64 by default
 #
 # Needs nginx and wrk (Debian packages) and oha (`cargo install oha`).
@@ -59,27 +64,52 @@ EOF
   pids+=($!)
 }
 nginx_conf origin 18000 "location / { root $work/www; }" 1
-nginx_conf proxy 18001 'location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }' auto
+proxy_pid_file=$work/proxy.pid
+# Configured as a reverse proxy in front of Quay is (and as loadtape forwards by default): the
+# client's Host passed on, X-Forwarded-For, -Proto and -Host added.
+nginx_conf proxy 18001 'location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; }' auto
 LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 --out "$work/on" &
 pids+=($!)
 on_pid=$!
 LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18003 --upstream http://127.0.0.1:18000 --out "$work/off" --sample 0 &
 pids+=($!)
+off_pid=$!
 for port in 18000 18001 18002 18003; do
   for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/data" && break; sleep 0.1; done
 done
+
+# CPU ticks (user + system) of the process serving a port, with its worker processes.
+ticks() {
+  local top
+  case $1 in
+    18000) top=$(cat "$work/origin.pid") ;;
+    18001) top=$(cat "$proxy_pid_file") ;;
+    18002) top=$on_pid ;;
+    18003) top=$off_pid ;;
+  esac
+  local t=0
+  for p in $top $(pgrep -P "$top"); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo $t
+}
+hz=$(getconf CLK_TCK)
 
 declare -A names=([18000]="nginx origin (direct)" [18001]="nginx reverse proxy" [18002]="loadtape, capture on" [18003]="loadtape, capture off")
 results="$work/results"
 : > "$results"
 for round in $(seq "$ROUNDS"); do
   for port in 18000 18001 18002 18003; do
+    before=$(ticks $port)
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$port/data")
+    after=$(ticks $port)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(python3 -c "print(f'{($after - $before) / $hz * 1e6 / $requests:.2f}')")
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    echo "$port $round $rps $p50 $p99" >> "$results"
-    echo "round $round  ${names[$port]}: $rps req/s  p50 $p50  p99 $p99"
+    echo "$port $round $rps $p50 $p99 $cpu" >> "$results"
+    echo "round $round  ${names[$port]}: $rps req/s  p50 $p50  p99 $p99  cpu ${cpu} us/req"
   done
 done
 
@@ -91,8 +121,8 @@ def ms(v):
         if v.endswith(unit): return float(v[: -len(unit)]) * f
     return float(v)
 by = {}
-for port, rnd, rps, p50, p99 in rows:
-    by.setdefault(port, []).append((float(rps), ms(p50), ms(p99)))
+for port, rnd, rps, p50, p99, cpu in rows:
+    by.setdefault(port, []).append((float(rps), ms(p50), ms(p99), float(cpu)))
 names = {"18000": "nginx origin (direct)", "18001": "nginx reverse proxy", "18002": "loadtape, capture on", "18003": "loadtape, capture off"}
 print("\nsaturated, wrk closed loop (median of rounds, [min..max]):")
 med = {}
@@ -100,11 +130,15 @@ for port in ["18000", "18001", "18002", "18003"]:
     r = by[port]
     rps = [x[0] for x in r]
     med[port] = statistics.median(rps)
-    print(f"  {names[port]:24} {med[port]:10.0f} req/s [{min(rps):.0f}..{max(rps):.0f}]  p50 {statistics.median(x[1] for x in r):.2f} ms  p99 {statistics.median(x[2] for x in r):.2f} ms")
+    print(f"  {names[port]:24} {med[port]:10.0f} req/s [{min(rps):.0f}..{max(rps):.0f}]  p50 {statistics.median(x[1] for x in r):.2f} ms  p99 {statistics.median(x[2] for x in r):.2f} ms  cpu {statistics.median(x[3] for x in r):.1f} us/req")
 on_vs_nginx = [a[0] / b[0] for a, b in zip(by["18002"], by["18001"])]
 on_vs_off = [a[0] / b[0] for a, b in zip(by["18002"], by["18003"])]
 print(f"  loadtape (capture on) / nginx proxy: {statistics.median(on_vs_nginx):.2f}x [{min(on_vs_nginx):.2f}..{max(on_vs_nginx):.2f}] per round")
 print(f"  capture on / capture off:            {statistics.median(on_vs_off):.2f}x [{min(on_vs_off):.2f}..{max(on_vs_off):.2f}] per round")
+cpu_on = [a[3] / b[3] for a, b in zip(by["18002"], by["18001"])]
+cpu_off = [a[3] / b[3] for a, b in zip(by["18003"], by["18001"])]
+print(f"  CPU per request, loadtape capture on / nginx proxy:  {statistics.median(cpu_on):.2f}x [{min(cpu_on):.2f}..{max(cpu_on):.2f}] per round")
+print(f"  CPU per request, loadtape capture off / nginx proxy: {statistics.median(cpu_off):.2f}x [{min(cpu_off):.2f}..{max(cpu_off):.2f}] per round")
 open(sys.argv[1] + ".half", "w").write(str(int(med["18001"] / 2)))
 EOF
 

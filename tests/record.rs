@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::net::*;
@@ -948,4 +950,73 @@ async fn connections_are_dealt_evenly_to_the_proxy_threads() {
         assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
     assert_eq!(rec.stop().await.exchanges, 9);
+}
+
+/// A plain HTTP/1.1 upstream that counts the connections it is given, answering each request
+/// with `ok`; with `close_idle`, it closes each connection after one answer without a word, as an
+/// upstream whose idle timeout has just passed does.
+async fn counting_upstream(close_idle: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                    if stream.write_all(answer).await.is_err() || close_idle {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_connection_has_its_upstream_connection_reopened_when_the_upstream_closes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for close_idle in [false, true] {
+        let (up, connections) = counting_upstream(close_idle).await;
+        let rec = start(config(up, &dir.path().join(format!("t{close_idle}")))).await;
+        // Two clients, each sending 20 requests on one keep-alive connection.
+        let url = format!("http://{}/n", rec.addr);
+        let mut args = vec!["-w", "code:%{http_code} %{num_connects}\n"];
+        args.extend(std::iter::repeat(url.as_str()).take(20));
+        for _ in 0..2 {
+            let out = curl(&args).await;
+            let lines: Vec<&str> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("code:"))
+                .collect();
+            assert_eq!(lines.len(), 20, "{out}");
+            assert_eq!(lines[0], "200 1", "{out}");
+            assert!(
+                lines[1..].iter().all(|l| *l == "200 0"),
+                "one client connection: {out}"
+            );
+        }
+        let expected = if close_idle { 40 } else { 2 };
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            expected,
+            "upstream connections (upstream closing idle ones: {close_idle})"
+        );
+        assert_eq!(rec.stop().await.exchanges, 40);
+    }
 }

@@ -40,6 +40,8 @@ pub struct Capture {
 pub struct Connection {
     pub id: u64,
     pub client: SocketAddr,
+    /// The client's address as `X-Forwarded-For` writes it.
+    pub client_ip: http::HeaderValue,
     pub scheme: Scheme,
     pub exchanges: AtomicU64,
     /// HTTP/2 requests seen on this connection.
@@ -119,6 +121,8 @@ impl Capture {
         Arc::new(Connection {
             id,
             client,
+            client_ip: http::HeaderValue::from_str(&client.ip().to_string())
+                .expect("an IP address is a valid header value"),
             scheme,
             exchanges: AtomicU64::new(0),
             h2_requests: std::sync::atomic::AtomicU32::new(0),
@@ -328,12 +332,12 @@ impl Pending {
     }
 
     /// The request body's tap.
-    pub fn request_tap(self: &Arc<Self>) -> impl TapDone {
+    pub fn request_tap(self: &Arc<Self>) -> BodyDone {
         BodyDone(self.clone(), Side::Request)
     }
 
     /// The upstream answered with this head; the response body's tap follows.
-    pub fn response_head(self: &Arc<Self>, parts: &http::response::Parts) -> impl TapDone {
+    pub fn response_head(self: &Arc<Self>, parts: &http::response::Parts) -> BodyDone {
         let capture = &self.capture;
         let mut headers = Headers::with_capacity(parts.headers.len(), 512);
         for (name, value) in &parts.headers {
@@ -474,7 +478,7 @@ enum Side {
 }
 
 /// Leaves a tapped body's summary in its exchange, and counts the part done.
-struct BodyDone(Arc<Pending>, Side);
+pub struct BodyDone(Arc<Pending>, Side);
 
 impl TapDone for BodyDone {
     fn body_done(&self, summary: BodySummary) {

@@ -27,8 +27,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::admin::Metrics;
-use super::exchange::{Capture, Connection};
+use super::exchange::{BodyDone, Capture, Connection};
 use super::tap::TapBody;
+use super::upstream::{self, Dedicated, SendError};
 use super::RecordConfig;
 use crate::tape::FailureKind;
 
@@ -37,7 +38,7 @@ use crate::tape::FailureKind;
 #[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     /// Recorded: measured as it passes.
-    Tapped(TapBody<Incoming>),
+    Tapped(TapBody<Incoming, BodyDone>),
     /// Not recorded (sampled out, excluded): passed as is.
     Plain(Incoming),
     /// Written by the proxy itself (an error response).
@@ -109,9 +110,15 @@ pub struct Proxy {
     client: Client<FixedUpstream<HttpsConnector<HttpConnector>>, ProxyBody>,
     /// The scheme of the upstream, for request URIs.
     scheme: http::uri::Scheme,
-    upstream_authority: String,
     /// `scheme://authority` of the upstream, for messages.
     base: String,
+    /// `host:port` of a plain-HTTP/1.1 upstream, which HTTP/1.1 client connections reach over
+    /// connections of their own ([`super::upstream`]).
+    direct: Option<String>,
+    /// `Host` for requests that name none: `--upstream-host`, else the upstream's authority.
+    default_host: HeaderValue,
+    /// `--upstream-host`, for every request.
+    fixed_host: Option<HeaderValue>,
     capture: Arc<Capture>,
     metrics: Arc<Metrics>,
 }
@@ -153,12 +160,31 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .http2_only(config.upstream_h2c)
             .build(fixed);
+        let direct = (scheme == http::uri::Scheme::HTTP && !config.upstream_h2c).then(|| {
+            let port = config.upstream.port_u16().unwrap_or(80);
+            let host = config.upstream.host().unwrap_or_default();
+            format!("{host}:{port}")
+        });
+        let fixed_host = match &config.upstream_host {
+            Some(h) => Some(
+                HeaderValue::from_str(h)
+                    .with_context(|| format!("--upstream-host {h:?} cannot be a Host header"))?,
+            ),
+            None => None,
+        };
+        let default_host = match &fixed_host {
+            Some(h) => h.clone(),
+            None => HeaderValue::from_str(&upstream_authority)
+                .context("the upstream's authority cannot be a Host header")?,
+        };
         Ok(Proxy {
             config,
             client,
             scheme,
-            upstream_authority,
             base,
+            direct,
+            default_host,
+            fixed_host,
             capture,
             metrics,
         })
@@ -168,12 +194,14 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Handles one request from `connection` (on HTTP/2 stream `stream`, 0 on HTTP/1.x).
+    /// Handles one request from `connection` (on HTTP/2 stream `stream`, 0 on HTTP/1.x), whose
+    /// upstream connection, on HTTP/1.x, is `dedicated`.
     pub async fn handle(
         self: Arc<Self>,
         mut request: Request<Incoming>,
         connection: Arc<Connection>,
         stream: u32,
+        dedicated: Arc<Dedicated>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         // A protocol switch (WebSocket): the upgrade fields go on to the upstream, and after its
         // 101 the two connections are joined byte for byte. The tape notes the exchange as
@@ -193,26 +221,43 @@ impl Proxy {
             .capture
             .wants(parts.uri.path())
             .then(|| self.capture.begin(&connection, stream, &parts, start));
-        let client_authority = super::exchange::client_authority(&parts);
-
-        // The request names the Host the upstream should see; FixedUpstream connects to the
-        // upstream whatever it names.
-        let host = self
-            .config
-            .upstream_host
-            .clone()
-            .or(client_authority.clone())
-            .unwrap_or_else(|| self.upstream_authority.clone());
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = match format!("{}://{host}{path}", self.scheme).parse::<http::Uri>() {
-            Ok(u) => u,
-            Err(e) => {
-                return Ok(local(
-                    StatusCode::BAD_REQUEST,
-                    &format!("bad request target: {e}"),
-                ))
-            }
+        // The Host the client named: its request's authority (HTTP/2, absolute form) or `Host`.
+        let named = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
         };
+        let direct = self
+            .direct
+            .as_deref()
+            .filter(|_| parts.version != http::Version::HTTP_2);
+        if direct.is_some() {
+            // Origin form on a connection of its own: the upstream reads the name in `Host`.
+            if parts.uri.authority().is_some() {
+                parts.uri = match parts.uri.path_and_query() {
+                    Some(p) => http::Uri::from(p.clone()),
+                    None => http::Uri::from_static("/"),
+                };
+            }
+        } else {
+            // The pooled client wants an absolute URI; it connects to the upstream whatever
+            // authority this names (FixedUpstream), and an HTTP/2 upstream sees it as
+            // `:authority`.
+            let host = self.fixed_host.as_ref().or(named.as_ref());
+            let host = host
+                .unwrap_or(&self.default_host)
+                .to_str()
+                .unwrap_or_default();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            parts.uri = match format!("{}://{host}{path}", self.scheme).parse::<http::Uri>() {
+                Ok(u) => u,
+                Err(e) => {
+                    return Ok(local(
+                        StatusCode::BAD_REQUEST,
+                        &format!("bad request target: {e}"),
+                    ))
+                }
+            };
+        }
         strip_hop_by_hop(&mut parts.headers);
         if let Some((_, Some(protocol))) = &upgrade {
             parts.headers.insert(header::UPGRADE, protocol.clone());
@@ -220,13 +265,22 @@ impl Proxy {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if let Ok(host) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, host);
-        }
         if self.config.forwarded_headers {
-            add_forwarded(&mut parts.headers, &connection, client_authority.as_deref());
+            add_forwarded(&mut parts.headers, &connection, named.as_ref());
         }
-        parts.uri = uri;
+        match (&self.fixed_host, named) {
+            (Some(fixed), _) => {
+                parts.headers.insert(header::HOST, fixed.clone());
+            }
+            (None, Some(named)) => {
+                parts.headers.insert(header::HOST, named);
+            }
+            (None, None) => {
+                parts
+                    .headers
+                    .insert(header::HOST, self.default_host.clone());
+            }
+        }
         parts.version = http::Version::HTTP_11;
         let body = match &pending {
             Some(p) => ProxyBody::Tapped(TapBody::spooling(
@@ -239,8 +293,24 @@ impl Proxy {
         };
         let upstream = Request::from_parts(parts, body);
 
-        let sent =
-            tokio::time::timeout(self.config.upstream_timeout, self.client.request(upstream)).await;
+        let sent = match direct {
+            Some(address) => {
+                tokio::time::timeout(
+                    self.config.upstream_timeout,
+                    upstream::send(&dedicated, address, upstream),
+                )
+                .await
+            }
+            None => {
+                tokio::time::timeout(self.config.upstream_timeout, async {
+                    self.client
+                        .request(upstream)
+                        .await
+                        .map_err(SendError::Pooled)
+                })
+                .await
+            }
+        };
         let upstream_at = self.capture.clock().now();
         m.upstream_latency
             .observe(upstream_at.saturating_sub(start));
@@ -360,51 +430,65 @@ fn local(status: StatusCode, text: &str) -> Response<ProxyBody> {
     r
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Removes the fields that concern one connection only (RFC 9110, 7.6.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Most messages carry none but `Connection` (and `Transfer-Encoding`): one pass over the
+    // names decides, rather than a lookup per field that might be there.
+    let hop_by_hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::TE
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
+    let mut named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
+        .filter(|n| {
+            let n = n.trim();
+            // The common `keep-alive` and `close` name no field worth a lookup of its own.
+            !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+        })
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
+    named.extend(headers.keys().filter(|n| hop_by_hop(n)).cloned());
     for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
         headers.remove(name);
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, connection: &Connection, host: Option<&str>) {
-    let ip = connection.client.ip().to_string();
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {ip}"),
-        None => ip,
+fn add_forwarded(headers: &mut HeaderMap, connection: &Connection, host: Option<&HeaderValue>) {
+    let ip = &connection.client_ip;
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", connection.client.ip())),
+        None => Ok(ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(xff, v);
+    if let Ok(v) = value {
+        headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(connection.scheme.as_str()),
     );
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    if let Some(v) = host {
+        headers.insert(X_FORWARDED_HOST, v.clone());
     }
 }
 
 /// What kind of upstream failure an error is, and the status the client gets for it.
-fn classify(e: &hyper_util::client::legacy::Error) -> (FailureKind, StatusCode) {
+fn classify(e: &SendError) -> (FailureKind, StatusCode) {
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
@@ -434,7 +518,12 @@ fn classify(e: &hyper_util::client::legacy::Error) -> (FailureKind, StatusCode) 
         }
         source = s.source();
     }
-    if e.is_connect() {
+    let connect = match e {
+        SendError::Connect(_) => true,
+        SendError::Pooled(e) => e.is_connect(),
+        SendError::Http(_) => false,
+    };
+    if connect {
         return (FailureKind::Refused, StatusCode::BAD_GATEWAY);
     }
     (FailureKind::Other, StatusCode::BAD_GATEWAY)

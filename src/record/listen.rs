@@ -290,11 +290,15 @@ fn service(
         Output = Result<http::Response<super::forward::ProxyBody>, std::convert::Infallible>,
     > + Send,
 > + Clone {
+    // On HTTP/1.x, the upstream connection this client connection's requests go on.
+    let dedicated = Arc::new(super::upstream::Dedicated::default());
     service_fn(move |request: http::Request<hyper::body::Incoming>| {
         // Called by hyper as it accepts each request, in stream order: the place to number
         // HTTP/2 streams.
         let stream = connection.stream_of(request.version());
-        proxy.clone().handle(request, connection.clone(), stream)
+        proxy
+            .clone()
+            .handle(request, connection.clone(), stream, dedicated.clone())
     })
 }
 

@@ -20,6 +20,7 @@ pub mod forward;
 pub mod listen;
 pub mod spool;
 pub mod tap;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -36,12 +36,12 @@ pub trait TapDone: Send + Sync + 'static {
 }
 
 /// A body passed through unchanged while [`BodySummary`] is computed. See the module docs.
-pub struct TapBody<B: Body> {
+pub struct TapBody<B: Body, D: TapDone> {
     inner: B,
-    tap: Option<Tap>,
+    tap: Option<Tap<D>>,
 }
 
-struct Tap {
+struct Tap<D> {
     len: u64,
     hasher: Sha256,
     prefix: Vec<u8>,
@@ -49,10 +49,10 @@ struct Tap {
     /// With `--bodies full`: where the body goes once it outgrows the prefix.
     spool: Option<Arc<Spool>>,
     spooling: Option<SpoolBody>,
-    done: Box<dyn TapDone>,
+    done: D,
 }
 
-impl Tap {
+impl<D: TapDone> Tap<D> {
     fn finish(mut self, complete: bool) {
         let sha256 = (self.len > 0).then(|| self.hasher.finalize_reset().into());
         let spooled = match self.spooling.take() {
@@ -70,19 +70,14 @@ impl Tap {
     }
 }
 
-impl<B: Body> TapBody<B> {
+impl<B: Body, D: TapDone> TapBody<B, D> {
     /// Taps `inner`, keeping its first `keep` bytes, and tells `done` when it ends.
-    pub fn new(inner: B, keep: usize, done: impl TapDone) -> TapBody<B> {
+    pub fn new(inner: B, keep: usize, done: D) -> TapBody<B, D> {
         TapBody::spooling(inner, keep, None, done)
     }
 
     /// Like [`TapBody::new`], spooling the whole body into `spool` once it outgrows `keep`.
-    pub fn spooling(
-        inner: B,
-        keep: usize,
-        spool: Option<Arc<Spool>>,
-        done: impl TapDone,
-    ) -> TapBody<B> {
+    pub fn spooling(inner: B, keep: usize, spool: Option<Arc<Spool>>, done: D) -> TapBody<B, D> {
         TapBody {
             inner,
             tap: Some(Tap {
@@ -92,15 +87,16 @@ impl<B: Body> TapBody<B> {
                 keep,
                 spool,
                 spooling: None,
-                done: Box::new(done),
+                done,
             }),
         }
     }
 }
 
-impl<B> Body for TapBody<B>
+impl<B, D> Body for TapBody<B, D>
 where
     B: Body<Data = Bytes> + Unpin,
+    D: TapDone + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -164,7 +160,7 @@ where
     }
 }
 
-impl<B: Body> Drop for TapBody<B> {
+impl<B: Body, D: TapDone> Drop for TapBody<B, D> {
     fn drop(&mut self) {
         // Dropped before its end was seen: complete if nothing was left to read (an empty body
         // hyper never polled), cut short otherwise (the peer went away mid-body).
