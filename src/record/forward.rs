@@ -293,30 +293,21 @@ impl Proxy {
         };
         let upstream = Request::from_parts(parts, body);
 
+        let timeout = self.config.upstream_timeout;
+        // `None`: no response head within the timeout.
         let sent = match direct {
-            Some(address) => {
-                tokio::time::timeout(
-                    self.config.upstream_timeout,
-                    upstream::send(&dedicated, address, upstream),
-                )
+            Some(address) => upstream::send(&dedicated, address, upstream, timeout).await,
+            None => tokio::time::timeout(timeout, self.client.request(upstream))
                 .await
-            }
-            None => {
-                tokio::time::timeout(self.config.upstream_timeout, async {
-                    self.client
-                        .request(upstream)
-                        .await
-                        .map_err(SendError::Pooled)
-                })
-                .await
-            }
+                .ok()
+                .map(|r| r.map_err(SendError::Pooled)),
         };
         let upstream_at = self.capture.clock().now();
         m.upstream_latency
             .observe(upstream_at.saturating_sub(start));
         let response = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 let (kind, status) = classify(&e);
                 let detail = describe(&e);
                 m.upstream_failures.fetch_add(1, Ordering::Relaxed);
@@ -329,7 +320,7 @@ impl Proxy {
                     &format!("loadtape: upstream {}: {detail}", self.base),
                 ));
             }
-            Err(_) => {
+            None => {
                 m.upstream_failures.fetch_add(1, Ordering::Relaxed);
                 let detail = format!("no response head within {:?}", self.config.upstream_timeout);
                 if let Some(p) = &pending {

@@ -11,30 +11,44 @@
 //! through hyper's pooled client instead, which speaks TLS, ALPN and HTTP/2.
 
 use std::error::Error as StdError;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::time::{Instant, Sleep};
 
 use super::forward::ProxyBody;
 
 /// How long opening an upstream connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The upstream connection of one HTTP/1.1 client connection, while it is not sending.
+/// The upstream connection of one HTTP/1.1 client connection, and the timer of its requests'
+/// `--upstream-timeout`, while it is not sending. One timer serves every request: pushing a
+/// registered timer's deadline later costs an atomic store, where a timer per request costs a
+/// registration and a removal in the runtime's timer wheel.
 #[derive(Default)]
-pub struct Dedicated(Mutex<Option<SendRequest<ProxyBody>>>);
+pub struct Dedicated(Mutex<Held>);
+
+#[derive(Default)]
+struct Held {
+    sender: Option<SendRequest<ProxyBody>>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
 
 impl Dedicated {
-    fn take(&self) -> Option<SendRequest<ProxyBody>> {
-        self.0.lock().ok()?.take()
+    fn take(&self) -> Held {
+        self.0
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
     }
 
-    fn put(&self, sender: SendRequest<ProxyBody>) {
+    fn put(&self, held: Held) {
         if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(sender);
+            *slot = held;
         }
     }
 }
@@ -69,31 +83,60 @@ impl StdError for SendError {
 }
 
 /// Sends `request` on `dedicated`'s connection to `upstream` (`host:port`), opening one if it
-/// has none or the one it had closed.
+/// has none or the one it had closed. `None` when no response head came within `timeout`.
 pub async fn send(
     dedicated: &Dedicated,
     upstream: &str,
     request: http::Request<ProxyBody>,
+    timeout: Duration,
+) -> Option<Result<http::Response<Incoming>, SendError>> {
+    let Held { sender, timer } = dedicated.take();
+    let deadline = Instant::now() + timeout;
+    let mut timer = match timer {
+        Some(mut t) => {
+            t.as_mut().reset(deadline);
+            t
+        }
+        None => Box::pin(tokio::time::sleep_until(deadline)),
+    };
+    let mut sender = sender;
+    let sent = tokio::select! {
+        biased;
+        sent = exchange(&mut sender, upstream, request) => Some(sent),
+        _ = timer.as_mut() => None,
+    };
+    dedicated.put(Held {
+        sender,
+        timer: Some(timer),
+    });
+    sent
+}
+
+/// Sends `request` on `sender`, or on a fresh connection left in `sender`.
+async fn exchange(
+    sender: &mut Option<SendRequest<ProxyBody>>,
+    upstream: &str,
+    request: http::Request<ProxyBody>,
 ) -> Result<http::Response<Incoming>, SendError> {
     let mut request = request;
-    let mut reused = dedicated.take().filter(|s| !s.is_closed());
+    let mut reused = sender.take().filter(|s| !s.is_closed());
     loop {
         let was_reused = reused.is_some();
-        let mut sender = match reused.take() {
+        let mut fresh = match reused.take() {
             Some(s) => s,
             None => connect(upstream).await?,
         };
-        if let Err(e) = sender.ready().await {
+        if let Err(e) = fresh.ready().await {
             if was_reused {
                 continue;
             }
             return Err(SendError::Http(e));
         }
-        match sender.try_send_request(request).await {
+        match fresh.try_send_request(request).await {
             Ok(response) => {
                 // The response's body may still be coming; the next request waits for it in
                 // `ready`.
-                dedicated.put(sender);
+                *sender = Some(fresh);
                 return Ok(response);
             }
             Err(mut e) => match e.take_message() {
