@@ -1020,3 +1020,22 @@ async fn each_client_connection_has_its_upstream_connection_reopened_when_the_up
         assert_eq!(rec.stop().await.exchanges, 40);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_is_not_a_host_gets_a_400_and_never_reaches_the_upstream() {
+    let (up, connections) = counting_upstream(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = start(config(up, &dir.path().join("t"))).await;
+    let url = format!("http://{}/v2/", rec.addr);
+    let bad = curl(&["-H", "Host: quay/x", "-w", " %{http_code}", &url]).await;
+    assert!(bad.ends_with(" 400"), "{bad}");
+    assert!(bad.contains("not a host[:port]"), "{bad}");
+    let good = curl(&["-H", "Host: quay:8443", "-w", " %{http_code}", &url]).await;
+    assert_eq!(good, "ok\n 200");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "only the good one went upstream"
+    );
+    rec.stop().await;
+}

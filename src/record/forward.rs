@@ -166,6 +166,9 @@ impl Proxy {
             format!("{host}:{port}")
         });
         let fixed_host = match &config.upstream_host {
+            Some(h) if !is_authority(h.as_bytes()) => {
+                anyhow::bail!("--upstream-host {h:?} is not a host[:port] (try quay.example.com)")
+            }
             Some(h) => Some(
                 HeaderValue::from_str(h)
                     .with_context(|| format!("--upstream-host {h:?} cannot be a Host header"))?,
@@ -226,6 +229,15 @@ impl Proxy {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
+        if let Some(bad) = named.as_ref().filter(|h| !is_authority(h.as_bytes())) {
+            // RFC 9112, 3.2: a server answers 400 to an invalid Host. Passed on, it would reach
+            // the upstream's URI (the pooled client builds it from the name) unlike the tape's.
+            let shown = String::from_utf8_lossy(bad.as_bytes()).into_owned();
+            return Ok(local(
+                StatusCode::BAD_REQUEST,
+                &format!("loadtape: the request's Host {shown:?} is not a host[:port]"),
+            ));
+        }
         let direct = self
             .direct
             .as_deref()
@@ -401,6 +413,36 @@ fn upgrade_requested(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether `host` can be a URI's authority (`host`, `host:port`, `[v6]:port`): no path, query,
+/// fragment, user info, space or anything outside the characters RFC 3986 allows there.
+fn is_authority(host: &[u8]) -> bool {
+    !host.is_empty()
+        && host.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
+}
+
 /// Decrements the in-flight gauge however the handler ends.
 struct InFlight<'a>(&'a Metrics);
 
@@ -533,4 +575,25 @@ fn describe(e: &dyn StdError) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_authority;
+
+    #[test]
+    fn a_host_is_an_authority_without_path_query_or_user() {
+        for good in [
+            "quay.example.com",
+            "quay:8443",
+            "127.0.0.1:18000",
+            "[::1]:443",
+            "a_b-c",
+        ] {
+            assert!(is_authority(good.as_bytes()), "{good}");
+        }
+        for bad in ["", "a/x", "a?b", "a#b", "user@host", "a b", "h\u{e9}te"] {
+            assert!(!is_authority(bad.as_bytes()), "{bad}");
+        }
+    }
 }

@@ -153,50 +153,8 @@ impl OneThread {
             drain,
         } = self;
         let graceful = GracefulShutdown::new();
-        loop {
-            let (stream, client) = tokio::select! {
-                accepted = tcp.accept() => match accepted {
-                    Ok((stream, client)) => {
-                        let to = deal.next.fetch_add(1, Ordering::Relaxed) % deal.threads.len();
-                        if to == index {
-                            (stream, client)
-                        } else {
-                            // Another thread's turn: hand the socket over (off this thread's
-                            // reactor, onto that one's). Should that thread be gone, serve it here.
-                            match stream.into_std() {
-                                Ok(std) => match deal.threads[to].send((std, client)) {
-                                    Ok(()) => continue,
-                                    Err(back) => match TcpStream::from_std(back.0 .0) {
-                                        Ok(s) => (s, client),
-                                        Err(e) => {
-                                            tracing::warn!("cannot serve a connection from {client}: {e}");
-                                            continue;
-                                        }
-                                    },
-                                },
-                                Err(e) => {
-                                    tracing::warn!("cannot hand over a connection from {client}: {e}");
-                                    continue;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        tracing::warn!("cannot accept a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                Some((std, client)) = handed.recv() => match TcpStream::from_std(std) {
-                    Ok(s) => (s, client),
-                    Err(e) => {
-                        tracing::warn!("cannot serve a connection from {client}: {e}");
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => break,
-            };
+        // Serves one connection on this thread, under the graceful shutdown.
+        let serve_one = |stream: TcpStream, client: SocketAddr| {
             if let Some(n) = proxy.metrics().connections.get(index) {
                 n.fetch_add(1, Ordering::Relaxed);
             }
@@ -267,6 +225,61 @@ impl OneThread {
                 }
                 capture.connection_closed(&connection, close_reason(result, stop.is_cancelled()));
             });
+        };
+        loop {
+            let (stream, client) = tokio::select! {
+                accepted = tcp.accept() => match accepted {
+                    Ok((stream, client)) => {
+                        let to = deal.next.fetch_add(1, Ordering::Relaxed) % deal.threads.len();
+                        if to == index {
+                            (stream, client)
+                        } else {
+                            // Another thread's turn: hand the socket over (off this thread's
+                            // reactor, onto that one's). Should that thread be gone, serve it here.
+                            match stream.into_std() {
+                                Ok(std) => match deal.threads[to].send((std, client)) {
+                                    Ok(()) => continue,
+                                    Err(back) => match TcpStream::from_std(back.0 .0) {
+                                        Ok(s) => (s, client),
+                                        Err(e) => {
+                                            tracing::warn!("cannot serve a connection from {client}: {e}");
+                                            continue;
+                                        }
+                                    },
+                                },
+                                Err(e) => {
+                                    tracing::warn!("cannot hand over a connection from {client}: {e}");
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!("cannot accept a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                Some((std, client)) = handed.recv() => match TcpStream::from_std(std) {
+                    Ok(s) => (s, client),
+                    Err(e) => {
+                        tracing::warn!("cannot serve a connection from {client}: {e}");
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => break,
+            };
+            serve_one(stream, client);
+        }
+        // Stop accepting; serve what another thread already handed over (a thread that has not
+        // seen the stop yet finds this inbox closed and serves its connection itself).
+        handed.close();
+        while let Ok((std, client)) = handed.try_recv() {
+            match TcpStream::from_std(std) {
+                Ok(s) => serve_one(s, client),
+                Err(e) => tracing::warn!("cannot serve a connection from {client}: {e}"),
+            }
         }
         // Stop accepting; let what is in flight finish.
         drop(tcp);

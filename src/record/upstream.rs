@@ -91,7 +91,11 @@ pub async fn send(
     timeout: Duration,
 ) -> Option<Result<http::Response<Incoming>, SendError>> {
     let Held { sender, timer } = dedicated.take();
-    let deadline = Instant::now() + timeout;
+    let now = Instant::now();
+    // A timeout too large to add (someone meaning "never"): a deadline decades away.
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
     let mut timer = match timer {
         Some(mut t) => {
             t.as_mut().reset(deadline);
