@@ -953,8 +953,9 @@ async fn connections_are_dealt_evenly_to_the_proxy_threads() {
 }
 
 /// A plain HTTP/1.1 upstream that counts the connections it is given, answering each request
-/// with `ok`; with `close_idle`, it closes each connection after one answer without a word, as an
-/// upstream whose idle timeout has just passed does.
+/// with `ok`; with `close_idle`, it closes each connection after one answer (saying so with
+/// `Connection: close`, as an upstream ending its keep-alive does; one that closes without a word
+/// races the next request on the wire, for any HTTP/1.1 client).
 async fn counting_upstream(close_idle: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -977,7 +978,11 @@ async fn counting_upstream(close_idle: bool) -> (std::net::SocketAddr, Arc<Atomi
                     }
                     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                     buf.drain(..end);
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                    let answer: &[u8] = if close_idle {
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nok\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
+                    };
                     if stream.write_all(answer).await.is_err() || close_idle {
                         return;
                     }
