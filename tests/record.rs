@@ -1044,3 +1044,89 @@ async fn a_host_that_is_not_a_host_gets_a_400_and_never_reaches_the_upstream() {
     );
     rec.stop().await;
 }
+
+/// A plain HTTP/1.1 upstream that answers the first request on each connection and resets the
+/// connection under the second, without a byte of answer: what a client sees when the upstream
+/// closes an idle keep-alive connection just as a request goes out on it.
+async fn resetting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in [false, true] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    if answered {
+                        let _ = stream.set_zero_linger();
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Sends `request` on `stream` and reads the answer's status line and the rest up to `ok\n`
+/// or the end of the connection.
+async fn exchange_raw(stream: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.ends_with(b"ok\n") && !got.ends_with(b"\n\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+        if got.starts_with(b"HTTP/1.1 502") && got.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_lost_with_an_idle_upstream_connection_is_resent_and_a_post_is_not() {
+    let (up, connections) = resetting_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = start(config(up, &dir.path().join("t"))).await;
+    for (method, resent) in [("GET", true), ("POST", false)] {
+        let before = connections.load(Ordering::SeqCst);
+        let mut client = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+        let request = format!("{method} /x HTTP/1.1\r\nhost: quay\r\ncontent-length: 0\r\n\r\n");
+        let first = exchange_raw(&mut client, &request).await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        // Idle long enough that the upstream might have closed the connection: the scenario,
+        // not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let second = exchange_raw(&mut client, &request).await;
+        if resent {
+            assert!(second.starts_with("HTTP/1.1 200"), "{method}: {second}");
+            assert_eq!(connections.load(Ordering::SeqCst) - before, 2, "{method}");
+        } else {
+            // Never sent twice: the upstream may have acted on it.
+            assert!(second.starts_with("HTTP/1.1 502"), "{method}: {second}");
+            assert_eq!(connections.load(Ordering::SeqCst) - before, 1, "{method}");
+        }
+    }
+    rec.stop().await;
+}

@@ -25,6 +25,10 @@ use super::forward::ProxyBody;
 /// How long opening an upstream connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An upstream connection idle this long may be closed by the upstream (gunicorn, in front of
+/// Quay, keeps idle connections 2 s) just as the next request goes out on it.
+const MAY_BE_CLOSING: Duration = Duration::from_millis(500);
+
 /// The upstream connection of one HTTP/1.1 client connection, and the timer of its requests'
 /// `--upstream-timeout`, while it is not sending. One timer serves every request: pushing a
 /// registered timer's deadline later costs an atomic store, where a timer per request costs a
@@ -36,6 +40,8 @@ pub struct Dedicated(Mutex<Held>);
 struct Held {
     sender: Option<SendRequest<ProxyBody>>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// When the last request's response head came (its body may have streamed for a while).
+    last_used: Option<Instant>,
 }
 
 impl Dedicated {
@@ -90,8 +96,13 @@ pub async fn send(
     request: http::Request<ProxyBody>,
     timeout: Duration,
 ) -> Option<Result<http::Response<Incoming>, SendError>> {
-    let Held { sender, timer } = dedicated.take();
+    let Held {
+        sender,
+        timer,
+        last_used,
+    } = dedicated.take();
     let now = Instant::now();
+    let may_be_closing = last_used.is_some_and(|t| now.duration_since(t) >= MAY_BE_CLOSING);
     // A timeout too large to add (someone meaning "never"): a deadline decades away.
     let deadline = now
         .checked_add(timeout)
@@ -106,26 +117,85 @@ pub async fn send(
     let mut sender = sender;
     let sent = tokio::select! {
         biased;
-        sent = exchange(&mut sender, upstream, request) => Some(sent),
+        sent = exchange(&mut sender, upstream, request, may_be_closing) => Some(sent),
         _ = timer.as_mut() => None,
     };
     dedicated.put(Held {
         sender,
         timer: Some(timer),
+        last_used: Some(Instant::now()),
     });
     sent
 }
 
-/// Sends `request` on `sender`, or on a fresh connection left in `sender`.
+/// What it takes to send a request again: its head (a request that may be resent has no body).
+struct Spare {
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+}
+
+impl Spare {
+    /// A copy of `request` if it could be sent twice: idempotent (RFC 9110, 9.2.2) and bodiless.
+    fn of(request: &http::Request<ProxyBody>) -> Option<Spare> {
+        use hyper::body::Body as _;
+        let idempotent = matches!(
+            *request.method(),
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+        (idempotent && request.body().is_end_stream()).then(|| Spare {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn request(self) -> http::Request<ProxyBody> {
+        let mut request = http::Request::new(ProxyBody::Local(None));
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Whether the connection was lost before any of the response came: the upstream had closed it
+/// (a reset, or the end of the stream where a response head should be).
+fn lost_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = StdError::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Sends `request` on `sender`, or on a fresh connection left in `sender`. On a connection that
+/// `may_be_closing`, an idempotent bodiless request lost with it before any answer is sent again
+/// on a fresh one, as nginx does (`proxy_next_upstream error`): the client never sees the race.
 async fn exchange(
     sender: &mut Option<SendRequest<ProxyBody>>,
     upstream: &str,
     request: http::Request<ProxyBody>,
+    may_be_closing: bool,
 ) -> Result<http::Response<Incoming>, SendError> {
     let mut request = request;
     let mut reused = sender.take().filter(|s| !s.is_closed());
     loop {
         let was_reused = reused.is_some();
+        let spare = (was_reused && may_be_closing)
+            .then(|| Spare::of(&request))
+            .flatten();
         let mut fresh = match reused.take() {
             Some(s) => s,
             None => connect(upstream).await?,
@@ -147,6 +217,12 @@ async fn exchange(
                 // Never taken by a connection that had served before: the upstream closed it
                 // while idle. Once more on a fresh one.
                 Some(unsent) if was_reused => request = unsent,
+                None if spare.is_some() && lost_before_answer(e.error()) => {
+                    tracing::debug!(
+                        "upstream closed an idle connection under a request; resending it"
+                    );
+                    request = spare.expect("checked above").request();
+                }
                 _ => return Err(SendError::Http(e.into_error())),
             },
         }
