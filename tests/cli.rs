@@ -112,6 +112,21 @@ fn a_corrupt_tape_exits_2_naming_file_and_offset_and_lenient_reads_past_it() {
 }
 
 #[test]
+fn a_missing_tape_is_named_with_its_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.tape");
+    let out = loadtape(&["inspect", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the OS error once: {stderr}"
+    );
+}
+
+#[test]
 fn a_truncated_tape_reads_and_says_where_it_was_cut() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cut.tape");
