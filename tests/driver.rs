@@ -44,15 +44,6 @@ fn options(testbed: &Testbed, model: TrafficModel, seconds: f64, seed: u64) -> D
     }
 }
 
-/// How many requests of `endpoint` the testbed answered with `status`.
-fn served(testbed: &Testbed, endpoint: &str, status: u16) -> u64 {
-    let served = testbed.served();
-    served
-        .get(&(endpoint.to_string(), status))
-        .copied()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_seconds_of_traffic_run_every_session_kind_with_only_expected_answers() {
     let testbed = testbed().await;
@@ -99,7 +90,7 @@ async fn three_seconds_of_traffic_run_every_session_kind_with_only_expected_answ
         ("GET /api/v1/repository/{namespace}/{repo}/tag/", 200),
     ] {
         assert!(
-            served(&testbed, endpoint, status) > 0,
+            testbed.served_count(endpoint, status) > 0,
             "{endpoint} {status}: {counts:#?}"
         );
     }
@@ -107,9 +98,9 @@ async fn three_seconds_of_traffic_run_every_session_kind_with_only_expected_answ
     // three layers from storage; Clair sessions' rescans index known manifests again, without
     // fetching.
     let pushes = driven.sessions["push"];
-    let indexed = served(&testbed, "POST /indexer/api/v1/index_report", 201);
-    let manifests = served(&testbed, "PUT /v2/{repo}/manifests/{tag}", 201);
-    let fetched = served(&testbed, "GET /_storage/{digest}", 200);
+    let indexed = testbed.served_count("POST /indexer/api/v1/index_report", 201);
+    let manifests = testbed.served_count("PUT /v2/{repo}/manifests/{tag}", 201);
+    let fetched = testbed.served_count("GET /_storage/{digest}", 200);
     assert_eq!((manifests, fetched), (pushes, 3 * pushes), "{counts:#?}");
     assert!(indexed > pushes, "{counts:#?}");
 }

@@ -952,11 +952,23 @@ async fn connections_are_dealt_evenly_to_the_proxy_threads() {
     assert_eq!(rec.stop().await.exchanges, 9);
 }
 
-/// A plain HTTP/1.1 upstream that counts the connections it is given, answering each request
-/// with `ok`; with `close_idle`, it closes each connection after one answer (saying so with
-/// `Connection: close`, as an upstream ending its keep-alive does; one that closes without a word
-/// races the next request on the wire, for any HTTP/1.1 client).
-async fn counting_upstream(close_idle: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+/// How a [`raw_upstream`] treats each connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Raw {
+    /// Answers `ok` to every request.
+    KeepAlive,
+    /// Answers one request with `Connection: close` and closes, as an upstream ending its
+    /// keep-alive does (one that closes without a word races the next request on the wire, for
+    /// any HTTP/1.1 client).
+    CloseAfterEach,
+    /// Answers the first request and resets the connection under the second, without a byte of
+    /// answer: what a client sees when the upstream closes an idle keep-alive connection just as
+    /// a request goes out on it.
+    ResetSecond,
+}
+
+/// A plain HTTP/1.1 upstream that counts the connections it is given.
+async fn raw_upstream(how: Raw) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -969,21 +981,25 @@ async fn counting_upstream(close_idle: bool) -> (std::net::SocketAddr, Arc<Atomi
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
-                loop {
+                for n in 0.. {
                     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
                         match stream.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            Ok(read) => buf.extend_from_slice(&chunk[..read]),
                         }
                     }
                     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                     buf.drain(..end);
-                    let answer: &[u8] = if close_idle {
+                    if how == Raw::ResetSecond && n == 1 {
+                        let _ = stream.set_zero_linger();
+                        return;
+                    }
+                    let answer: &[u8] = if how == Raw::CloseAfterEach {
                         b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nok\n"
                     } else {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
                     };
-                    if stream.write_all(answer).await.is_err() || close_idle {
+                    if stream.write_all(answer).await.is_err() || how == Raw::CloseAfterEach {
                         return;
                     }
                 }
@@ -997,7 +1013,12 @@ async fn counting_upstream(close_idle: bool) -> (std::net::SocketAddr, Arc<Atomi
 async fn each_client_connection_has_its_upstream_connection_reopened_when_the_upstream_closes_it() {
     let dir = tempfile::tempdir().unwrap();
     for close_idle in [false, true] {
-        let (up, connections) = counting_upstream(close_idle).await;
+        let how = if close_idle {
+            Raw::CloseAfterEach
+        } else {
+            Raw::KeepAlive
+        };
+        let (up, connections) = raw_upstream(how).await;
         let rec = start(config(up, &dir.path().join(format!("t{close_idle}")))).await;
         // Two clients, each sending 20 requests on one keep-alive connection.
         let url = format!("http://{}/n", rec.addr);
@@ -1028,7 +1049,7 @@ async fn each_client_connection_has_its_upstream_connection_reopened_when_the_up
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_is_not_a_host_gets_a_400_and_never_reaches_the_upstream() {
-    let (up, connections) = counting_upstream(false).await;
+    let (up, connections) = raw_upstream(Raw::KeepAlive).await;
     let dir = tempfile::tempdir().unwrap();
     let rec = start(config(up, &dir.path().join("t"))).await;
     let url = format!("http://{}/v2/", rec.addr);
@@ -1043,46 +1064,6 @@ async fn a_host_that_is_not_a_host_gets_a_400_and_never_reaches_the_upstream() {
         "only the good one went upstream"
     );
     rec.stop().await;
-}
-
-/// A plain HTTP/1.1 upstream that answers the first request on each connection and resets the
-/// connection under the second, without a byte of answer: what a client sees when the upstream
-/// closes an idle keep-alive connection just as a request goes out on it.
-async fn resetting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counted = connections.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                for answered in [false, true] {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    buf.drain(..end);
-                    if answered {
-                        let _ = stream.set_zero_linger();
-                        return;
-                    }
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, connections)
 }
 
 /// Sends `request` on `stream` and reads the answer's status line and the rest up to `ok\n`
@@ -1106,7 +1087,7 @@ async fn exchange_raw(stream: &mut tokio::net::TcpStream, request: &str) -> Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_lost_with_an_idle_upstream_connection_is_resent_and_a_post_is_not() {
-    let (up, connections) = resetting_upstream().await;
+    let (up, connections) = raw_upstream(Raw::ResetSecond).await;
     let dir = tempfile::tempdir().unwrap();
     let rec = start(config(up, &dir.path().join("t"))).await;
     for (method, resent) in [("GET", true), ("POST", false)] {

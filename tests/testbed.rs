@@ -139,15 +139,6 @@ fn jwt(key: &[u8], claims: Value) -> String {
     )
 }
 
-/// How many requests of `endpoint` the testbed answered with `status`.
-fn served(testbed: &Testbed, endpoint: &str, status: u16) -> u64 {
-    let served = testbed.served();
-    served
-        .get(&(endpoint.to_string(), status))
-        .copied()
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_client_is_challenged_then_admitted_with_a_token_from_v2_auth() {
     let testbed = Testbed::start(config(RegistryAuth::Token)).await.unwrap();
@@ -558,7 +549,7 @@ async fn clair_indexes_by_fetching_every_layer_and_keys_its_answers_on_its_state
         (&body["manifest_hash"], &body["state"]),
         (&json!(manifest), &json!("IndexFinished"))
     );
-    let fetched = served(&testbed, "GET /v2/{repo}/blobs/{digest}", 200);
+    let fetched = testbed.served_count("GET /v2/{repo}/blobs/{digest}", 200);
     assert_eq!(fetched, 3, "each layer, and the failed request's first");
 
     let again = clair
@@ -693,17 +684,17 @@ async fn skopeo_pushes_an_image_with_a_token_and_pulls_it_back_identical() {
 
     // skopeo went through the token flow and a real chunked push, then pulled.
     let counts = testbed.served();
-    assert!(served(&testbed, "GET /v2/", 401) >= 2, "{counts:?}");
-    assert!(served(&testbed, "GET /v2/auth", 200) >= 2, "{counts:?}");
-    let uploads = served(&testbed, "PUT /v2/{repo}/blobs/uploads/{uuid}", 201);
+    assert!(testbed.served_count("GET /v2/", 401) >= 2, "{counts:?}");
+    assert!(testbed.served_count("GET /v2/auth", 200) >= 2, "{counts:?}");
+    let uploads = testbed.served_count("PUT /v2/{repo}/blobs/uploads/{uuid}", 201);
     assert_eq!(uploads, 4, "three layers and a config: {counts:?}");
     assert_eq!(
-        served(&testbed, "PUT /v2/{repo}/manifests/{tag}", 201),
+        testbed.served_count("PUT /v2/{repo}/manifests/{tag}", 201),
         1,
         "{counts:?}"
     );
     assert_eq!(
-        served(&testbed, "GET /v2/{repo}/blobs/{digest}", 200),
+        testbed.served_count("GET /v2/{repo}/blobs/{digest}", 200),
         4,
         "{counts:?}"
     );

@@ -158,12 +158,14 @@ impl Capture {
         (hash as f64 / u64::MAX as f64) < c.sample
     }
 
-    /// Starts recording an exchange whose request head has arrived.
+    /// Starts recording an exchange whose request head has arrived, naming `authority` (the
+    /// request URI's, on HTTP/2 and in absolute form, else its `Host`).
     pub fn begin(
         self: &Arc<Self>,
         connection: &Arc<Connection>,
         stream: u32,
         parts: &http::request::Parts,
+        authority: Option<&http::HeaderValue>,
         start: Nanos,
     ) -> Arc<Pending> {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +174,10 @@ impl Capture {
             self.redactor
                 .push_header(&mut headers, name.as_str(), value.as_bytes());
         }
-        let authority = client_authority(parts).unwrap_or_default();
+        let authority = authority
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let request = Request {
             method: Method::parse(parts.method.as_str()),
@@ -237,21 +242,6 @@ impl Capture {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
         self.metrics.recorded.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// The authority the client named: the request URI's (HTTP/2, absolute form) or its `Host`.
-pub fn client_authority(parts: &http::request::Parts) -> Option<String> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
 }
 
 /// HTTP version as the tape writes it.

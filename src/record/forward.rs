@@ -220,10 +220,6 @@ impl Proxy {
         let _in_flight = InFlight(&self.metrics);
 
         let (mut parts, body) = request.into_parts();
-        let pending = self
-            .capture
-            .wants(parts.uri.path())
-            .then(|| self.capture.begin(&connection, stream, &parts, start));
         // The Host the client named: its request's authority (HTTP/2, absolute form) or `Host`.
         let named = match parts.uri.authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
@@ -238,6 +234,16 @@ impl Proxy {
                 &format!("loadtape: the request's Host {shown:?} is not a host[:port]"),
             ));
         }
+        let pending = self.capture.wants(parts.uri.path()).then(|| {
+            self.capture
+                .begin(&connection, stream, &parts, named.as_ref(), start)
+        });
+        // The Host the upstream sees: `--upstream-host`, else the client's, else the upstream's.
+        let host = match (&self.fixed_host, &named) {
+            (Some(fixed), _) => fixed.clone(),
+            (None, Some(named)) => named.clone(),
+            (None, None) => self.default_host.clone(),
+        };
         let direct = self
             .direct
             .as_deref()
@@ -254,11 +260,7 @@ impl Proxy {
             // The pooled client wants an absolute URI; it connects to the upstream whatever
             // authority this names (FixedUpstream), and an HTTP/2 upstream sees it as
             // `:authority`.
-            let host = self.fixed_host.as_ref().or(named.as_ref());
-            let host = host
-                .unwrap_or(&self.default_host)
-                .to_str()
-                .unwrap_or_default();
+            let host = host.to_str().unwrap_or_default();
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             parts.uri = match format!("{}://{host}{path}", self.scheme).parse::<http::Uri>() {
                 Ok(u) => u,
@@ -280,19 +282,7 @@ impl Proxy {
         if self.config.forwarded_headers {
             add_forwarded(&mut parts.headers, &connection, named.as_ref());
         }
-        match (&self.fixed_host, named) {
-            (Some(fixed), _) => {
-                parts.headers.insert(header::HOST, fixed.clone());
-            }
-            (None, Some(named)) => {
-                parts.headers.insert(header::HOST, named);
-            }
-            (None, None) => {
-                parts
-                    .headers
-                    .insert(header::HOST, self.default_host.clone());
-            }
-        }
+        parts.headers.insert(header::HOST, host);
         parts.version = http::Version::HTTP_11;
         let body = match &pending {
             Some(p) => ProxyBody::Tapped(TapBody::spooling(

@@ -126,6 +126,36 @@ struct Deal {
     threads: Vec<UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
 }
 
+impl Deal {
+    /// Deals a connection accepted on thread `me`: returns it when it is `me`'s turn (or the
+    /// thread whose turn it is has gone), hands it over otherwise.
+    fn deal(&self, me: usize, stream: TcpStream, client: SocketAddr) -> Option<TcpStream> {
+        let to = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
+        if to == me {
+            return Some(stream);
+        }
+        // Off this thread's reactor, onto that one's.
+        let std = match stream.into_std() {
+            Ok(std) => std,
+            Err(e) => {
+                tracing::warn!("cannot hand over a connection from {client}: {e}");
+                return None;
+            }
+        };
+        match self.threads[to].send((std, client)) {
+            Ok(()) => None,
+            Err(back) => adopt(back.0 .0, client),
+        }
+    }
+}
+
+/// A socket handed over from another thread, on this thread's reactor.
+fn adopt(std: std::net::TcpStream, client: SocketAddr) -> Option<TcpStream> {
+    TcpStream::from_std(std)
+        .map_err(|e| tracing::warn!("cannot serve a connection from {client}: {e}"))
+        .ok()
+}
+
 /// What one proxy thread needs.
 struct OneThread {
     index: usize,
@@ -229,31 +259,10 @@ impl OneThread {
         loop {
             let (stream, client) = tokio::select! {
                 accepted = tcp.accept() => match accepted {
-                    Ok((stream, client)) => {
-                        let to = deal.next.fetch_add(1, Ordering::Relaxed) % deal.threads.len();
-                        if to == index {
-                            (stream, client)
-                        } else {
-                            // Another thread's turn: hand the socket over (off this thread's
-                            // reactor, onto that one's). Should that thread be gone, serve it here.
-                            match stream.into_std() {
-                                Ok(std) => match deal.threads[to].send((std, client)) {
-                                    Ok(()) => continue,
-                                    Err(back) => match TcpStream::from_std(back.0 .0) {
-                                        Ok(s) => (s, client),
-                                        Err(e) => {
-                                            tracing::warn!("cannot serve a connection from {client}: {e}");
-                                            continue;
-                                        }
-                                    },
-                                },
-                                Err(e) => {
-                                    tracing::warn!("cannot hand over a connection from {client}: {e}");
-                                    continue;
-                                }
-                            }
-                        }
-                    }
+                    Ok((stream, client)) => match deal.deal(index, stream, client) {
+                        Some(stream) => (stream, client),
+                        None => continue,
+                    },
                     Err(e) => {
                         // Out of file descriptors and the like: pause rather than spin.
                         tracing::warn!("cannot accept a connection: {e}");
@@ -261,12 +270,9 @@ impl OneThread {
                         continue;
                     }
                 },
-                Some((std, client)) = handed.recv() => match TcpStream::from_std(std) {
-                    Ok(s) => (s, client),
-                    Err(e) => {
-                        tracing::warn!("cannot serve a connection from {client}: {e}");
-                        continue;
-                    }
+                Some((std, client)) = handed.recv() => match adopt(std, client) {
+                    Some(stream) => (stream, client),
+                    None => continue,
                 },
                 _ = stop.cancelled() => break,
             };
@@ -276,9 +282,8 @@ impl OneThread {
         // seen the stop yet finds this inbox closed and serves its connection itself).
         handed.close();
         while let Ok((std, client)) = handed.try_recv() {
-            match TcpStream::from_std(std) {
-                Ok(s) => serve_one(s, client),
-                Err(e) => tracing::warn!("cannot serve a connection from {client}: {e}"),
+            if let Some(stream) = adopt(std, client) {
+                serve_one(stream, client);
             }
         }
         // Stop accepting; let what is in flight finish.

@@ -97,7 +97,7 @@ pub async fn send(
     timeout: Duration,
 ) -> Option<Result<http::Response<Incoming>, SendError>> {
     let Held {
-        sender,
+        mut sender,
         timer,
         last_used,
     } = dedicated.take();
@@ -114,7 +114,6 @@ pub async fn send(
         }
         None => Box::pin(tokio::time::sleep_until(deadline)),
     };
-    let mut sender = sender;
     let sent = tokio::select! {
         biased;
         sent = exchange(&mut sender, upstream, request, may_be_closing) => Some(sent),
@@ -213,15 +212,15 @@ async fn exchange(
                 *sender = Some(fresh);
                 return Ok(response);
             }
-            Err(mut e) => match e.take_message() {
+            Err(mut e) => match (e.take_message(), spare) {
                 // Never taken by a connection that had served before: the upstream closed it
                 // while idle. Once more on a fresh one.
-                Some(unsent) if was_reused => request = unsent,
-                None if spare.is_some() && lost_before_answer(e.error()) => {
+                (Some(unsent), _) if was_reused => request = unsent,
+                (None, Some(spare)) if lost_before_answer(e.error()) => {
                     tracing::debug!(
                         "upstream closed an idle connection under a request; resending it"
                     );
-                    request = spare.expect("checked above").request();
+                    request = spare.request();
                 }
                 _ => return Err(SendError::Http(e.into_error())),
             },

@@ -169,6 +169,14 @@ impl Testbed {
     pub fn served(&self) -> BTreeMap<(String, u16), u64> {
         lock(&self.shared.served).clone()
     }
+
+    /// How many requests of `endpoint` it answered with `status`.
+    pub fn served_count(&self, endpoint: &str, status: u16) -> u64 {
+        lock(&self.shared.served)
+            .get(&(endpoint.to_string(), status))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// What every handler shares.
