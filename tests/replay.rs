@@ -1723,7 +1723,8 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     // Two endpoint classes, interleaved: manifests and tag lists, 1,000 of each (enough to
-    // bound a p99 from both sides), 1 ms apart.
+    // bound a p99 from both sides), 1 ms apart. Recorded answers came after 40 ms, far above
+    // what the live sink takes even on a loaded machine, for the comparison with the recording.
     let mut records = Vec::new();
     for i in 0..2000u64 {
         let (id, at) = (i + 1, i * MS);
@@ -1735,9 +1736,11 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
             } else {
                 "/v2/org/app/tags/list".to_string()
             };
+            x.timing.response_head = Some(40 * MS);
+            x.timing.response_done = 41 * MS;
         }
         records.push(e);
-        records.push(closed(id, at + 3 * MS, 1));
+        records.push(closed(id, at + 42 * MS, 1));
     }
     records.sort_by_key(|r| r.start());
     let tape = dir.path().join("two-classes.tape");
@@ -1804,8 +1807,15 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
     let (code, junit, _) = diff(&a, &b, "junit");
     assert_eq!(code, 1);
     assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+    // The tag lists were not slowed: they pass, or, when this shared machine stalled a few of
+    // the top three of a thousand (what bounds a p99 from above), are inconclusive and say
+    // which check straddled; never a failure.
+    let tags = junit
+        .lines()
+        .find(|l| l.contains("name=\"GET /v2/{repo}/tags/list\""))
+        .unwrap();
     assert!(
-        junit.contains("name=\"GET /v2/{repo}/tags/list\"><system-out>"),
+        tags.contains("><system-out>") || tags.contains("straddles its threshold"),
         "{junit}"
     );
 
@@ -1814,7 +1824,7 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
     assert_eq!(code, 0, "{text}{err}");
     assert!(text.starts_with("verdict: pass"), "{text}");
 
-    // A results tape alone is compared with the recording it carries (first byte: 1 ms
+    // A results tape alone is compared with the recording it carries (first byte: 40 ms
     // recorded, well under it live).
     let o = std::process::Command::new(loadtape_bin())
         .arg("diff")

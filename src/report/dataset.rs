@@ -282,7 +282,7 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    fn new(label: String, kind: Kind) -> Dataset {
+    pub(super) fn new(label: String, kind: Kind) -> Dataset {
         Dataset {
             label,
             kind,

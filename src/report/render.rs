@@ -83,7 +83,7 @@ impl Comparison {
         if inconclusive > 0 {
             let _ = write!(
                 out,
-                "; {inconclusive} inconclusive: too few requests to tell"
+                "; {inconclusive} inconclusive: too few requests or too much noise to tell"
             );
         }
         out.push(')');
@@ -309,10 +309,7 @@ impl Comparison {
                     );
                 }
                 Verdict::Inconclusive => {
-                    let why = d
-                        .note
-                        .clone()
-                        .unwrap_or_else(|| "too few requests to tell".into());
+                    let why = d.note.clone().unwrap_or_else(|| straddling(d));
                     let _ = write!(out, "<skipped message=\"inconclusive: {}\"/>", xml(&why));
                 }
                 Verdict::Pass => {
@@ -323,6 +320,25 @@ impl Comparison {
         }
         out.push_str("  </testsuite>\n</testsuites>\n");
         out
+    }
+}
+
+/// Why a class is inconclusive: the checks whose interval straddles their threshold, so a
+/// reader sees whether more requests would settle it or the run was noisy.
+fn straddling(d: &ClassDiff) -> String {
+    let open: Vec<String> = d
+        .checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Inconclusive)
+        .map(|c| format!("{}: {}", c.what, describe_check(c)))
+        .collect();
+    if open.is_empty() {
+        "too few requests to tell".into()
+    } else {
+        format!(
+            "{} straddles its threshold (too few requests or too much noise to tell)",
+            open.join("; ")
+        )
     }
 }
 
@@ -621,5 +637,77 @@ impl Dataset {
         }
         out.push_str("  </testsuite>\n</testsuites>\n");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::dataset::{ClassStats, Dataset, Kind, Phase};
+    use super::super::diff::compare;
+    use super::super::verdict::Gate;
+
+    /// A class of `n` answers of 200, `total` µs each plus `spread` µs cycling over ten values.
+    fn class(n: u64, total: u64, spread: u64) -> ClassStats {
+        let mut c = ClassStats {
+            count: n,
+            ..ClassStats::default()
+        };
+        c.statuses.insert("200".into(), n);
+        for i in 0..n {
+            let v = total + (i % 10) * spread / 10;
+            c.first_byte.record(v).unwrap();
+            c.total.record(v).unwrap();
+        }
+        c
+    }
+
+    fn side(label: &str, classes: &[(&str, ClassStats)]) -> Dataset {
+        let mut d = Dataset::new(label.into(), Kind::Replay);
+        for (name, c) in classes {
+            d.all.merge(c);
+            d.classes.insert(name.to_string(), c.clone());
+        }
+        d
+    }
+
+    #[test]
+    fn junit_fails_a_regression_shows_a_pass_and_says_why_a_class_is_inconclusive() {
+        let base = side(
+            "a",
+            &[
+                ("GET /slowed", class(1000, 300, 100)),
+                ("GET /same", class(1000, 300, 100)),
+                ("GET /rare", class(3, 300, 100)),
+            ],
+        );
+        let cand = side(
+            "b",
+            &[
+                ("GET /slowed", class(1000, 25_300, 100)),
+                ("GET /same", class(1000, 300, 100)),
+                ("GET /rare", class(3, 900, 100)),
+            ],
+        );
+        let junit = compare(&base, &cand, &Gate::default(), Phase::Total).to_junit();
+        assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+        assert!(
+            junit.contains("name=\"GET /slowed\"><failure message=\"p50 "),
+            "{junit}"
+        );
+        assert!(
+            junit.contains("name=\"GET /same\"><system-out>p50: "),
+            "{junit}"
+        );
+        // Three requests bound no quantile: the message names the checks left open.
+        let rare = junit
+            .lines()
+            .find(|l| l.contains("name=\"GET /rare\""))
+            .unwrap();
+        assert!(
+            rare.contains("<skipped message=\"inconclusive: p50: "),
+            "{rare}"
+        );
+        assert!(rare.contains("p99: "), "{rare}");
+        assert!(rare.contains("straddles its threshold"), "{rare}");
     }
 }

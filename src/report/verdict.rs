@@ -14,7 +14,8 @@
 //!   on small samples.
 //!
 //! A class regresses when the interval lies wholly beyond the threshold, passes when it lies
-//! wholly within, and is inconclusive otherwise: too few requests to tell, said so, exit 0.
+//! wholly within, and is inconclusive otherwise: too few requests (or too much noise) to tell,
+//! said so, exit 0.
 //! A status class (2xx..5xx, a failure kind) the baseline never saw is a regression outright.
 
 use serde::{Deserialize, Serialize};
