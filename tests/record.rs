@@ -509,7 +509,8 @@ async fn a_client_gone_mid_upload_is_recorded_as_cut_short_and_the_proxy_goes_on
     let rec = start(config(up.addr, &out)).await;
     let upload = dir.path().join("big.bin");
     std::fs::write(&upload, pattern(0, 4 << 20)).unwrap();
-    // curl gives up after half a second while uploading at 1 MiB/s.
+    // curl gives up after 1.5 s while uploading 4 MiB at 1 MiB/s (long enough for a stalled
+    // machine to have sent some of it).
     require("curl", "curl");
     let gave_up = tokio::process::Command::new("curl")
         .args([
@@ -517,7 +518,7 @@ async fn a_client_gone_mid_upload_is_recorded_as_cut_short_and_the_proxy_goes_on
             "--limit-rate",
             "1M",
             "--max-time",
-            "0.5",
+            "1.5",
             "--data-binary",
         ])
         .arg(format!("@{}", upload.display()))

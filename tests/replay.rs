@@ -136,7 +136,10 @@ fn bursty() -> Vec<u64> {
     starts
 }
 
-/// Checks that arrivals keep the recorded gaps divided by `speed`, within `tolerance`.
+/// Checks that arrivals keep the recorded gaps divided by `speed`: measured from the median
+/// offset (so one late first arrival does not shift them all), at least 90% within
+/// `tolerance`. A shared machine may stall a few of them; a wrong speed or a schedule that
+/// drifts moves nearly all of them by far more.
 fn assert_follows(arrivals: &[common::sink::Arrival], starts: &[u64], speed: f64, tolerance: u64) {
     assert_eq!(arrivals.len(), starts.len(), "every request arrived");
     let mut by_id: Vec<_> = arrivals
@@ -145,23 +148,41 @@ fn assert_follows(arrivals: &[common::sink::Arrival], starts: &[u64], speed: f64
         .collect();
     by_id.sort();
     let first = by_id[0].1;
-    let mut worst = 0i64;
-    for (i, (id, at)) in by_id.iter().enumerate() {
-        assert_eq!(*id, i as u64 + 1);
-        let expected = ((starts[i] - starts[0]) as f64 / speed) as i64;
-        let got = at.duration_since(first).as_nanos() as i64;
-        worst = worst.max((got - expected).abs());
-        assert!(
-            (got - expected).unsigned_abs() <= tolerance,
-            "request {id} arrived {:.3} ms after the first, the schedule says {:.3} ms",
-            got as f64 / 1e6,
-            expected as f64 / 1e6
-        );
-    }
+    // Arrival minus schedule, relative to the first arrival.
+    let offsets: Vec<i64> = by_id
+        .iter()
+        .enumerate()
+        .map(|(i, (id, at))| {
+            assert_eq!(*id, i as u64 + 1);
+            let expected = ((starts[i] - starts[0]) as f64 / speed) as i64;
+            at.duration_since(first).as_nanos() as i64 - expected
+        })
+        .collect();
+    let mut sorted = offsets.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    let errors: Vec<u64> = offsets
+        .iter()
+        .map(|o| (o - median).unsigned_abs())
+        .collect();
+    let off: Vec<String> = errors
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e > tolerance)
+        .map(|(i, e)| format!("request {} off by {:.3} ms", i + 1, *e as f64 / 1e6))
+        .collect();
+    assert!(
+        off.len() * 10 <= errors.len(),
+        "x{speed}: {} of {} requests off the schedule by more than {:.1} ms: {off:?}",
+        off.len(),
+        errors.len(),
+        tolerance as f64 / 1e6
+    );
     eprintln!(
-        "x{speed}: worst arrival error {:.3} ms over {} requests",
-        worst as f64 / 1e6,
-        by_id.len()
+        "x{speed}: worst arrival error {:.3} ms over {} requests ({} beyond the tolerance)",
+        *errors.iter().max().unwrap() as f64 / 1e6,
+        by_id.len(),
+        off.len()
     );
 }
 
@@ -178,6 +199,9 @@ async fn arrivals_follow_the_recorded_timing_at_x1_and_x10_bursts_included() {
         // Two clocks at x10: connections spread over both keep one timeline.
         c.threads = if speed > 1.0 { 2 } else { 1 };
         c.out = Some(dir.path().join(format!("x{speed}.tape")));
+        // Validity is the dispatch lag's p99, over 30 requests their maximum: held to what a
+        // machine that stalls a time slice still meets (the arrivals are checked below).
+        c.lag_limit = Duration::from_millis(20);
         let report = run(c).await;
         assert!(report.valid, "{}", report.to_text());
         // A burst's 1 ms gaps become 0.1 ms at x10: the tolerance (a scheduler time slice on a
@@ -220,7 +244,7 @@ async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewe
     c.plan.connections = ConnectionMode::Pooled;
     // What is asserted is the open model, not microsecond precision (the arrivals test's):
     // a generous limit keeps a busy machine's scheduling hiccup from failing it.
-    c.lag_limit = Duration::from_millis(50);
+    c.lag_limit = Duration::from_millis(100);
     let out = dir.path().join("results.tape");
     c.out = Some(out.clone());
     let report = run(c).await;
@@ -229,15 +253,23 @@ async fn a_stalled_target_shows_as_latency_from_the_intended_instant_not_as_fewe
     res.sort_by_key(|r| r.exchange);
     assert_eq!(res.len(), 60);
     let latency_ms = |id: u64| res[id as usize - 1].latency() as f64 / 1e6;
-    // Open model: requests kept going out on schedule during the stall.
+    // Open model: requests kept going out on schedule during the stall. A closed model would
+    // have sent /r/12 onwards up to 300 ms late; a stalled machine delays a few by a time slice.
     for r in &res {
         assert!(
-            r.sent < 20 * MS,
+            r.sent < 100 * MS,
             "request {} went out {:.1} ms late: the stall held the schedule back",
             r.exchange,
             r.sent as f64 / 1e6
         );
     }
+    let mut sent: Vec<u64> = res.iter().map(|r| r.sent).collect();
+    sent.sort();
+    assert!(
+        sent[30] < 2 * MS,
+        "median send lag {:.1} ms",
+        sent[30] as f64 / 1e6
+    );
     // The first stalled request waited the whole hold; later ones less; after the stall, fast.
     assert!(latency_ms(11) >= 290.0, "{}", latency_ms(11));
     assert!(latency_ms(20) >= 190.0 && latency_ms(20) < latency_ms(11));
@@ -1749,7 +1781,7 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
     let normal = sink(Behaviour::default(), None).await;
     let slower = sink(
         Behaviour {
-            delay: Some(("/manifests/".into(), Duration::from_millis(25))),
+            delay: Some(("/manifests/".into(), Duration::from_millis(100))),
             ..Behaviour::default()
         },
         None,
@@ -1768,11 +1800,12 @@ async fn diff_flags_exactly_the_endpoint_class_a_slower_target_made_slower() {
     let (c, b) = replay_into(slower.addr, "b.tape");
     run(c).await;
 
-    // A floor above this shared machine's scheduling noise, far below the 25 ms injected.
+    // Floors above this shared machine's scheduling noise (a stall of tens of ms delays a few
+    // dozen requests), far below the 100 ms injected.
     let profile = dir.path().join("gate.toml");
     std::fs::write(
         &profile,
-        "[gate]\nlatency = [{ quantile = 0.5, growth = 0.1, floor-us = 5000 }, { quantile = 0.99, growth = 0.1, floor-us = 10000 }]\n",
+        "[gate]\nlatency = [{ quantile = 0.5, growth = 0.1, floor-us = 20000 }, { quantile = 0.99, growth = 0.1, floor-us = 40000 }]\n",
     )
     .unwrap();
     let diff = |x: &Path, y: &Path, format: &str| {
