@@ -124,7 +124,7 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         "the client gets the token untouched"
     );
     let bearer = format!("Authorization: Bearer {TOKEN}");
-    curl(&[
+    let json = curl(&[
         "-H",
         &bearer,
         "-H",
@@ -153,6 +153,14 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         "token bodies are not stored"
     );
     assert_eq!(auth.issued_secrets.len(), 1);
+    // Digests: of a body not stored, computed by the recorder; of one stored whole, derived
+    // from the stored bytes on reading.
+    let sha = |b: &[u8]| Some(<sha2::Sha256 as sha2::Digest>::digest(b).into());
+    let token_body = &auth.response.as_ref().unwrap().body;
+    assert_eq!(token_body.sha256, sha(issued.as_bytes()));
+    let json_body = &ex[1].response.as_ref().unwrap().body;
+    assert_eq!(json_body.whole_inline(), Some(json.as_bytes()));
+    assert_eq!(json_body.sha256, sha(json.as_bytes()));
     let Some(HeaderValue::Redacted(used)) = ex[1].request.headers.get("authorization") else {
         panic!("authorization not redacted");
     };

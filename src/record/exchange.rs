@@ -21,6 +21,7 @@ use crate::tape::{
     HttpVersion, Method, Nanos, Record, Request, Response, Scheme, Stored, Timing, TlsInfo,
     UpstreamFailure,
 };
+use sha2::{Digest, Sha256};
 
 /// Turns connections and exchanges into records, and counts them.
 pub struct Capture {
@@ -439,10 +440,19 @@ impl Pending {
 }
 
 fn body_of(summary: BodySummary, keep: bool) -> Body {
+    let stored = keep && !summary.prefix.is_empty();
+    // A body the tap kept whole was not hashed: a stored copy gives the reader its digest; one
+    // not stored (a token endpoint's) is hashed here, off the body's path.
+    let sha256 = match summary.sha256 {
+        None if !stored && summary.len > 0 && summary.prefix.len() as u64 == summary.len => {
+            Some(Sha256::digest(&summary.prefix).into())
+        }
+        sha256 => sha256,
+    };
     Body {
         len: summary.len,
-        sha256: summary.sha256,
-        stored: if keep && !summary.prefix.is_empty() {
+        sha256,
+        stored: if stored {
             Stored::Prefix(summary.prefix)
         } else {
             Stored::None

@@ -1,10 +1,15 @@
 //! Bodies that stream through while being measured.
 //!
 //! A [`TapBody`] wraps a body on its way through the proxy and hands every frame on unchanged,
-//! the moment it arrives; on the side it counts the bytes, hashes them (sha256) and keeps the
-//! first ones. When the body ends, fails, or is dropped half-way (a client gone mid-upload), it
-//! reports a [`BodySummary`] once to whoever waits for it. Memory stays bounded by the prefix
-//! kept, whatever the body's size.
+//! the moment it arrives; on the side it counts the bytes, keeps the first ones, and hashes them
+//! (sha256) once they outgrow what is kept. When the body ends, fails, or is dropped half-way (a
+//! client gone mid-upload), it reports a [`BodySummary`] once to whoever waits for it. Memory
+//! stays bounded by the prefix kept, whatever the body's size.
+//!
+//! A body kept whole is not hashed as it passes: most of the bodies a registry's clients send
+//! and get are small JSON kept whole, and hashing each on the proxy thread was a tenth of what
+//! capture cost. Its digest is the stored bytes' (`sha256` stays `None`), which the tape's
+//! reader derives (`crate::tape::codec`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +25,8 @@ use super::spool::{Spool, SpoolBody};
 #[derive(Debug, Clone, Default)]
 pub struct BodySummary {
     pub len: u64,
-    /// sha256 of the bytes that passed; `None` when none did.
+    /// sha256 of the bytes that passed; `None` when none did, or when all that passed is in
+    /// `prefix` (the digest is the prefix's; see the module docs).
     pub sha256: Option<[u8; 32]>,
     /// The first bytes, up to the keep limit.
     pub prefix: Vec<u8>,
@@ -43,7 +49,8 @@ pub struct TapBody<B: Body, D: TapDone> {
 
 struct Tap<D> {
     len: u64,
-    hasher: Sha256,
+    /// Started when the body outgrows `keep`.
+    hasher: Option<Sha256>,
     prefix: Vec<u8>,
     keep: usize,
     /// With `--bodies full`: where the body goes once it outgrows the prefix.
@@ -54,7 +61,7 @@ struct Tap<D> {
 
 impl<D: TapDone> Tap<D> {
     fn finish(mut self, complete: bool) {
-        let sha256 = (self.len > 0).then(|| self.hasher.finalize_reset().into());
+        let sha256 = self.hasher.take().map(|h| h.finalize().into());
         let spooled = match self.spooling.take() {
             Some(body) if complete => body.finish(),
             _ => None,
@@ -82,7 +89,7 @@ impl<B: Body, D: TapDone> TapBody<B, D> {
             inner,
             tap: Some(Tap {
                 len: 0,
-                hasher: Sha256::new(),
+                hasher: None,
                 prefix: Vec::new(),
                 keep,
                 spool,
@@ -110,7 +117,15 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(tap)) = (frame.data_ref(), self.tap.as_mut()) {
                     tap.len += data.len() as u64;
-                    tap.hasher.update(data);
+                    if let Some(hasher) = tap.hasher.as_mut() {
+                        hasher.update(data);
+                    } else if tap.len > tap.keep as u64 {
+                        // Outgrown: what passed before is all in the prefix.
+                        let mut hasher = Sha256::new();
+                        hasher.update(&tap.prefix);
+                        hasher.update(data);
+                        tap.hasher = Some(hasher);
+                    }
                     let room = tap.keep.saturating_sub(tap.prefix.len());
                     let took = room.min(data.len());
                     if took > 0 {

@@ -412,6 +412,7 @@ fn decode_exchange(i: &mut Input, cache: &mut FrameState) -> Result<Exchange, St
 }
 
 // Body flags: bits 0-1 where the sha256 is, bit 2 complete, bits 3-4 what is stored.
+// SHA_NONE with a whole stored prefix: the digest is the prefix's, derived on reading.
 const SHA_NONE: u8 = 0;
 const SHA_INLINE: u8 = 1;
 const SHA_IN_TARGET: u8 = 2;
@@ -472,6 +473,14 @@ fn decode_body_field(i: &mut Input, target: &str, headers: &Headers) -> Result<B
         STORED_PREFIX => Stored::Prefix(i.bytes()?.to_vec()),
         STORED_FULL => Stored::Full(i.digest()?),
         _ => return Err(format!("bad body flags {flags:#x}")),
+    };
+    // No digest written for a body stored whole: it is the stored bytes' (the recorder does
+    // not hash what it keeps whole).
+    let sha256 = match (sha256, &stored) {
+        (None, Stored::Prefix(p)) if len > 0 && p.len() as u64 == len => {
+            Some(<sha2::Sha256 as sha2::Digest>::digest(p).into())
+        }
+        (sha256, _) => sha256,
     };
     Ok(Body {
         len,
@@ -759,6 +768,42 @@ mod tests {
         }
         assert_eq!(zigzag(101, 100), 2);
         assert_eq!(zigzag(99, 100), 1);
+    }
+
+    #[test]
+    fn a_body_stored_whole_without_its_digest_reads_back_with_it() {
+        use sha2::Digest;
+        let bytes = b"{\"schemaVersion\": 2}".to_vec();
+        let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+        let headers = Headers::new();
+        let round_trip = |body: &Body| {
+            let mut out = Vec::new();
+            encode_body(body, "/v2/a/manifests/v1", &headers, &mut out);
+            let read = decode_body_field(&mut Input::new(&out), "/v2/a/manifests/v1", &headers);
+            (read.unwrap(), out.len())
+        };
+        // As the recorder writes a body it kept whole: no digest, and none on the tape.
+        let unhashed = Body {
+            len: bytes.len() as u64,
+            sha256: None,
+            stored: Stored::Prefix(bytes.clone()),
+            complete: true,
+        };
+        let (read, unhashed_size) = round_trip(&unhashed);
+        assert_eq!(read.sha256, Some(digest));
+        assert_eq!(read.stored, unhashed.stored);
+        // One given with its digest reads back the same, 32 bytes longer.
+        let (read, hashed_size) = round_trip(&Body::inline(bytes.clone()));
+        assert_eq!(read, Body::inline(bytes.clone()));
+        assert_eq!(hashed_size, unhashed_size + 32);
+        // Only a prefix, or nothing, stored: no digest to derive.
+        for stored in [Stored::Prefix(bytes[..4].to_vec()), Stored::None] {
+            let body = Body {
+                stored,
+                ..unhashed.clone()
+            };
+            assert_eq!(round_trip(&body).0.sha256, None);
+        }
     }
 
     #[test]
