@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::exchange::{close_reason, Capture};
 use super::forward::Proxy;
+use super::head_timer::{self, HeadTimer};
 use super::RecordConfig;
 use crate::tape::{HttpVersion, TlsInfo};
 
@@ -183,6 +184,8 @@ impl OneThread {
             drain,
         } = self;
         let graceful = GracefulShutdown::new();
+        // The header read timeouts of this thread's connections (see `head_timer`).
+        tokio::spawn(head_timer::sweep(head_timer::tick(header_read_timeout)));
         // Serves one connection on this thread, under the graceful shutdown.
         let serve_one = |stream: TcpStream, client: SocketAddr| {
             if let Some(n) = proxy.metrics().connections.get(index) {
@@ -198,7 +201,7 @@ impl OneThread {
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
-                    .timer(TokioTimer::new())
+                    .timer(HeadTimer)
                     .header_read_timeout(header_read_timeout);
                 let (result, connection) = match tls {
                     None => {

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod exchange;
 pub mod forward;
+mod head_timer;
 pub mod listen;
 pub mod spool;
 pub mod tap;
