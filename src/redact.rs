@@ -56,6 +56,9 @@ pub struct Redactor {
     key: [u8; 32],
     /// Lowercase names; a short list, searched without allocating.
     redacted: Vec<String>,
+    /// The same as the proxy's header names, which compare without a byte loop for the
+    /// standard ones.
+    redacted_names: Vec<http::HeaderName>,
 }
 
 impl Default for Redactor {
@@ -78,7 +81,15 @@ impl Redactor {
             .collect();
         redacted.sort();
         redacted.dedup();
-        Redactor { key, redacted }
+        let redacted_names = redacted
+            .iter()
+            .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        Redactor {
+            key,
+            redacted,
+            redacted_names,
+        }
     }
 
     /// The names redacted, sorted (for the start banner and the tape header).
@@ -100,6 +111,24 @@ impl Redactor {
             headers.push_redacted(name, self.redact_value(name, value));
         } else {
             headers.push(name, value);
+        }
+    }
+
+    /// [`Redactor::push_header`] for a header as the proxy has it (its name already lowercase):
+    /// the recorder's path, once per header of every exchange.
+    pub fn push_http_header(
+        &self,
+        headers: &mut Headers,
+        name: &http::HeaderName,
+        value: &http::HeaderValue,
+    ) {
+        if self.redacted_names.contains(name) {
+            headers.push_redacted(
+                name.as_str(),
+                self.redact_value(name.as_str(), value.as_bytes()),
+            );
+        } else {
+            headers.push_lowercase(name.as_str(), value.as_bytes());
         }
     }
 
@@ -251,6 +280,28 @@ mod tests {
         );
         assert_eq!(h.get_str("cookie"), Some("session=abc"));
         assert!(matches!(h.get("x-api-key"), Some(HeaderValue::Redacted(_))));
+        // The proxy's path decides alike (the fingerprint aside, the same header block).
+        let mut from_http = Headers::new();
+        for (name, value) in [
+            ("authorization", "Basic YWRtaW46cGFzc3dvcmQ="),
+            ("cookie", "session=abc"),
+            ("x-api-key", "k"),
+            ("x-custom-thing", "v"),
+            ("proxy-authorization", "Bearer opaque"),
+        ] {
+            r.push_http_header(
+                &mut from_http,
+                &http::HeaderName::from_static(name),
+                &http::HeaderValue::from_static(value),
+            );
+        }
+        let mut by_name = Headers::new();
+        r.push_header(&mut by_name, "Authorization", b"Basic YWRtaW46cGFzc3dvcmQ=");
+        r.push_header(&mut by_name, "cookie", b"session=abc");
+        r.push_header(&mut by_name, "X-Api-Key", b"k");
+        r.push_header(&mut by_name, "x-custom-thing", b"v");
+        r.push_header(&mut by_name, "proxy-authorization", b"Bearer opaque");
+        assert_eq!(from_http, by_name);
     }
 
     #[test]

@@ -172,8 +172,7 @@ impl Capture {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
         let mut headers = Headers::with_capacity(parts.headers.len(), 512);
         for (name, value) in &parts.headers {
-            self.redactor
-                .push_header(&mut headers, name.as_str(), value.as_bytes());
+            self.redactor.push_http_header(&mut headers, name, value);
         }
         let authority = authority
             .and_then(|a| a.to_str().ok())
@@ -332,9 +331,7 @@ impl Pending {
         let capture = &self.capture;
         let mut headers = Headers::with_capacity(parts.headers.len(), 512);
         for (name, value) in &parts.headers {
-            capture
-                .redactor
-                .push_header(&mut headers, name.as_str(), value.as_bytes());
+            capture.redactor.push_http_header(&mut headers, name, value);
         }
         self.response.put(ResponsePart::Head {
             status: parts.status.as_u16(),

@@ -49,8 +49,9 @@ pub struct TapBody<B: Body, D: TapDone> {
 
 struct Tap<D> {
     len: u64,
-    /// Started when the body outgrows `keep`.
-    hasher: Option<Sha256>,
+    /// Started when the body outgrows `keep`; boxed, as most bodies never need it and a tapped
+    /// body is moved whole through the proxy's futures.
+    hasher: Option<Box<Sha256>>,
     prefix: Vec<u8>,
     keep: usize,
     /// With `--bodies full`: where the body goes once it outgrows the prefix.
@@ -121,7 +122,7 @@ where
                         hasher.update(data);
                     } else if tap.len > tap.keep as u64 {
                         // Outgrown: what passed before is all in the prefix.
-                        let mut hasher = Sha256::new();
+                        let mut hasher = Box::new(Sha256::new());
                         hasher.update(&tap.prefix);
                         hasher.update(data);
                         tap.hasher = Some(hasher);

@@ -81,8 +81,23 @@ pub const KNOWN_NAMES: &[&str] = &[
     "ratelimit-remaining",
 ];
 
+/// The index of a well-known name. Every header of every exchange is looked up here as it is
+/// captured, so the names are grouped by length: a lookup compares a handful, not sixty.
 pub(crate) fn known_index(name: &str) -> Option<u8> {
-    KNOWN_NAMES.iter().position(|k| *k == name).map(|i| i as u8)
+    const LONGEST: usize = 40;
+    static BY_LENGTH: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    let by_length = BY_LENGTH.get_or_init(|| {
+        let mut by_length = vec![Vec::new(); LONGEST + 1];
+        for (i, k) in KNOWN_NAMES.iter().enumerate() {
+            by_length[k.len()].push(i as u8);
+        }
+        by_length
+    });
+    by_length
+        .get(name.len())?
+        .iter()
+        .copied()
+        .find(|&i| KNOWN_NAMES[i as usize] == name)
 }
 
 /// What kind of credential a [`Redaction`] stands for.
@@ -302,6 +317,23 @@ impl Headers {
         });
     }
 
+    /// Appends a header whose name is known to be lowercase (as `http::HeaderName`s are).
+    pub fn push_lowercase(&mut self, name: &str, value: &[u8]) {
+        debug_assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name}");
+        let name = match known_index(name) {
+            Some(i) => NameRef::Known(i),
+            None => {
+                let (start, len) = self.store(name.as_bytes());
+                NameRef::Literal { start, len }
+            }
+        };
+        let (start, len) = self.store(value);
+        self.entries.push(Entry {
+            name,
+            value: ValueRef::Plain { start, len },
+        });
+    }
+
     /// Appends a header whose value was redacted.
     pub fn push_redacted(&mut self, name: &str, redaction: Redaction) {
         let name = self.intern_name(name);
@@ -441,6 +473,22 @@ impl Serialize for Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_known_name_and_only_those_is_found_at_its_index() {
+        for (i, k) in KNOWN_NAMES.iter().enumerate() {
+            assert_eq!(known_index(k), Some(i as u8), "{k}");
+        }
+        for other in [
+            "",
+            "hosts",
+            "x-forwarded-fo",
+            "docker-distribution-api-versions",
+            "HOST",
+        ] {
+            assert_eq!(known_index(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn names_are_lowercased_and_order_kept() {
