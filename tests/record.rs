@@ -210,6 +210,20 @@ async fn large_bodies_stream_through_with_their_digest_and_a_bounded_prefix() {
     ])
     .await;
     assert_eq!(std::fs::read(&downloaded).unwrap(), layer);
+    // Chunked up, as a client streaming a layer of unknown length sends it.
+    let echoed = curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("{base}/echo"),
+    ])
+    .await;
+    let echoed: serde_json::Value = serde_json::from_str(&echoed).unwrap();
+    assert_eq!(
+        (echoed["len"].as_u64(), echoed["sha256"].as_str()),
+        (Some(8 << 20), Some(digest.as_str()))
+    );
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
@@ -974,6 +988,12 @@ enum Raw {
     /// answer: what a client sees when the upstream closes an idle keep-alive connection just as
     /// a request goes out on it.
     ResetSecond,
+    /// Refuses an upload with a 413 as soon as its head is read, and reads none of its body.
+    RefuseUploads,
+    /// Answers by path in the shapes HTTP/1.1 allows beyond a plain length: an interim 103
+    /// first, a chunked body with a chunk extension and a trailer, a HEAD's length without a
+    /// body, a 204, and an HTTP/1.0 body that ends with the connection.
+    Shapes,
 }
 
 /// A plain HTTP/1.1 upstream that counts the connections it is given.
@@ -998,7 +1018,31 @@ async fn raw_upstream(how: Raw) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                         }
                     }
                     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end);
+                    if how == Raw::RefuseUploads {
+                        let refusal =
+                            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big\n";
+                        let _ = stream.write_all(refusal).await;
+                        // Keeps the connection, reading nothing more.
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
+                    if how == Raw::Shapes {
+                        let path = head.split(' ').nth(1).unwrap_or("");
+                        let answer: &[u8] = match path {
+                            "/interim" => b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n",
+                            "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;name=value\r\nabc\r\n3\r\nde\n\r\n0\r\nx-checksum: 1\r\n\r\n",
+                            "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+                            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                            _ => b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end\n",
+                        };
+                        let ends = !matches!(path, "/interim" | "/chunked" | "/head" | "/empty");
+                        if stream.write_all(answer).await.is_err() || ends {
+                            return;
+                        }
+                        continue;
+                    }
                     if how == Raw::ResetSecond && n == 1 {
                         let _ = stream.set_zero_linger();
                         return;
@@ -1016,6 +1060,99 @@ async fn raw_upstream(how: Raw) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_refuses_early_gets_its_answer_not_a_timeout() {
+    let (upstream, _) = raw_upstream(Raw::RefuseUploads).await;
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("big.bin");
+    std::fs::write(&upload, pattern(0, 32 << 20)).unwrap();
+    let out = dir.path().join("t");
+    let mut c = config(upstream, &out);
+    // Far beyond the test's own limit: a proxy that waited for the upstream to read the
+    // whole body would answer 504 only after it.
+    c.upstream_timeout = Duration::from_secs(120);
+    let rec = start(c).await;
+    require("curl", "curl");
+    let refused = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code}",
+        ])
+        .args(["--max-time", "30", "--data-binary"])
+        .arg(format!("@{}", upload.display()))
+        .arg(format!("http://{}/v2/org/app/blobs/uploads/x", rec.addr))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "413");
+    rec.stop().await;
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges_in(&records);
+    assert_eq!(ex[0].response.as_ref().unwrap().status, 413);
+    assert!(ex[0].request.body.len < 32 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_connection() {
+    let (upstream, connections) = raw_upstream(Raw::Shapes).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(upstream, &out)).await;
+    let base = format!("http://{}", rec.addr);
+    // One client connection: the interim response is passed over, the chunked bodies end
+    // where their last chunk says, a HEAD's and a 204's answers have no body; all on one
+    // upstream connection.
+    let got = curl(&[
+        &format!("{base}/interim"),
+        &format!("{base}/chunked"),
+        &format!("{base}/empty"),
+        &format!("{base}/chunked"),
+    ])
+    .await;
+    assert_eq!(got, "ok\nabcde\nabcde\n");
+    let head = curl(&["--head", &format!("{base}/head")]).await;
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 100"),
+        "{head}"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    // A body that ends with its connection: whole, and the next request opens another.
+    let got = curl(&[&format!("{base}/until-close"), &format!("{base}/chunked")]).await;
+    assert_eq!(got, "until the end\nabcde\n");
+    assert_eq!(connections.load(Ordering::SeqCst), 4);
+    rec.stop().await;
+
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges_in(&records);
+    let answers: Vec<(&str, u16, Option<&[u8]>, bool)> = ex
+        .iter()
+        .map(|e| {
+            let r = e.response.as_ref().unwrap();
+            (
+                e.request.target.as_str(),
+                r.status,
+                r.body.whole_inline(),
+                r.body.complete,
+            )
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            ("/interim", 200, Some(&b"ok\n"[..]), true),
+            ("/chunked", 200, Some(&b"abcde\n"[..]), true),
+            ("/empty", 204, None, true),
+            ("/chunked", 200, Some(&b"abcde\n"[..]), true),
+            ("/head", 200, None, true),
+            ("/until-close", 200, Some(&b"until the end\n"[..]), true),
+            ("/chunked", 200, Some(&b"abcde\n"[..]), true),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ use hyper_util::rt::TokioExecutor;
 use super::admin::Metrics;
 use super::exchange::{BodyDone, Capture, Connection};
 use super::tap::TapBody;
-use super::upstream::{self, Dedicated, SendError};
+use super::upstream::{self, Dedicated, DirectBody, SendError};
 use super::RecordConfig;
 use crate::tape::FailureKind;
 
@@ -37,25 +37,38 @@ use crate::tape::FailureKind;
 // One per body, moved once into hyper: boxing the tap would cost an allocation per body.
 #[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
-    /// Recorded: measured as it passes.
+    /// Recorded: measured as it passes (a request's, or a response from the pooled client).
     Tapped(TapBody<Incoming, BodyDone>),
     /// Not recorded (sampled out, excluded): passed as is.
     Plain(Incoming),
+    /// A response read off a dedicated upstream connection ([`upstream`]), recorded.
+    TappedDirect(TapBody<DirectBody, BodyDone>),
+    /// The same, not recorded.
+    PlainDirect(DirectBody),
     /// Written by the proxy itself (an error response).
     Local(Option<Bytes>),
 }
 
+type BoxError = Box<dyn StdError + Send + Sync>;
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn boxed<E: Into<BoxError>>(
+            p: Poll<Option<Result<Frame<Bytes>, E>>>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            p.map(|f| f.map(|r| r.map_err(Into::into)))
+        }
         match self.get_mut() {
-            ProxyBody::Tapped(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Plain(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Tapped(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Plain(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::TappedDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::PlainDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -64,6 +77,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Tapped(b) => b.is_end_stream(),
             ProxyBody::Plain(b) => b.is_end_stream(),
+            ProxyBody::TappedDirect(b) => b.is_end_stream(),
+            ProxyBody::PlainDirect(b) => b.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
         }
     }
@@ -72,9 +87,17 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Tapped(b) => b.size_hint(),
             ProxyBody::Plain(b) => b.size_hint(),
+            ProxyBody::TappedDirect(b) => b.size_hint(),
+            ProxyBody::PlainDirect(b) => b.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
+}
+
+/// A response from the upstream, from either way to it.
+enum Answer {
+    Pooled(Response<Incoming>),
+    Direct(Response<DirectBody>),
 }
 
 /// Connects to the configured upstream whatever authority a request names. Requests carry the
@@ -298,11 +321,13 @@ impl Proxy {
         let timeout = self.config.upstream_timeout;
         // `None`: no response head within the timeout.
         let sent = match direct {
-            Some(address) => upstream::send(&dedicated, address, upstream, timeout).await,
+            Some(address) => upstream::send(&dedicated, address, upstream, timeout)
+                .await
+                .map(|r| r.map(Answer::Direct)),
             None => tokio::time::timeout(timeout, self.client.request(upstream))
                 .await
                 .ok()
-                .map(|r| r.map_err(SendError::Pooled)),
+                .map(|r| r.map(Answer::Pooled).map_err(SendError::Pooled)),
         };
         let upstream_at = self.capture.clock().now();
         m.upstream_latency
@@ -334,26 +359,47 @@ impl Proxy {
                 ));
             }
         };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let status = match &response {
+            Answer::Pooled(r) => r.status(),
+            Answer::Direct(r) => r.status(),
+        };
+        if status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some((client_side, _)) = upgrade {
                 return Ok(self.switch(client_side, response, pending.as_ref()));
             }
         }
-        let (mut parts, body) = response.into_parts();
+        // The response's body, tapped when recorded (`tap` stands for either kind of body).
+        macro_rules! tap {
+            ($parts:expr, $body:expr, $tapped:path, $plain:path) => {
+                match &pending {
+                    Some(p) => {
+                        let done = p.response_head(&$parts);
+                        let keep = self.capture.keep_for(&$parts.headers, p.token_endpoint());
+                        let spool = self.capture.spool().filter(|_| !p.token_endpoint());
+                        $tapped(TapBody::spooling($body, keep, spool, done))
+                    }
+                    None => $plain($body),
+                }
+            };
+        }
+        let (mut parts, body) = match response {
+            Answer::Pooled(r) => {
+                let (mut parts, body) = r.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = tap!(parts, body, ProxyBody::Tapped, ProxyBody::Plain);
+                (parts, body)
+            }
+            Answer::Direct(r) => {
+                let (mut parts, body) = r.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = tap!(parts, body, ProxyBody::TappedDirect, ProxyBody::PlainDirect);
+                (parts, body)
+            }
+        };
         m.count_status(parts.status.as_u16());
         // The client's connection has its own version (hyper writes HTTP/2 frames regardless);
         // an HTTP/1.0 upstream must not turn the client's keep-alive connection into 1.0.
         parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        let body = match &pending {
-            Some(p) => {
-                let done = p.response_head(&parts);
-                let keep = self.capture.keep_for(&parts.headers, p.token_endpoint());
-                let spool = self.capture.spool().filter(|_| !p.token_endpoint());
-                ProxyBody::Tapped(TapBody::spooling(body, keep, spool, done))
-            }
-            None => ProxyBody::Plain(body),
-        };
         Ok(Response::from_parts(parts, body))
     }
 }
@@ -364,32 +410,72 @@ impl Proxy {
     fn switch(
         &self,
         client_side: hyper::upgrade::OnUpgrade,
-        mut response: Response<Incoming>,
+        response: Answer,
         pending: Option<&Arc<super::exchange::Pending>>,
     ) -> Response<ProxyBody> {
         self.metrics.count_status(101);
-        let upstream_side = hyper::upgrade::on(&mut response);
-        let (parts, body) = response.into_parts();
+        // Noted before the 101's tap ends, which completes the exchange's record.
         if let Some(p) = pending {
             p.set_upgraded();
-            let done = p.response_head(&parts);
-            // A 101 has no body: its tap ends at once.
-            drop(TapBody::new(body, 0, done));
         }
+        let (parts, upstream_side) = match response {
+            Answer::Pooled(mut r) => {
+                let upstream_side = hyper::upgrade::on(&mut r);
+                let (parts, body) = r.into_parts();
+                if let Some(p) = pending {
+                    // A 101 has no body: its tap ends at once.
+                    drop(TapBody::new(body, 0, p.response_head(&parts)));
+                }
+                (parts, Switch::Pooled(upstream_side))
+            }
+            Answer::Direct(r) => {
+                let switched = r.extensions().get::<upstream::Switched>().cloned();
+                let (parts, body) = r.into_parts();
+                if let Some(p) = pending {
+                    drop(TapBody::new(body, 0, p.response_head(&parts)));
+                }
+                (parts, Switch::Direct(switched.and_then(|s| s.take())))
+            }
+        };
         tokio::spawn(async move {
-            let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
-                Ok(both) => both,
+            let client = match client_side.await {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::debug!("protocol switch failed: {e}");
+                    tracing::debug!("protocol switch failed on the client's side: {e}");
                     return;
                 }
             };
             let mut client = hyper_util::rt::TokioIo::new(client);
-            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            let _ = match upstream_side {
+                Switch::Pooled(upstream_side) => match upstream_side.await {
+                    Ok(upstream) => {
+                        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    }
+                    Err(e) => {
+                        tracing::debug!("protocol switch failed on the upstream's side: {e}");
+                        return;
+                    }
+                },
+                Switch::Direct(Some((mut upstream, early))) => {
+                    use tokio::io::AsyncWriteExt;
+                    // What the upstream sent right after its 101 goes first.
+                    if client.write_all(&early).await.is_err() {
+                        return;
+                    }
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                }
+                Switch::Direct(None) => return,
+            };
         });
         Response::from_parts(parts, ProxyBody::Local(None))
     }
+}
+
+/// The upstream's side of a protocol switch.
+enum Switch {
+    Pooled(hyper::upgrade::OnUpgrade),
+    Direct(Option<(tokio::net::TcpStream, Bytes)>),
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` and `Upgrade`).
@@ -544,7 +630,7 @@ fn classify(e: &SendError) -> (FailureKind, StatusCode) {
     let connect = match e {
         SendError::Connect(_) => true,
         SendError::Pooled(e) => e.is_connect(),
-        SendError::Http(_) => false,
+        SendError::Io(_) | SendError::Protocol(_) | SendError::Body(_) => false,
     };
     if connect {
         return (FailureKind::Refused, StatusCode::BAD_GATEWAY);
