@@ -1035,9 +1035,11 @@ async fn raw_upstream(how: Raw) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                             "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;name=value\r\nabc\r\n3\r\nde\n\r\n0\r\nx-checksum: 1\r\n\r\n",
                             "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
                             "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                            "/hop" => b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret-Hop\r\nKeep-Alive: timeout=5\r\nX-Secret-Hop: 1\r\nX-End: 1\r\ncontent-length: 3\r\n\r\nok\n",
                             _ => b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end\n",
                         };
-                        let ends = !matches!(path, "/interim" | "/chunked" | "/head" | "/empty");
+                        let ends =
+                            !matches!(path, "/interim" | "/chunked" | "/head" | "/empty" | "/hop");
                         if stream.write_all(answer).await.is_err() || ends {
                             return;
                         }
@@ -1120,11 +1122,23 @@ async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_conn
         head.to_ascii_lowercase().contains("content-length: 100"),
         "{head}"
     );
-    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    // The fields of the upstream's connection stay behind, and those its Connection names.
+    let shown = curl(&["--include", &format!("{base}/hop")])
+        .await
+        .to_ascii_lowercase();
+    assert!(
+        shown.contains("x-end: 1") && shown.ends_with("ok\n"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("x-secret-hop") && !shown.contains("keep-alive"),
+        "{shown}"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
     // A body that ends with its connection: whole, and the next request opens another.
     let got = curl(&[&format!("{base}/until-close"), &format!("{base}/chunked")]).await;
     assert_eq!(got, "until the end\nabcde\n");
-    assert_eq!(connections.load(Ordering::SeqCst), 4);
+    assert_eq!(connections.load(Ordering::SeqCst), 5);
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
@@ -1149,6 +1163,7 @@ async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_conn
             ("/empty", 204, None, true),
             ("/chunked", 200, Some(&b"abcde\n"[..]), true),
             ("/head", 200, None, true),
+            ("/hop", 200, Some(&b"ok\n"[..]), true),
             ("/until-close", 200, Some(&b"until the end\n"[..]), true),
             ("/chunked", 200, Some(&b"abcde\n"[..]), true),
         ]

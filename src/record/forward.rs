@@ -390,8 +390,8 @@ impl Proxy {
                 (parts, body)
             }
             Answer::Direct(r) => {
-                let (mut parts, body) = r.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+                // Its hop-by-hop fields were left out as its head was read.
+                let (parts, body) = r.into_parts();
                 let body = tap!(parts, body, ProxyBody::TappedDirect, ProxyBody::PlainDirect);
                 (parts, body)
             }

@@ -34,6 +34,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
+use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -49,7 +50,7 @@ const MAY_BE_CLOSING: Duration = Duration::from_millis(500);
 
 /// The largest response head read; hyper's client allows about as much.
 const MAX_HEAD: usize = 64 << 10;
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 /// Read buffer growth; a response body is handed on in pieces of at most what one read gave.
 const READ_SIZE: usize = 16 << 10;
 /// Request bodies are written with their head when this small.
@@ -257,7 +258,58 @@ impl Failed {
 struct Head {
     status: StatusCode,
     version: Version,
+    /// Without the hop-by-hop fields (but on a 101).
     headers: HeaderMap,
+    framing: Framed,
+}
+
+/// What a response head's hop-by-hop and length fields say.
+#[derive(Default)]
+struct Framed {
+    /// `Content-Length`: `Some(None)` when its values are not one number.
+    length: Option<Option<u64>>,
+    /// `Transfer-Encoding` present: whether its last coding is chunked.
+    chunked: Option<bool>,
+    close: bool,
+    keep_alive: bool,
+    /// Other fields `Connection` names.
+    connection_names: Vec<HeaderName>,
+}
+
+impl Framed {
+    /// Notes one field; whether it is hop-by-hop.
+    fn read(&mut self, name: &str, value: &[u8]) -> bool {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("content-length") {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            self.length = match self.length {
+                None => Some(n),
+                Some(earlier) if earlier == n => Some(n),
+                Some(_) => Some(None),
+            };
+            return false;
+        }
+        if is("transfer-encoding") {
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            return true;
+        }
+        if is("connection") {
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if let Ok(n) = HeaderName::from_bytes(token) {
+                    self.connection_names.push(n);
+                }
+            }
+            return true;
+        }
+        is("keep-alive") || is("te") || is("upgrade") || is("proxy-connection")
+    }
 }
 
 /// An HTTP/1.1 connection to the upstream.
@@ -469,9 +521,13 @@ impl Conn {
     /// on.
     fn final_answer_came(&mut self) -> Result<bool, Failed> {
         loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut slots);
-            match parsed.parse(&self.buf) {
+            let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut parsed,
+                &self.buf,
+                &mut slots,
+            ) {
                 Ok(httparse::Status::Complete(len)) => {
                     let code = parsed.code.unwrap_or(0);
                     if !(100..200).contains(&code) || code == 101 {
@@ -521,11 +577,17 @@ impl Conn {
         }
     }
 
-    /// Takes one complete head off `buf`, if there is one.
+    /// Takes one complete head off `buf`, if there is one. The fields that frame the message
+    /// or concern this connection only (RFC 9110, 7.6.1) are read here and, but on a 101, left
+    /// out of the headers handed on.
     fn parse_head(&mut self) -> Result<Option<Head>, Failed> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let len = match parsed.parse(&self.buf) {
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            &self.buf,
+            &mut slots,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
                 return Err(Failed::protocol(format!(
@@ -542,10 +604,16 @@ impl Conn {
         } else {
             Version::HTTP_11
         };
-        // Where each name and value lies in the head, to slice them out of it without copying.
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut framing = Framed::default();
+        // Where each field handed on lies in the head, to slice it out without copying.
         let base = self.buf.as_ptr() as usize;
-        let mut spans = Vec::with_capacity(parsed.headers.len());
+        let mut spans: SmallVec<[(usize, usize, usize, usize); 24]> = SmallVec::new();
         for h in parsed.headers.iter() {
+            let hop = framing.read(h.name, h.value);
+            if hop && !switching {
+                continue;
+            }
             spans.push((
                 h.name.as_ptr() as usize - base,
                 h.name.len(),
@@ -555,17 +623,24 @@ impl Conn {
         }
         let head = self.buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
-        for (name_at, name_len, value_at, value_len) in spans {
+        for &(name_at, name_len, value_at, value_len) in &spans {
             let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
                 .map_err(|e| Failed::protocol(format!("header name: {e}")))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|e| Failed::protocol(format!("header {name}: {e}")))?;
             headers.append(name, value);
         }
+        if !switching {
+            // Fields the Connection header names concern this connection only too.
+            for named in framing.connection_names.drain(..) {
+                headers.remove(named);
+            }
+        }
         Ok(Some(Head {
             status,
             version,
             headers,
+            framing,
         }))
     }
 
@@ -580,49 +655,33 @@ impl Conn {
             status,
             version,
             headers,
+            framing: framed,
         } = head;
-        let tokens = |name| {
-            headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-        };
-        let close = tokens(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
-        let keep_alive = tokens(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("keep-alive"));
         let mut reusable = !self.unfinished
             && if version == Version::HTTP_10 {
-                keep_alive
+                framed.keep_alive
             } else {
-                !close
+                !framed.close
             };
-        let mut switched = None;
         let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
             reusable = false;
-            switched = Some(());
             Framing::Done
         } else if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
             Framing::Done
-        } else if headers.contains_key(header::TRANSFER_ENCODING) {
-            match tokens(header::TRANSFER_ENCODING).next_back() {
-                Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
-                _ => {
-                    reusable = false;
-                    Framing::Close
-                }
+        } else if let Some(chunked) = framed.chunked {
+            if chunked {
+                Framing::Chunked(Chunk::Size)
+            } else {
+                // Another coding last: the body ends with the connection (RFC 9112, 6.3).
+                reusable = false;
+                Framing::Close
             }
         } else {
-            let lengths: Vec<Option<u64>> = headers
-                .get_all(header::CONTENT_LENGTH)
-                .iter()
-                .map(|v| v.to_str().ok().and_then(|v| v.trim().parse().ok()))
-                .collect();
-            match lengths.first() {
-                Some(Some(n)) if lengths.iter().all(|l| *l == Some(*n)) => Framing::Length(*n),
+            match framed.length {
+                Some(Some(n)) => Framing::Length(n),
                 // No length, or lengths that disagree: the body ends with the connection.
                 _ => {
                     reusable = false;
@@ -630,6 +689,7 @@ impl Conn {
                 }
             }
         };
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
         let mut response = http::Response::new(DirectBody {
             conn: None,
             framing: Framing::Done,
@@ -639,7 +699,7 @@ impl Conn {
         *response.status_mut() = status;
         *response.version_mut() = version;
         *response.headers_mut() = headers;
-        if switched.is_some() {
+        if switched {
             let rest = self.buf.freeze();
             response
                 .extensions_mut()
