@@ -337,7 +337,9 @@ impl Proxy {
             Some(Err(e)) => {
                 let (kind, status) = classify(&e);
                 let detail = describe(&e);
-                m.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                if kind != FailureKind::ClientGone {
+                    m.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!("upstream failed: {detail}");
                 if let Some(p) = &pending {
                     p.failed(kind, detail.clone());
@@ -598,6 +600,10 @@ fn add_forwarded(headers: &mut HeaderMap, connection: &Connection, host: Option<
 
 /// What kind of upstream failure an error is, and the status the client gets for it.
 fn classify(e: &SendError) -> (FailureKind, StatusCode) {
+    // The request's own body failed: its client went away mid-upload, not the upstream.
+    if let SendError::Body(_) = e {
+        return (FailureKind::ClientGone, StatusCode::BAD_GATEWAY);
+    }
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {

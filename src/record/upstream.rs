@@ -14,8 +14,9 @@
 //! instructions a proxied request took). The upstream is a server the operator named (Quay,
 //! Clair, nginx), so this side needs HTTP/1.1's framing, not a defence against every client.
 //!
-//! An idle connection may be closed by the upstream just as a request goes out on it. One idle
-//! long enough to be closing is checked for a close already received before it is used, and an
+//! An idle connection may be closed by the upstream just as a request goes out on it. A kept
+//! connection is checked for a close (or bytes nobody asked for) already received before it is
+//! used: free while nothing came, as the runtime then knows the socket is not readable. An
 //! idempotent bodiless request lost with a reused connection before any answer is sent again on
 //! a fresh one, as nginx does (`proxy_next_upstream error`); a POST never is.
 //!
@@ -41,12 +42,10 @@ use tokio::time::{Instant, Sleep};
 
 use super::forward::ProxyBody;
 
+type BoxError = Box<dyn StdError + Send + Sync>;
+
 /// How long opening an upstream connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An upstream connection idle this long may be closed by the upstream (gunicorn, in front of
-/// Quay, keeps idle connections 2 s) just as the next request goes out on it.
-const MAY_BE_CLOSING: Duration = Duration::from_millis(500);
 
 /// The largest response head read; hyper's client allows about as much.
 const MAX_HEAD: usize = 64 << 10;
@@ -67,8 +66,6 @@ pub struct Dedicated(Mutex<Held>);
 struct Held {
     conn: Option<Conn>,
     timer: Option<Pin<Box<Sleep>>>,
-    /// When the connection last finished something (a response head, or a body).
-    last_used: Option<Instant>,
 }
 
 impl Dedicated {
@@ -84,7 +81,6 @@ impl Dedicated {
             // A body that ended meanwhile gave its connection back already.
             if held.conn.is_none() {
                 held.conn = slot.conn.take();
-                held.last_used = slot.last_used.or(held.last_used);
             }
             *slot = held;
         }
@@ -94,7 +90,6 @@ impl Dedicated {
     fn give_back(&self, conn: Conn) {
         if let Ok(mut slot) = self.0.lock() {
             slot.conn = Some(conn);
-            slot.last_used = Some(Instant::now());
         }
     }
 }
@@ -155,13 +150,8 @@ pub async fn send(
     request: http::Request<ProxyBody>,
     timeout: Duration,
 ) -> Option<Result<http::Response<DirectBody>, SendError>> {
-    let Held {
-        conn,
-        timer,
-        last_used,
-    } = dedicated.take();
+    let Held { conn, timer } = dedicated.take();
     let now = Instant::now();
-    let may_be_closing = last_used.is_some_and(|t| now.duration_since(t) >= MAY_BE_CLOSING);
     // A timeout too large to add (someone meaning "never"): a deadline decades away.
     let deadline = now
         .checked_add(timeout)
@@ -175,13 +165,12 @@ pub async fn send(
     };
     let sent = tokio::select! {
         biased;
-        sent = exchange(conn, upstream, request, may_be_closing, dedicated) => Some(sent),
+        sent = exchange(conn, upstream, request, dedicated) => Some(sent),
         _ = timer.as_mut() => None,
     };
     dedicated.put(Held {
         conn: None,
         timer: Some(timer),
-        last_used: Some(Instant::now()),
     });
     sent
 }
@@ -192,7 +181,6 @@ async fn exchange(
     mut conn: Option<Conn>,
     upstream: &str,
     request: http::Request<ProxyBody>,
-    may_be_closing: bool,
     dedicated: &Arc<Dedicated>,
 ) -> Result<http::Response<DirectBody>, SendError> {
     let (parts, body) = request.into_parts();
@@ -201,7 +189,7 @@ async fn exchange(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
-    if may_be_closing && conn.as_ref().is_some_and(Conn::closed_by_upstream) {
+    if conn.as_ref().is_some_and(Conn::closed_by_upstream) {
         conn = None;
     }
     let mut body = Some(body);
@@ -216,7 +204,7 @@ async fn exchange(
             Err(Failed {
                 error,
                 before_answer: true,
-            }) if reused && may_be_closing && bodiless && idempotent => {
+            }) if reused && bodiless && idempotent => {
                 tracing::debug!(
                     "upstream closed an idle connection under a request ({error}); resending it"
                 );
@@ -263,6 +251,17 @@ struct Head {
     framing: Framed,
 }
 
+/// Where a field handed on lies in the response head.
+#[derive(Clone, Copy)]
+struct Span {
+    name: usize,
+    name_len: usize,
+    value: usize,
+    value_len: usize,
+    /// It is `Content-Length`.
+    length: bool,
+}
+
 /// What a response head's hop-by-hop and length fields say.
 #[derive(Default)]
 struct Framed {
@@ -303,7 +302,10 @@ impl Framed {
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     self.keep_alive = true;
                 } else if let Ok(n) = HeaderName::from_bytes(token) {
-                    self.connection_names.push(n);
+                    // Never one that frames the message.
+                    if n != header::CONTENT_LENGTH {
+                        self.connection_names.push(n);
+                    }
                 }
             }
             return true;
@@ -321,6 +323,8 @@ struct Conn {
     out: Vec<u8>,
     /// The last request's body did not all go: the connection is not reused.
     unfinished: bool,
+    /// A final answer came while the body was going (kept in `buf`).
+    answered: bool,
 }
 
 impl Conn {
@@ -341,6 +345,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_SIZE),
             out: Vec::with_capacity(1024),
             unfinished: false,
+            answered: false,
         })
     }
 
@@ -423,17 +428,45 @@ impl Conn {
         chunked
     }
 
-    /// Writes the head and the body as it comes; a small first piece goes out with the head.
-    /// `Ok(false)` when the upstream answered (or closed) before taking the whole body: a
-    /// registry refusing an upload says so early, and waits for no more of it.
+    /// Writes the head and the body as it comes. The head waits for a first piece of body that
+    /// is ready at once (one write for a small upload), no longer. While writing, and while
+    /// waiting for the client's next piece, the upstream is watched: a refusal (a status of 400
+    /// or more, or a close) ends the upload there, `Ok(false)`, as a registry refusing an
+    /// upload waits for no more of it. An early answer that is not a refusal does not (the
+    /// upstream may still read the body); it waits in `buf`.
     async fn write_with_body(
         &mut self,
         mut body: ProxyBody,
         chunked: bool,
     ) -> Result<bool, Failed> {
         let mut head_sent = false;
+        self.answered = false;
         loop {
-            let frame = match body.frame().await {
+            let frame = if head_sent {
+                match self.next_frame_unless_refused(&mut body).await? {
+                    Some(frame) => frame,
+                    None => return Ok(false),
+                }
+            } else {
+                let ready = std::future::poll_fn(|cx| {
+                    Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
+                        Poll::Ready(frame) => Some(frame),
+                        Poll::Pending => None,
+                    })
+                })
+                .await;
+                match ready {
+                    Some(frame) => frame,
+                    None => {
+                        if !self.send_out().await? {
+                            return Ok(false);
+                        }
+                        head_sent = true;
+                        continue;
+                    }
+                }
+            };
+            let frame = match frame {
                 None => break,
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
@@ -459,7 +492,7 @@ impl Conn {
                 if !self.send_out().await? {
                     return Ok(false);
                 }
-                if !self.write_unless_answered(&data).await? {
+                if !self.write_unless_refused(&data).await? {
                     return Ok(false);
                 }
             }
@@ -477,18 +510,44 @@ impl Conn {
         self.send_out().await
     }
 
-    /// Writes and clears `out`; see [`Conn::write_unless_answered`].
+    /// The client's next piece of body, unless the upstream refuses the upload first (`None`).
+    #[allow(clippy::type_complexity)]
+    async fn next_frame_unless_refused(
+        &mut self,
+        body: &mut ProxyBody,
+    ) -> Result<Option<Option<Result<Frame<Bytes>, BoxError>>>, Failed> {
+        loop {
+            if self.answered {
+                return Ok(Some(body.frame().await));
+            }
+            tokio::select! {
+                biased;
+                frame = body.frame() => return Ok(Some(frame)),
+                ready = self.io.readable() => {
+                    ready.map_err(Failed::io)?;
+                    if self.refused()? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes and clears `out`; see [`Conn::write_unless_refused`].
     async fn send_out(&mut self) -> Result<bool, Failed> {
         let out = std::mem::take(&mut self.out);
-        let sent = self.write_unless_answered(&out).await;
+        let sent = self.write_unless_refused(&out).await;
         self.out = out;
         self.out.clear();
         sent
     }
 
-    /// Writes `bytes`, unless the upstream answers or closes first (`Ok(false)`, what it sent
-    /// then in `buf`).
-    async fn write_unless_answered(&mut self, bytes: &[u8]) -> Result<bool, Failed> {
+    /// Writes `bytes`, unless the upstream refuses the upload first (`Ok(false)`).
+    async fn write_unless_refused(&mut self, bytes: &[u8]) -> Result<bool, Failed> {
+        if self.answered {
+            self.io.write_all(bytes).await.map_err(Failed::io)?;
+            return Ok(true);
+        }
         let mut done = 0;
         while done < bytes.len() {
             let (reader, mut writer) = self.io.split();
@@ -501,14 +560,12 @@ impl Conn {
                 },
                 ready = reader.readable() => {
                     ready.map_err(Failed::io)?;
-                    // Readiness may be stale: only what can be read says the upstream spoke.
-                    self.buf.reserve(READ_SIZE);
-                    match self.io.try_read_buf(&mut self.buf) {
-                        Ok(0) => return Ok(false),
-                        Ok(_) if self.final_answer_came()? => return Ok(false),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(Failed::io(e)),
+                    if self.refused()? {
+                        return Ok(false);
+                    }
+                    if self.answered {
+                        self.io.write_all(&bytes[done..]).await.map_err(Failed::io)?;
+                        return Ok(true);
                     }
                 }
             }
@@ -516,10 +573,18 @@ impl Conn {
         Ok(true)
     }
 
-    /// After bytes came mid-upload: whether they begin a final answer. Interim responses (a
-    /// `100 Continue` to the client's `Expect`, most often) are taken off, and the upload goes
-    /// on.
-    fn final_answer_came(&mut self) -> Result<bool, Failed> {
+    /// Reads what the upstream sent mid-upload (readiness may be stale: only what can be read
+    /// says it spoke). Interim responses (a `100 Continue` to the client's `Expect`, most
+    /// often) are taken off; a final one of 400 or more, or a close, refuses the upload; a
+    /// final one below 400 is kept for `read_head`, and the upload goes on unwatched.
+    fn refused(&mut self) -> Result<bool, Failed> {
+        self.buf.reserve(READ_SIZE);
+        match self.io.try_read_buf(&mut self.buf) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(Failed::io(e)),
+        }
         loop {
             let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut []);
@@ -530,10 +595,15 @@ impl Conn {
             ) {
                 Ok(httparse::Status::Complete(len)) => {
                     let code = parsed.code.unwrap_or(0);
-                    if !(100..200).contains(&code) || code == 101 {
+                    if (100..200).contains(&code) && code != 101 {
+                        self.buf.advance(len);
+                        continue;
+                    }
+                    if code >= 400 {
                         return Ok(true);
                     }
-                    self.buf.advance(len);
+                    self.answered = true;
+                    return Ok(false);
                 }
                 Ok(httparse::Status::Partial) => return Ok(self.buf.len() > MAX_HEAD),
                 Err(e) => return Err(Failed::protocol(format!("response head: {e}"))),
@@ -608,22 +678,45 @@ impl Conn {
         let mut framing = Framed::default();
         // Where each field handed on lies in the head, to slice it out without copying.
         let base = self.buf.as_ptr() as usize;
-        let mut spans: SmallVec<[(usize, usize, usize, usize); 24]> = SmallVec::new();
+        let mut spans: SmallVec<[Span; 24]> = SmallVec::new();
         for h in parsed.headers.iter() {
             let hop = framing.read(h.name, h.value);
             if hop && !switching {
                 continue;
             }
-            spans.push((
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
+            spans.push(Span {
+                name: h.name.as_ptr() as usize - base,
+                name_len: h.name.len(),
+                value: h.value.as_ptr() as usize - base,
+                value_len: h.value.len(),
+                length: h.name.eq_ignore_ascii_case("content-length"),
+            });
+        }
+        // RFC 9112, 6.3: a length beside a transfer coding is dropped (the coding frames the
+        // body, and the client's framing must be the one the body has); a length that is not
+        // one number is an answer a proxy cannot pass on; nor a transfer coding on HTTP/1.0.
+        if framing.chunked.is_none() && framing.length == Some(None) {
+            return Err(Failed::protocol("a Content-Length that is not one number"));
+        }
+        if framing.chunked.is_some() && version == Version::HTTP_10 {
+            return Err(Failed::protocol(
+                "Transfer-Encoding on an HTTP/1.0 response",
             ));
         }
+        let drop_length = framing.chunked.is_some();
         let head = self.buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
-        for &(name_at, name_len, value_at, value_len) in &spans {
+        for &Span {
+            name: name_at,
+            name_len,
+            value: value_at,
+            value_len,
+            length,
+        } in &spans
+        {
+            if length && drop_length {
+                continue;
+            }
             let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
                 .map_err(|e| Failed::protocol(format!("header name: {e}")))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
@@ -657,12 +750,8 @@ impl Conn {
             headers,
             framing: framed,
         } = head;
-        let mut reusable = !self.unfinished
-            && if version == Version::HTTP_10 {
-                framed.keep_alive
-            } else {
-                !framed.close
-            };
+        let mut reusable =
+            !self.unfinished && !framed.close && (version == Version::HTTP_11 || framed.keep_alive);
         let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
             reusable = false;
             Framing::Done
@@ -839,7 +928,11 @@ impl Body for DirectBody {
                         let line = conn.buf.split_to(end + 2);
                         let size = std::str::from_utf8(&line[..end])
                             .ok()
-                            .map(|l| l.split(';').next().unwrap_or("").trim())
+                            .map(|l| l.split(';').next().unwrap_or("").trim_end())
+                            .filter(|hex| {
+                                (1..=16).contains(&hex.len())
+                                    && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                            })
                             .and_then(|hex| u64::from_str_radix(hex, 16).ok());
                         this.framing = match size {
                             Some(0) => Framing::Chunked(Chunk::Trailers),
