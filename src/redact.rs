@@ -58,6 +58,7 @@ pub struct Redactor {
     redacted: Vec<String>,
     /// The same as the proxy's header names, which compare without a byte loop for the
     /// standard ones.
+    #[cfg(feature = "net")]
     redacted_names: Vec<http::HeaderName>,
 }
 
@@ -81,14 +82,14 @@ impl Redactor {
             .collect();
         redacted.sort();
         redacted.dedup();
-        let redacted_names = redacted
-            .iter()
-            .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect();
         Redactor {
             key,
+            #[cfg(feature = "net")]
+            redacted_names: redacted
+                .iter()
+                .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
             redacted,
-            redacted_names,
         }
     }
 
@@ -116,6 +117,7 @@ impl Redactor {
 
     /// [`Redactor::push_header`] for a header as the proxy has it (its name already lowercase):
     /// the recorder's path, once per header of every exchange.
+    #[cfg(feature = "net")]
     pub fn push_http_header(
         &self,
         headers: &mut Headers,
@@ -281,27 +283,30 @@ mod tests {
         assert_eq!(h.get_str("cookie"), Some("session=abc"));
         assert!(matches!(h.get("x-api-key"), Some(HeaderValue::Redacted(_))));
         // The proxy's path decides alike (the fingerprint aside, the same header block).
-        let mut from_http = Headers::new();
-        for (name, value) in [
-            ("authorization", "Basic YWRtaW46cGFzc3dvcmQ="),
-            ("cookie", "session=abc"),
-            ("x-api-key", "k"),
-            ("x-custom-thing", "v"),
-            ("proxy-authorization", "Bearer opaque"),
-        ] {
-            r.push_http_header(
-                &mut from_http,
-                &http::HeaderName::from_static(name),
-                &http::HeaderValue::from_static(value),
-            );
+        #[cfg(feature = "net")]
+        {
+            let mut from_http = Headers::new();
+            for (name, value) in [
+                ("authorization", "Basic YWRtaW46cGFzc3dvcmQ="),
+                ("cookie", "session=abc"),
+                ("x-api-key", "k"),
+                ("x-custom-thing", "v"),
+                ("proxy-authorization", "Bearer opaque"),
+            ] {
+                r.push_http_header(
+                    &mut from_http,
+                    &http::HeaderName::from_static(name),
+                    &http::HeaderValue::from_static(value),
+                );
+            }
+            let mut by_name = Headers::new();
+            r.push_header(&mut by_name, "Authorization", b"Basic YWRtaW46cGFzc3dvcmQ=");
+            r.push_header(&mut by_name, "cookie", b"session=abc");
+            r.push_header(&mut by_name, "X-Api-Key", b"k");
+            r.push_header(&mut by_name, "x-custom-thing", b"v");
+            r.push_header(&mut by_name, "proxy-authorization", b"Bearer opaque");
+            assert_eq!(from_http, by_name);
         }
-        let mut by_name = Headers::new();
-        r.push_header(&mut by_name, "Authorization", b"Basic YWRtaW46cGFzc3dvcmQ=");
-        r.push_header(&mut by_name, "cookie", b"session=abc");
-        r.push_header(&mut by_name, "X-Api-Key", b"k");
-        r.push_header(&mut by_name, "x-custom-thing", b"v");
-        r.push_header(&mut by_name, "proxy-authorization", b"Bearer opaque");
-        assert_eq!(from_http, by_name);
     }
 
     #[test]
