@@ -123,6 +123,8 @@ impl Clock {
                         break 'plan;
                     }
                 };
+                // Everything before this step is dispatched (see `Shared::progress`).
+                self.shared.progress.store(step.at(), Ordering::Release);
                 let deadline = self.shared.t0 + Duration::from_nanos(step.at());
                 if !self.wait_until(timer.as_ref().ok(), deadline).await {
                     break 'plan;
@@ -136,6 +138,7 @@ impl Clock {
         // Stop taking steps (the plan thread sees the channel close), close every connection
         // once its queue is done, and let what is in flight finish.
         drop(steps);
+        self.shared.progress.store(u64::MAX, Ordering::Release);
         self.conns.clear();
         self.pool.workers.clear();
         let drain_until = Instant::now() + drain;

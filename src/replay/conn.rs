@@ -103,6 +103,10 @@ pub struct Shared {
     /// Requests dispatched and not yet written, by intended instant: the results tape's frame
     /// watermarks (see `tape::capture::InFlight`).
     pub unwritten: Arc<crate::tape::capture::InFlight>,
+    /// The instant of the next step this clock will take (everything before it is
+    /// dispatched); `u64::MAX` once its plan is done. The results' watermark never passes the
+    /// slowest clock's: a clock running late has not yet announced what it has still to send.
+    pub progress: Arc<AtomicU64>,
     /// What to do with a request whose recorded value no live answer gave.
     pub unmappable: super::state::Unmappable,
     /// Divergences (live status not the recorded one) kept so far per endpoint and status:

@@ -31,7 +31,7 @@ pub mod rewrite;
 pub mod state;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -525,12 +525,22 @@ pub fn run(
     };
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel();
     let unwritten = Arc::new(crate::tape::capture::InFlight::new());
+    let progress: Vec<Arc<AtomicU64>> = (0..clocks).map(|_| Default::default()).collect();
+    let every_clock = progress.clone();
     let collector = results::spawn(
         results_rx,
         writer,
         live.clone(),
         unwritten.clone(),
-        move || Instant::now().saturating_duration_since(t0).as_nanos() as u64,
+        // Schedule time, but never past the slowest clock: a request a late clock has yet to
+        // dispatch is not counted in `unwritten`, and the watermark must not pass it.
+        move || {
+            let wall = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
+            every_clock
+                .iter()
+                .map(|p| p.load(Ordering::Acquire))
+                .fold(wall, u64::min)
+        },
         crate::report::dataset::ResultsBuilder::new(
             config
                 .out
@@ -561,6 +571,7 @@ pub fn run(
             stop: stop.clone(),
             outstanding: Default::default(),
             unwritten: unwritten.clone(),
+            progress: progress[k].clone(),
             unmappable: config.state.unmappable,
             divergences: Default::default(),
         });
