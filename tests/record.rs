@@ -574,31 +574,40 @@ async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tapes");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Any free port; the start banner says which (a port picked by the test could be taken
+    // by another test's server before the recorder binds it).
     let mut child = tokio::process::Command::new(common::loadtape_bin())
-        .args(["record", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["record", "--listen", "127.0.0.1:0"])
         .args(["--upstream", &format!("http://{}", up.addr)])
         .arg("--out")
         .arg(&out)
-        .env("LOADTAPE_LOG", "warn")
+        .env("LOADTAPE_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let port = {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let banner = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(at) = line.find("(listening on ") {
+                    return line[at..].to_string();
+                }
+            }
+            panic!("loadtape record ended without its banner");
+        })
         .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "loadtape record did not start"
-        );
-        tokio::task::yield_now().await;
-    }
+        .expect("loadtape record did not start");
+        // Whatever else it logs goes on being read, so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let addr = banner
+            .trim_start_matches("(listening on ")
+            .trim_end_matches(')');
+        addr.parse::<std::net::SocketAddr>()
+            .unwrap_or_else(|_| panic!("no address in {banner:?}"))
+            .port()
+    };
     // 50 requests on one connection.
     let urls: Vec<String> = (0..50)
         .map(|i| format!("http://127.0.0.1:{port}/status/{}", 200 + i % 5))
@@ -606,6 +615,7 @@ async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
     let args: Vec<&str> = urls.iter().map(String::as_str).collect();
     curl(&args).await;
     // Frames are flushed at least every second: wait until all 50 are on disk, then kill -9.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let flushed = loop {
         if let Ok((records, _)) = read_one(&out) {
             if exchanges_in(&records).len() == 50 {

@@ -35,6 +35,17 @@ impl Registry {
 
     fn start_with(dir: &Path, htpasswd: Option<&str>) -> Registry {
         require("docker-registry", "docker-registry");
+        // docker-registry takes its port from its configuration: a free one is picked, and
+        // picked again if another test's server took it before the registry bound it.
+        for _ in 0..5 {
+            if let Some(registry) = Registry::try_start(dir, htpasswd) {
+                return registry;
+            }
+        }
+        panic!("docker-registry did not come up in 5 tries");
+    }
+
+    fn try_start(dir: &Path, htpasswd: Option<&str>) -> Option<Registry> {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -62,18 +73,27 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .expect("start docker-registry");
-        let registry = Registry { addr, child };
-        // Ready when /v2/ answers (401 when it wants credentials).
-        let ready: &[u8] = if htpasswd.is_some() { b"401" } else { b"200" };
+        let mut registry = Registry { addr, child };
+        // Ready when /v2/ answers as a registry does (401 when it wants credentials), not
+        // merely something on the port.
+        let ready = if htpasswd.is_some() { "401" } else { "200" };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut s) = std::net::TcpStream::connect(addr) {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut head = [0u8; 12];
-                if s.read_exact(&mut head).is_ok() && &head[9..12] == ready {
-                    return registry;
+                let mut answer = Vec::new();
+                let _ = s.read_to_end(&mut answer);
+                let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+                if answer.get(9..12) == Some(ready)
+                    && answer.contains("docker-distribution-api-version")
+                {
+                    return Some(registry);
                 }
+            }
+            // Exited: most likely the port was taken meanwhile.
+            if registry.child.try_wait().ok().flatten().is_some() {
+                return None;
             }
             assert!(
                 Instant::now() < deadline,
