@@ -328,7 +328,8 @@ async fn stopping_lets_in_flight_exchanges_finish_then_closes_the_tape() {
     let mut c = config(up.addr, &out);
     c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     let rec = start(c).await;
-    let url = format!("http://{}/slow/700", rec.addr);
+    // Slow enough that a loaded machine still sees it in flight before it ends.
+    let url = format!("http://{}/slow/2000", rec.addr);
     let slow = tokio::spawn(async move { curl(&["-w", " %{http_code}", &url]).await });
     // Stop once the slow request is in flight (the upstream saw it: poll the metrics).
     let metrics = wait_for_in_flight(&rec).await;
