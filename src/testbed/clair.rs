@@ -106,6 +106,8 @@ async fn index(shared: &Shared, req: &Request) -> Reply {
     {
         return bad_request(&format!("malformed digest {bad:?}"));
     }
+    let gate = shared.index_lock(&manifest.hash);
+    let _indexing = gate.lock().await;
     let known = shared.store().index_reports.get(&manifest.hash).cloned();
     if known.is_some() && if_none_match(req, &shared.index_state) {
         return etagged(shared, empty(StatusCode::PRECONDITION_FAILED));

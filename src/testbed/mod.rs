@@ -149,6 +149,7 @@ impl Testbed {
             store: Mutex::new(Store::default()),
             served: Mutex::new(BTreeMap::new()),
             fetcher: Client::builder(TokioExecutor::new()).build(fetch),
+            indexing: Mutex::new(BTreeMap::new()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept(listener, shared.clone(), stop.clone()));
@@ -193,11 +194,22 @@ struct Shared {
     /// Clair's layer fetches (plain HTTP only, as the testbed serves).
     fetcher: Client<HttpConnector, Full<Bytes>>,
     shaping: shape::Shaping,
+    /// One index of a manifest at a time, as Clair's indexer locks a manifest: a second
+    /// request for it waits, then finds the report.
+    indexing: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
     fn store(&self) -> MutexGuard<'_, Store> {
         lock(&self.store)
+    }
+
+    /// The lock of a manifest's index (see `indexing`).
+    fn index_lock(&self, manifest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.indexing)
+            .entry(manifest.to_string())
+            .or_default()
+            .clone()
     }
 
     /// `what`, signed with the instance key (base64url, no padding).
