@@ -16,9 +16,15 @@
 //!
 //! An idle connection may be closed by the upstream just as a request goes out on it. A kept
 //! connection is checked for a close (or bytes nobody asked for) already received before it is
-//! used: free while nothing came, as the runtime then knows the socket is not readable. An
-//! idempotent bodiless request lost with a reused connection before any answer is sent again on
-//! a fresh one, as nginx does (`proxy_next_upstream error`); a POST never is.
+//! used: free while nothing came, as the runtime then knows the socket is not readable. A
+//! bodiless GET, HEAD or OPTIONS lost with a reused connection before any answer is sent again
+//! on a fresh one, as nginx does (`proxy_next_upstream error`); a POST, PUT or DELETE never is,
+//! as it may have been acted on.
+//!
+//! An upload the upstream refuses while it goes (a status of 400 or more, or a close) stops
+//! there, and the refusal is passed on. An early success does not stop it: the rest is written
+//! unwatched, so an upstream that answers early and then reads nothing more holds it until
+//! `--upstream-timeout`.
 //!
 //! HTTP/2 client connections (many streams at once), https upstreams and `--upstream-h2c` go
 //! through hyper's pooled client instead, which speaks TLS, ALPN and HTTP/2.
@@ -185,10 +191,10 @@ async fn exchange(
 ) -> Result<http::Response<DirectBody>, SendError> {
     let (parts, body) = request.into_parts();
     let bodiless = body.is_end_stream();
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    );
+    // Safe to send twice even if the first copy was acted on (Go's rule): a registry's
+    // bodiless PUT completes an upload and a DELETE removes a manifest, and a second copy of
+    // either after the first took effect answers 404.
+    let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     if conn.as_ref().is_some_and(Conn::closed_by_upstream) {
         conn = None;
     }
@@ -280,19 +286,31 @@ impl Framed {
     fn read(&mut self, name: &str, value: &[u8]) -> bool {
         let is = |n: &str| name.eq_ignore_ascii_case(n);
         if is("content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            self.length = match self.length {
-                None => Some(n),
-                Some(earlier) if earlier == n => Some(n),
-                Some(_) => Some(None),
+            // Digits only; a list of one value repeated is that value (RFC 9110, 8.6).
+            let mut n = None;
+            for v in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                let this = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                    .flatten();
+                n = match (n, this) {
+                    (None, Some(this)) => Some(Some(this)),
+                    (Some(Some(earlier)), Some(this)) if earlier == this => Some(Some(this)),
+                    _ => Some(None),
+                };
+            }
+            self.length = match (self.length, n.flatten()) {
+                (None, n) => Some(n),
+                (Some(Some(earlier)), Some(n)) if earlier == n => Some(Some(n)),
+                _ => Some(None),
             };
             return false;
         }
         if is("transfer-encoding") {
-            let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // Only `chunked` is decoded here: a body under another coding would reach the
+            // client still coded, its Transfer-Encoding gone.
+            self.chunked = Some(
+                self.chunked != Some(false) && value.trim_ascii().eq_ignore_ascii_case(b"chunked"),
+            );
             return true;
         }
         if is("connection") {
@@ -703,6 +721,9 @@ impl Conn {
                 "Transfer-Encoding on an HTTP/1.0 response",
             ));
         }
+        if framing.chunked == Some(false) {
+            return Err(Failed::protocol("a transfer coding other than chunked"));
+        }
         let drop_length = framing.chunked.is_some();
         let head = self.buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
@@ -760,14 +781,9 @@ impl Conn {
             || status == StatusCode::NOT_MODIFIED
         {
             Framing::Done
-        } else if let Some(chunked) = framed.chunked {
-            if chunked {
-                Framing::Chunked(Chunk::Size)
-            } else {
-                // Another coding last: the body ends with the connection (RFC 9112, 6.3).
-                reusable = false;
-                Framing::Close
-            }
+        } else if framed.chunked.is_some() {
+            // Any other coding was refused as the head was read.
+            Framing::Chunked(Chunk::Size)
         } else {
             match framed.length {
                 Some(Some(n)) => Framing::Length(n),
