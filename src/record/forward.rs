@@ -370,31 +370,24 @@ impl Proxy {
                 return Ok(self.switch(client_side, response, pending.as_ref()));
             }
         }
-        // The response's body, tapped when recorded (`tap` stands for either kind of body).
-        macro_rules! tap {
-            ($parts:expr, $body:expr, $tapped:path, $plain:path) => {
-                match &pending {
-                    Some(p) => {
-                        let done = p.response_head(&$parts);
-                        let keep = self.capture.keep_for(&$parts.headers, p.token_endpoint());
-                        let spool = self.capture.spool().filter(|_| !p.token_endpoint());
-                        $tapped(TapBody::spooling($body, keep, spool, done))
-                    }
-                    None => $plain($body),
-                }
-            };
-        }
+        let pending = pending.as_ref();
         let (mut parts, body) = match response {
             Answer::Pooled(r) => {
                 let (mut parts, body) = r.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = tap!(parts, body, ProxyBody::Tapped, ProxyBody::Plain);
+                let body = self.tap(pending, &parts, body, ProxyBody::Tapped, ProxyBody::Plain);
                 (parts, body)
             }
             Answer::Direct(r) => {
                 // Its hop-by-hop fields were left out as its head was read.
                 let (parts, body) = r.into_parts();
-                let body = tap!(parts, body, ProxyBody::TappedDirect, ProxyBody::PlainDirect);
+                let body = self.tap(
+                    pending,
+                    &parts,
+                    body,
+                    ProxyBody::TappedDirect,
+                    ProxyBody::PlainDirect,
+                );
                 (parts, body)
             }
         };
@@ -407,6 +400,26 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// A response's body, `tapped` when recorded, `plain` otherwise (either kind of body).
+    fn tap<B: Body<Data = Bytes> + Unpin>(
+        &self,
+        pending: Option<&Arc<super::exchange::Pending>>,
+        parts: &http::response::Parts,
+        body: B,
+        tapped: fn(TapBody<B, BodyDone>) -> ProxyBody,
+        plain: fn(B) -> ProxyBody,
+    ) -> ProxyBody {
+        match pending {
+            Some(p) => {
+                let done = p.response_head(parts);
+                let keep = self.capture.keep_for(&parts.headers, p.token_endpoint());
+                let spool = self.capture.spool().filter(|_| !p.token_endpoint());
+                tapped(TapBody::spooling(body, keep, spool, done))
+            }
+            None => plain(body),
+        }
+    }
+
     /// The upstream agreed to switch protocols: answer the client's 101 and, once both sides
     /// have switched, copy bytes both ways until either closes.
     fn switch(
@@ -541,8 +554,16 @@ fn local(status: StatusCode, text: &str) -> Response<ProxyBody> {
     r
 }
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The fields that concern one connection only (RFC 9110, 7.6.1), beside those `Connection`
+/// names.
+pub const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -551,14 +572,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none but `Connection` (and `Transfer-Encoding`): one pass over the
     // names decides, rather than a lookup per field that might be there.
-    let hop_by_hop = |n: &HeaderName| {
-        n == header::CONNECTION
-            || n == header::TE
-            || n == header::TRANSFER_ENCODING
-            || n == header::UPGRADE
-            || n == KEEP_ALIVE
-            || n == PROXY_CONNECTION
-    };
+    let hop_by_hop = |n: &HeaderName| HOP_BY_HOP.contains(n);
     if !headers.keys().any(hop_by_hop) {
         return;
     }

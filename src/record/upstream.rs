@@ -46,7 +46,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::forward::ProxyBody;
+use super::forward::{ProxyBody, HOP_BY_HOP};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -328,7 +328,7 @@ impl Framed {
             }
             return true;
         }
-        is("keep-alive") || is("te") || is("upgrade") || is("proxy-connection")
+        HOP_BY_HOP.iter().any(|h| is(h.as_str()))
     }
 }
 
@@ -341,8 +341,9 @@ struct Conn {
     out: Vec<u8>,
     /// The last request's body did not all go: the connection is not reused.
     unfinished: bool,
-    /// A final answer came while the body was going (kept in `buf`).
-    answered: bool,
+    /// A final answer that came while the body was going, for `read_head` (boxed: rare, and
+    /// a connection moves with every response body).
+    early: Option<Box<Head>>,
 }
 
 impl Conn {
@@ -363,7 +364,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_SIZE),
             out: Vec::with_capacity(1024),
             unfinished: false,
-            answered: false,
+            early: None,
         })
     }
 
@@ -458,7 +459,6 @@ impl Conn {
         chunked: bool,
     ) -> Result<bool, Failed> {
         let mut head_sent = false;
-        self.answered = false;
         loop {
             let frame = if head_sent {
                 match self.next_frame_unless_refused(&mut body).await? {
@@ -535,7 +535,7 @@ impl Conn {
         body: &mut ProxyBody,
     ) -> Result<Option<Option<Result<Frame<Bytes>, BoxError>>>, Failed> {
         loop {
-            if self.answered {
+            if self.early.is_some() {
                 return Ok(Some(body.frame().await));
             }
             tokio::select! {
@@ -562,7 +562,7 @@ impl Conn {
 
     /// Writes `bytes`, unless the upstream refuses the upload first (`Ok(false)`).
     async fn write_unless_refused(&mut self, bytes: &[u8]) -> Result<bool, Failed> {
-        if self.answered {
+        if self.early.is_some() {
             self.io.write_all(bytes).await.map_err(Failed::io)?;
             return Ok(true);
         }
@@ -581,7 +581,7 @@ impl Conn {
                     if self.refused()? {
                         return Ok(false);
                     }
-                    if self.answered {
+                    if self.early.is_some() {
                         self.io.write_all(&bytes[done..]).await.map_err(Failed::io)?;
                         return Ok(true);
                     }
@@ -603,44 +603,24 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(Failed::io(e)),
         }
-        loop {
-            let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut []);
-            match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut parsed,
-                &self.buf,
-                &mut slots,
-            ) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let code = parsed.code.unwrap_or(0);
-                    if (100..200).contains(&code) && code != 101 {
-                        self.buf.advance(len);
-                        continue;
-                    }
-                    if code >= 400 {
-                        return Ok(true);
-                    }
-                    self.answered = true;
-                    return Ok(false);
-                }
-                Ok(httparse::Status::Partial) => return Ok(self.buf.len() > MAX_HEAD),
-                Err(e) => return Err(Failed::protocol(format!("response head: {e}"))),
-            }
-        }
+        let Some(head) = self.final_head()? else {
+            return Ok(false);
+        };
+        let refusal = head.status.as_u16() >= 400;
+        self.early = Some(Box::new(head));
+        Ok(refusal)
     }
 
     /// Reads the response head, passing over interim (1xx) responses but a 101.
     async fn read_head(&mut self) -> Result<Head, Failed> {
+        if let Some(head) = self.early.take() {
+            return Ok(*head);
+        }
         let mut answered = false;
         loop {
             if !self.buf.is_empty() {
                 answered = true;
-                if let Some(head) = self.parse_head()? {
-                    if head.status.is_informational()
-                        && head.status != StatusCode::SWITCHING_PROTOCOLS
-                    {
-                        continue;
-                    }
+                if let Some(head) = self.final_head()? {
                     return Ok(head);
                 }
             }
@@ -663,6 +643,17 @@ impl Conn {
                 });
             }
         }
+    }
+
+    /// Takes the final head off `buf`, if it is all there, and the interim (1xx but 101) ones
+    /// before it.
+    fn final_head(&mut self) -> Result<Option<Head>, Failed> {
+        while let Some(head) = self.parse_head()? {
+            if !head.status.is_informational() || head.status == StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(Some(head));
+            }
+        }
+        Ok(None)
     }
 
     /// Takes one complete head off `buf`, if there is one. The fields that frame the message

@@ -710,13 +710,7 @@ fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, Stri
         };
         let name = match name {
             Some(n) => n,
-            None => {
-                let n = &cache.literal_names[id - FIRST_LITERAL_NAME];
-                match super::headers::known_index(n) {
-                    Some(k) => HeaderName::Known(k),
-                    None => HeaderName::Literal(n),
-                }
-            }
+            None => super::headers::classify(&cache.literal_names[id - FIRST_LITERAL_NAME]),
         };
         match i.u8()? {
             0 => {

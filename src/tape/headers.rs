@@ -81,9 +81,17 @@ pub const KNOWN_NAMES: &[&str] = &[
     "ratelimit-remaining",
 ];
 
+/// A lowercase name as the tape writes it: a well-known one's index, or the name itself.
+pub(crate) fn classify(name: &str) -> HeaderName<'_> {
+    match known_index(name) {
+        Some(i) => HeaderName::Known(i),
+        None => HeaderName::Literal(name),
+    }
+}
+
 /// The index of a well-known name. Every header of every exchange is looked up here as it is
 /// captured, so the names are grouped by length: a lookup compares a handful, not sixty.
-pub(crate) fn known_index(name: &str) -> Option<u8> {
+fn known_index(name: &str) -> Option<u8> {
     const LONGEST: usize = 40;
     static BY_LENGTH: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
     let by_length = BY_LENGTH.get_or_init(|| {
@@ -320,18 +328,7 @@ impl Headers {
     /// Appends a header whose name is known to be lowercase (as `http::HeaderName`s are).
     pub fn push_lowercase(&mut self, name: &str, value: &[u8]) {
         debug_assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name}");
-        let name = match known_index(name) {
-            Some(i) => NameRef::Known(i),
-            None => {
-                let (start, len) = self.store(name.as_bytes());
-                NameRef::Literal { start, len }
-            }
-        };
-        let (start, len) = self.store(value);
-        self.entries.push(Entry {
-            name,
-            value: ValueRef::Plain { start, len },
-        });
+        self.push_name(classify(name), value);
     }
 
     /// Appends a header whose value was redacted.
@@ -384,13 +381,7 @@ impl Headers {
         } else {
             name
         };
-        match known_index(name) {
-            Some(i) => NameRef::Known(i),
-            None => {
-                let (start, len) = self.store(name.as_bytes());
-                NameRef::Literal { start, len }
-            }
-        }
+        self.store_name(classify(name))
     }
 
     fn store(&mut self, bytes: &[u8]) -> (u32, u32) {
