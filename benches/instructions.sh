@@ -20,27 +20,13 @@ cd "$(dirname "$0")/.."
 N=${N:-20000}
 OUT=${OUT:-target/instructions}
 
-need() {
-  command -v "$1" >/dev/null || { echo "benches/instructions.sh needs $1: $2" >&2; exit 2; }
-}
+source benches/common.sh
 need nginx "apt-get install nginx"
 need valgrind "apt-get install valgrind"
 need oha "cargo install oha"
 
-cargo build --release --quiet
-loadtape=target/release/loadtape
+setup
 mkdir -p "$OUT"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-mkdir -p "$work/www"
-head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$work/www/data"
 
 nginx_conf() { # name port location
   cat > "$work/$1.conf" <<EOF

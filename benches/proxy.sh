@@ -25,26 +25,12 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 SOAK=${SOAK:-0}
 
-need() {
-  command -v "$1" >/dev/null || { echo "benches/proxy.sh needs $1: $2" >&2; exit 2; }
-}
+source benches/common.sh
 need nginx "apt-get install nginx"
 need wrk "apt-get install wrk"
 need oha "cargo install oha"
 
-cargo build --release --quiet
-loadtape=target/release/loadtape
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-mkdir -p "$work/www"
-head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$work/www/data"
+setup
 
 nginx_conf() { # name port body
   cat > "$work/$1.conf" <<EOF

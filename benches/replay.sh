@@ -25,28 +25,14 @@ ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 MEMORY=${MEMORY:-0}
 
-need() {
-  command -v "$1" >/dev/null || { echo "benches/replay.sh needs $1: $2" >&2; exit 2; }
-}
+source benches/common.sh
 need nginx "apt-get install nginx"
 need wrk "apt-get install wrk"
 need h2load "apt-get install nghttp2-client"
 need oha "cargo install oha"
 need jq "apt-get install jq"
 
-cargo build --release --quiet
-loadtape=target/release/loadtape
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-mkdir -p "$work/www"
-head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$work/www/data"
+setup
 cat > "$work/origin.conf" <<EOF
 worker_processes 1;
 pid $work/origin.pid;
