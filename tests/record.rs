@@ -1346,3 +1346,115 @@ async fn a_get_lost_with_an_idle_upstream_connection_is_resent_and_a_post_is_not
     }
     rec.stop().await;
 }
+
+/// Sends `request` on a fresh connection to `addr` and reads until the proxy closes it.
+async fn until_closed(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+        .await
+        .unwrap_or_else(|_| {
+            let sent = String::from_utf8_lossy(&request[..request.len().min(200)]);
+            panic!("the proxy never closed the connection after {sent:?}: got {got:?}")
+        })
+        .unwrap();
+    String::from_utf8_lossy(&got).to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_get_pipelined_answers_in_order_and_bad_heads_a_400_or_431() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = start(config(up.addr, &dir.path().join("t"))).await;
+    // Two requests at once: two answers in order, then the close the second asked for.
+    let both = until_closed(
+        rec.addr,
+        b"GET /json HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert_eq!(both.matches("http/1.1 200").count(), 2, "{both}");
+    let json = both.find("{\"ok\": true}").expect("the first answer");
+    let echo = both.find("\"len\":3").expect("the second answer");
+    assert!(json < echo, "{both}");
+    assert!(both.contains("connection: close"), "{both}");
+    // HTTP/1.0 closes unless it asks to keep the connection.
+    let old = until_closed(rec.addr, b"GET /json HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(
+        old.starts_with("http/1.1 200") && old.ends_with("{\"ok\": true}"),
+        "{old}"
+    );
+    let kept = until_closed(
+        rec.addr,
+        b"GET /json HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\nGET /json HTTP/1.0\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(kept.matches("{\"ok\": true}").count(), 2, "{kept}");
+    assert!(kept.contains("connection: keep-alive"), "{kept}");
+    // A length beside chunked gives way to it, and the connection is not trusted further.
+    let smuggled = until_closed(
+        rec.addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /json HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(smuggled.contains("\"len\":3"), "{smuggled}");
+    assert!(smuggled.contains("connection: close"), "{smuggled}");
+    assert!(!smuggled.contains("{\"ok\": true}"), "{smuggled}");
+    // What cannot be read safely is refused, with a body that says why.
+    let big = format!(
+        "GET /json HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 << 10)
+    );
+    for (request, status, why) in [
+        (
+            "GET /json HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+            "400",
+            "malformed",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "400",
+            "chunked",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc",
+            "400",
+            "content-length",
+        ),
+        (
+            "POST /echo HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "400",
+            "http/1.0",
+        ),
+        (big.as_str(), "431", "larger than"),
+    ] {
+        let got = until_closed(rec.addr, request.as_bytes()).await;
+        assert!(
+            got.starts_with(&format!("http/1.1 {status} ")),
+            "{request:.60}: {got}"
+        );
+        assert!(
+            got.contains(why) && got.contains("\r\ndate: "),
+            "{request:.60}: {got}"
+        );
+    }
+    rec.stop().await;
+    let (records, _) = read_one(&dir.path().join("t")).unwrap();
+    let targets: Vec<_> = exchanges_in(&records)
+        .iter()
+        .map(|e| format!("{} {}", e.request.method, e.request.target))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "GET /json",
+            "POST /echo",
+            "GET /json",
+            "GET /json",
+            "GET /json",
+            "POST /echo"
+        ],
+        "refused requests never reach the tape"
+    );
+}

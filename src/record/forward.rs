@@ -28,6 +28,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::admin::Metrics;
 use super::exchange::{BodyDone, Capture, Connection};
+use super::h1::InBody;
 use super::tap::TapBody;
 use super::upstream::{self, Dedicated, DirectBody, SendError};
 use super::RecordConfig;
@@ -38,9 +39,9 @@ use crate::tape::FailureKind;
 #[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     /// Recorded: measured as it passes (a request's, or a response from the pooled client).
-    Tapped(TapBody<Incoming, BodyDone>),
+    Tapped(TapBody<InBody, BodyDone>),
     /// Not recorded (sampled out, excluded): passed as is.
-    Plain(Incoming),
+    Plain(InBody),
     /// A response read off a dedicated upstream connection ([`upstream`]), recorded.
     TappedDirect(TapBody<DirectBody, BodyDone>),
     /// The same, not recorded.
@@ -224,7 +225,7 @@ impl Proxy {
     /// upstream connection, on HTTP/1.x, is `dedicated`.
     pub async fn handle(
         self: Arc<Self>,
-        mut request: Request<Incoming>,
+        mut request: Request<InBody>,
         connection: Arc<Connection>,
         stream: u32,
         dedicated: Arc<Dedicated>,
@@ -375,6 +376,7 @@ impl Proxy {
             Answer::Pooled(r) => {
                 let (mut parts, body) = r.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                let body = InBody::Hyper(body);
                 let body = self.tap(pending, &parts, body, ProxyBody::Tapped, ProxyBody::Plain);
                 (parts, body)
             }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::exchange::{close_reason, Capture};
 use super::forward::Proxy;
+use super::h1::{self, ClientIo, InBody, Served, Serving};
 use super::head_timer::{self, HeadTimer};
 use super::RecordConfig;
 use crate::tape::{HttpVersion, TlsInfo};
@@ -184,6 +186,8 @@ impl OneThread {
             drain,
         } = self;
         let graceful = GracefulShutdown::new();
+        // Every connection of this thread, however served, for the drain.
+        let open = Arc::new(Open::default());
         // The header read timeouts of this thread's connections (see `head_timer`).
         tokio::spawn(head_timer::sweep(head_timer::tick(header_read_timeout)));
         // Serves one connection on this thread, under the graceful shutdown.
@@ -197,21 +201,11 @@ impl OneThread {
             let tls = self_tls.clone();
             let watcher = graceful.watcher();
             let stop = stop.clone();
+            let holding = open.hold();
             tokio::spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(HeadTimer)
-                    .header_read_timeout(header_read_timeout);
-                let (result, connection) = match tls {
-                    None => {
-                        let connection =
-                            capture.connection_opened(client, HttpVersion::Http11, None);
-                        let service = service(proxy, connection.clone());
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        (watcher.watch(conn).await, connection)
-                    }
+                let _holding = holding;
+                let (io, version, tls_info) = match tls {
+                    None => (ClientIo::Plain(stream), HttpVersion::Http11, None),
                     Some(acceptor) => {
                         let accepted =
                             tokio::time::timeout(header_read_timeout, acceptor.accept(stream))
@@ -245,14 +239,42 @@ impl OneThread {
                         } else {
                             HttpVersion::Http11
                         };
-                        let connection = capture.connection_opened(client, version, Some(info));
-                        let service = service(proxy, connection.clone());
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        (watcher.watch(conn).await, connection)
+                        (ClientIo::Tls(Box::new(stream)), version, Some(info))
                     }
                 };
-                let result = result.map_err(|e| e.to_string());
+                let connection = capture.connection_opened(client, version, tls_info);
+                // HTTP/1.1 is served here; HTTP/2, protocol switches and CONNECT by hyper.
+                let (io, read) = match version {
+                    HttpVersion::H2 => (io, Bytes::new()),
+                    _ => {
+                        let serving = Serving {
+                            proxy: proxy.clone(),
+                            connection: connection.clone(),
+                            header_read_timeout,
+                            stop: stop.clone(),
+                        };
+                        match h1::serve(io, serving).await {
+                            Served::HandOff(io, read) => (io, read),
+                            Served::Closed(result) => {
+                                if let Err(e) = &result {
+                                    tracing::debug!("connection from {client} ended: {e}");
+                                }
+                                let reason = close_reason(result, stop.is_cancelled());
+                                capture.connection_closed(&connection, reason);
+                                return;
+                            }
+                        }
+                    }
+                };
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(HeadTimer)
+                    .header_read_timeout(header_read_timeout);
+                let service = service(proxy, connection.clone());
+                let io = TokioIo::new(h1::Rewind::new(io, read));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                let result = watcher.watch(conn).await.map_err(|e| e.to_string());
                 if let Err(e) = &result {
                     tracing::debug!("connection from {client} ended: {e}");
                 }
@@ -292,7 +314,7 @@ impl OneThread {
         // Stop accepting; let what is in flight finish.
         drop(tcp);
         tokio::select! {
-            _ = graceful.shutdown() => {}
+            _ = async { tokio::join!(graceful.shutdown(), open.all_closed()) } => {}
             _ = tokio::time::sleep(drain) => {
                 tracing::warn!("in-flight exchanges did not finish within the drain timeout ({drain:?}); closing");
             }
@@ -317,10 +339,51 @@ fn service(
         // Called by hyper as it accepts each request, in stream order: the place to number
         // HTTP/2 streams.
         let stream = connection.stream_of(request.version());
-        proxy
-            .clone()
-            .handle(request, connection.clone(), stream, dedicated.clone())
+        proxy.clone().handle(
+            request.map(InBody::Hyper),
+            connection.clone(),
+            stream,
+            dedicated.clone(),
+        )
     })
+}
+
+/// The connections a proxy thread serves, counted for the drain: hyper's graceful shutdown
+/// watches only those hyper serves.
+#[derive(Default)]
+struct Open {
+    count: AtomicUsize,
+    none: tokio::sync::Notify,
+}
+
+/// One connection, counted in [`Open`] while held.
+struct Holding(Arc<Open>);
+
+impl Open {
+    fn hold(self: &Arc<Self>) -> Holding {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Holding(self.clone())
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let closed = self.none.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none.notify_waiters();
+        }
+    }
 }
 
 /// The listener's TLS: the given certificate chain and key, ALPN `h2` then `http/1.1`.

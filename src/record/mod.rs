@@ -17,6 +17,8 @@
 pub mod admin;
 pub mod exchange;
 pub mod forward;
+mod framing;
+mod h1;
 mod head_timer;
 pub mod listen;
 pub mod spool;

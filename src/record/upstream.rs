@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
@@ -46,7 +46,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::forward::{ProxyBody, HOP_BY_HOP};
+use super::forward::ProxyBody;
+use super::framing::{Chunk, Decoder, Framed, Framing, READ_SIZE};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -56,8 +57,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest response head read; hyper's client allows about as much.
 const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 100;
-/// Read buffer growth; a response body is handed on in pieces of at most what one read gave.
-const READ_SIZE: usize = 16 << 10;
 /// Request bodies are written with their head when this small.
 const SMALL_BODY: usize = 16 << 10;
 
@@ -266,70 +265,6 @@ struct Span {
     value_len: usize,
     /// It is `Content-Length`.
     length: bool,
-}
-
-/// What a response head's hop-by-hop and length fields say.
-#[derive(Default)]
-struct Framed {
-    /// `Content-Length`: `Some(None)` when its values are not one number.
-    length: Option<Option<u64>>,
-    /// `Transfer-Encoding` present: whether its last coding is chunked.
-    chunked: Option<bool>,
-    close: bool,
-    keep_alive: bool,
-    /// Other fields `Connection` names.
-    connection_names: Vec<HeaderName>,
-}
-
-impl Framed {
-    /// Notes one field; whether it is hop-by-hop.
-    fn read(&mut self, name: &str, value: &[u8]) -> bool {
-        let is = |n: &str| name.eq_ignore_ascii_case(n);
-        if is("content-length") {
-            // Digits only; a list of one value repeated is that value (RFC 9110, 8.6).
-            let mut n = None;
-            for v in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                let this = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
-                    .flatten();
-                n = match (n, this) {
-                    (None, Some(this)) => Some(Some(this)),
-                    (Some(Some(earlier)), Some(this)) if earlier == this => Some(Some(this)),
-                    _ => Some(None),
-                };
-            }
-            self.length = match (self.length, n.flatten()) {
-                (None, n) => Some(n),
-                (Some(Some(earlier)), Some(n)) if earlier == n => Some(Some(n)),
-                _ => Some(None),
-            };
-            return false;
-        }
-        if is("transfer-encoding") {
-            // Only `chunked` is decoded here: a body under another coding would reach the
-            // client still coded, its Transfer-Encoding gone.
-            self.chunked = Some(
-                self.chunked != Some(false) && value.trim_ascii().eq_ignore_ascii_case(b"chunked"),
-            );
-            return true;
-        }
-        if is("connection") {
-            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
-                } else if let Ok(n) = HeaderName::from_bytes(token) {
-                    // Never one that frames the message.
-                    if n != header::CONTENT_LENGTH {
-                        self.connection_names.push(n);
-                    }
-                }
-            }
-            return true;
-        }
-        HOP_BY_HOP.iter().any(|h| is(h.as_str()))
-    }
 }
 
 /// An HTTP/1.1 connection to the upstream.
@@ -788,7 +723,7 @@ impl Conn {
         let switched = status == StatusCode::SWITCHING_PROTOCOLS;
         let mut response = http::Response::new(DirectBody {
             conn: None,
-            framing: Framing::Done,
+            decoder: Decoder::new(Framing::Done),
             reusable,
             home: home.clone(),
         });
@@ -803,8 +738,8 @@ impl Conn {
         } else {
             let body = response.body_mut();
             body.conn = Some(self);
-            body.framing = framing;
-            if matches!(body.framing, Framing::Done | Framing::Length(0)) {
+            body.decoder = Decoder::new(framing);
+            if body.decoder.done() {
                 body.finish();
             }
         }
@@ -812,78 +747,25 @@ impl Conn {
     }
 }
 
-/// How the response body ends.
-enum Framing {
-    /// After this many more bytes.
-    Length(u64),
-    Chunked(Chunk),
-    /// With the connection.
-    Close,
-    Done,
-}
-
-/// Where a chunked body's reading stands.
-enum Chunk {
-    /// Before a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes to go.
-    Data(u64),
-    /// Before the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer lines up to an empty one.
-    Trailers,
-}
-
 /// A response body read off the upstream connection as the client takes it; at its end the
 /// connection goes back to its [`Dedicated`] for the next request (unless the upstream closes
 /// it). Dropped before its end (the client went away), it closes the connection.
 pub struct DirectBody {
     conn: Option<Conn>,
-    framing: Framing,
+    decoder: Decoder,
     reusable: bool,
     home: Arc<Dedicated>,
 }
 
 impl DirectBody {
     fn finish(&mut self) {
-        self.framing = Framing::Done;
+        self.decoder.framing = Framing::Done;
         if let Some(conn) = self.conn.take() {
             // Bytes beyond the response (unasked) make the connection unfit to reuse.
             if self.reusable && conn.buf.is_empty() {
                 self.home.give_back(conn);
             }
         }
-    }
-
-    /// Reads more into the buffer; `Ok(false)` at the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Poll::Ready(Ok(false));
-        };
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_SIZE);
-        }
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut conn.io),
-            cx,
-            &mut conn.buf
-        ))?;
-        Poll::Ready(Ok(n > 0))
-    }
-
-    fn cut_short(&mut self, what: &str) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.framing = Framing::Done;
-        self.conn = None;
-        Poll::Ready(Some(Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the upstream closed the connection {what}"),
-        ))))
-    }
-
-    /// The position of the first CRLF in the buffer.
-    fn line_end(&self) -> Option<usize> {
-        let buf = &self.conn.as_ref()?.buf;
-        buf.windows(2).position(|w| w == b"\r\n")
     }
 }
 
@@ -896,117 +778,38 @@ impl Body for DirectBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        loop {
-            let buffered = this.conn.as_ref().map_or(0, |c| c.buf.len());
-            match &mut this.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => {
+        let Some(Conn { io, buf, .. }) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(this.decoder.poll_data(Pin::new(io), buf, cx)) {
+            Some(Ok(data)) => {
+                if this.decoder.done() {
                     this.finish();
-                    return Poll::Ready(None);
                 }
-                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) if buffered > 0 => {
-                    let n = buffered.min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= n as u64;
-                    let ended = *left == 0;
-                    let conn = this
-                        .conn
-                        .as_mut()
-                        .expect("buffered bytes have a connection");
-                    let data = conn.buf.split_to(n).freeze();
-                    if ended {
-                        match this.framing {
-                            Framing::Length(_) => this.finish(),
-                            _ => this.framing = Framing::Chunked(Chunk::DataEnd),
-                        }
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Close if buffered > 0 => {
-                    let conn = this
-                        .conn
-                        .as_mut()
-                        .expect("buffered bytes have a connection");
-                    let data = conn.buf.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Chunked(Chunk::Size) => {
-                    if let Some(end) = this.line_end() {
-                        let conn = this.conn.as_mut().expect("a line has a connection");
-                        let line = conn.buf.split_to(end + 2);
-                        let size = std::str::from_utf8(&line[..end])
-                            .ok()
-                            .map(|l| l.split(';').next().unwrap_or("").trim_end())
-                            .filter(|hex| {
-                                (1..=16).contains(&hex.len())
-                                    && hex.bytes().all(|b| b.is_ascii_hexdigit())
-                            })
-                            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
-                        this.framing = match size {
-                            Some(0) => Framing::Chunked(Chunk::Trailers),
-                            Some(n) => Framing::Chunked(Chunk::Data(n)),
-                            None => return this.cut_short("with a bad chunk size"),
-                        };
-                        continue;
-                    }
-                    if buffered > 4096 {
-                        return this.cut_short("with a chunk-size line too long");
-                    }
-                }
-                Framing::Chunked(Chunk::DataEnd) if buffered >= 2 => {
-                    let conn = this
-                        .conn
-                        .as_mut()
-                        .expect("buffered bytes have a connection");
-                    if &conn.buf[..2] != b"\r\n" {
-                        return this.cut_short("with a chunk not ended by CRLF");
-                    }
-                    conn.buf.advance(2);
-                    this.framing = Framing::Chunked(Chunk::Size);
-                    continue;
-                }
-                Framing::Chunked(Chunk::Trailers) => {
-                    if let Some(end) = this.line_end() {
-                        let conn = this.conn.as_mut().expect("a line has a connection");
-                        conn.buf.advance(end + 2);
-                        if end == 0 {
-                            this.finish();
-                            return Poll::Ready(None);
-                        }
-                        continue;
-                    }
-                    if buffered > MAX_HEAD {
-                        return this.cut_short("with trailers too long");
-                    }
-                }
-                _ => {}
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            match ready!(this.poll_fill(cx)) {
-                Ok(true) => {}
-                Ok(false) if matches!(this.framing, Framing::Close) => {
-                    // The end of a body that ends with its connection.
-                    this.conn = None;
-                    this.framing = Framing::Done;
-                    return Poll::Ready(None);
-                }
-                Ok(false) => return this.cut_short("mid-body"),
-                Err(e) => {
-                    this.framing = Framing::Done;
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
+            None => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                this.conn = None;
+                Poll::Ready(Some(Err(io::Error::new(
+                    e.kind(),
+                    format!("from the upstream: {e}"),
+                ))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.framing, Framing::Done | Framing::Length(0))
+        self.decoder.done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Length(n) => SizeHint::with_exact(n),
-            Framing::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
+        match self.decoder.exact() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }

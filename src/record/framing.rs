@@ -1,0 +1,253 @@
+//! HTTP/1.1 message framing, shared by both sides the recorder speaks HTTP/1.1 on itself: the
+//! client's ([`super::h1`]) and the upstream's ([`super::upstream`]).
+//!
+//! [`Framed`] reads what a head's framing and hop-by-hop fields say as the head is parsed;
+//! [`Decoder`] takes a body off a connection's read buffer by its framing (a length, the
+//! chunked coding, or the connection's end), handing on each piece as one read gave it. Both
+//! follow RFC 9112 (6.1, 6.3, 7.1): a length beside a transfer coding gives way to it, a length
+//! is digits only (a list of one value repeated is that value), and only `chunked` is decoded.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use tokio::io::AsyncRead;
+
+use super::forward::HOP_BY_HOP;
+
+/// The longest chunk-size line, and the most trailer bytes, a body may carry.
+const MAX_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 << 10;
+/// Read buffer growth; a body is handed on in pieces of at most what one read gave.
+pub const READ_SIZE: usize = 16 << 10;
+
+/// What a head's hop-by-hop and length fields say.
+#[derive(Default)]
+pub struct Framed {
+    /// `Content-Length`: `Some(None)` when its values are not one number.
+    pub length: Option<Option<u64>>,
+    /// `Transfer-Encoding` present: whether its last coding is chunked.
+    pub chunked: Option<bool>,
+    pub close: bool,
+    pub keep_alive: bool,
+    /// `Connection: upgrade`.
+    pub upgrade: bool,
+    /// Other fields `Connection` names.
+    pub connection_names: Vec<HeaderName>,
+}
+
+impl Framed {
+    /// Notes one field; whether it is hop-by-hop.
+    pub fn read(&mut self, name: &str, value: &[u8]) -> bool {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("content-length") {
+            // Digits only; a list of one value repeated is that value (RFC 9110, 8.6).
+            let mut n = None;
+            for v in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                let this = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                    .flatten();
+                n = match (n, this) {
+                    (None, Some(this)) => Some(Some(this)),
+                    (Some(Some(earlier)), Some(this)) if earlier == this => Some(Some(this)),
+                    _ => Some(None),
+                };
+            }
+            self.length = match (self.length, n.flatten()) {
+                (None, n) => Some(n),
+                (Some(Some(earlier)), Some(n)) if earlier == n => Some(Some(n)),
+                _ => Some(None),
+            };
+            return false;
+        }
+        if is("transfer-encoding") {
+            // Only `chunked` is decoded here: a body under another coding would reach its
+            // reader still coded, its Transfer-Encoding gone.
+            self.chunked = Some(
+                self.chunked != Some(false) && value.trim_ascii().eq_ignore_ascii_case(b"chunked"),
+            );
+            return true;
+        }
+        if is("connection") {
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    self.upgrade = true;
+                } else if let Ok(n) = HeaderName::from_bytes(token) {
+                    // Never one that frames the message.
+                    if n != header::CONTENT_LENGTH {
+                        self.connection_names.push(n);
+                    }
+                }
+            }
+            return true;
+        }
+        HOP_BY_HOP.iter().any(|h| is(h.as_str()))
+    }
+}
+
+/// How a body ends.
+pub enum Framing {
+    /// After this many more bytes.
+    Length(u64),
+    Chunked(Chunk),
+    /// With the connection.
+    Close,
+    Done,
+}
+
+/// Where a chunked body's reading stands.
+pub enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes to go.
+    Data(u64),
+    /// Before the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+}
+
+/// Takes a body off a connection: what is buffered first, then what reads bring.
+pub struct Decoder {
+    pub framing: Framing,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        let framing = match framing {
+            Framing::Length(0) => Framing::Done,
+            f => f,
+        };
+        Decoder { framing }
+    }
+
+    /// Whether the whole body has been taken.
+    pub fn done(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Length(0))
+    }
+
+    /// The body's exact remaining length, when its framing says it.
+    pub fn exact(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The next piece of body, reading `io` into `buf` when it holds none; `None` at the end.
+    /// After an error, or the end of a body that ends with its connection, the connection is
+    /// not fit for another message ([`Decoder::done`] is true either way).
+    pub fn poll_data<R: AsyncRead + Unpin>(
+        &mut self,
+        mut io: Pin<&mut R>,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Bytes>>> {
+        loop {
+            let buffered = buf.len();
+            match &mut self.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    self.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) if buffered > 0 => {
+                    let n = buffered.min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.framing = match self.framing {
+                            Framing::Length(_) => Framing::Done,
+                            _ => Framing::Chunked(Chunk::DataEnd),
+                        };
+                    }
+                    return Poll::Ready(Some(Ok(buf.split_to(n).freeze())));
+                }
+                Framing::Close if buffered > 0 => {
+                    return Poll::Ready(Some(Ok(buf.split().freeze())));
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    if let Some(end) = line_end(buf) {
+                        let line = buf.split_to(end + 2);
+                        let size = std::str::from_utf8(&line[..end])
+                            .ok()
+                            .map(|l| l.split(';').next().unwrap_or("").trim_end())
+                            .filter(|hex| {
+                                (1..=16).contains(&hex.len())
+                                    && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                            })
+                            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+                        self.framing = match size {
+                            Some(0) => Framing::Chunked(Chunk::Trailers),
+                            Some(n) => Framing::Chunked(Chunk::Data(n)),
+                            None => return self.cut_short("a bad chunk size"),
+                        };
+                        continue;
+                    }
+                    if buffered > MAX_LINE {
+                        return self.cut_short("a chunk-size line too long");
+                    }
+                }
+                Framing::Chunked(Chunk::DataEnd) if buffered >= 2 => {
+                    if &buf[..2] != b"\r\n" {
+                        return self.cut_short("a chunk not ended by CRLF");
+                    }
+                    buf.advance(2);
+                    self.framing = Framing::Chunked(Chunk::Size);
+                    continue;
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    if let Some(end) = line_end(buf) {
+                        buf.advance(end + 2);
+                        if end == 0 {
+                            self.framing = Framing::Done;
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    if buffered > MAX_TRAILERS {
+                        return self.cut_short("trailers too long");
+                    }
+                }
+                _ => {}
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_SIZE);
+            }
+            let read = ready!(tokio_util::io::poll_read_buf(io.as_mut(), cx, buf));
+            match read {
+                Ok(0) if matches!(self.framing, Framing::Close) => {
+                    // The end of a body that ends with its connection.
+                    self.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return self.cut_short("the connection closed mid-body"),
+                Ok(_) => {}
+                Err(e) => {
+                    self.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// The body cannot be read further: `why`.
+    fn cut_short(&mut self, why: &str) -> Poll<Option<io::Result<Bytes>>> {
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("body cut short: {why}"),
+        ))))
+    }
+}
+
+/// The position of the first CRLF in `buf`.
+fn line_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}

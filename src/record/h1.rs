@@ -1,0 +1,747 @@
+//! The client's side of HTTP/1.1, spoken by the recorder itself.
+//!
+//! An HTTP/1.1 client connection is served in its own task by a loop that reads a request head
+//! (httparse, as hyper does), hands the request to [`Proxy::handle`] with a body that reads
+//! itself off the connection ([`RequestBody`]), and writes the response head and body back,
+//! the head and a first piece of body that is ready in one write. hyper's server ran a
+//! dispatcher, a body channel and a response encoder around every request: about as much, per
+//! request, as the forwarding and the upstream's side together (callgrind). The same reasoning
+//! as the upstream's side ([`super::upstream`]) applies, with one difference: clients are not
+//! chosen by the operator, so this side keeps hyper's defences. A head must be complete within
+//! `--header-read-timeout`, hold at most 100 fields in 64 KiB (else 431), and parse (else
+//! 400); a body's framing follows RFC 9112: a transfer coding other than chunked last, on
+//! HTTP/1.0, or a length that is not one number is refused with a 400, and a length beside
+//! chunked is dropped, the connection closed after the response.
+//!
+//! What this loop does not speak goes to hyper, with the bytes read so far put back in front
+//! of the connection ([`Served::HandOff`]): HTTP/2 by prior knowledge (h2c), a protocol switch
+//! (`Upgrade`, WebSocket) and `CONNECT`. HTTP/2 negotiated by ALPN never comes here.
+//!
+//! The connection closes after a response when the client asked (`Connection: close`, or
+//! HTTP/1.0 without keep-alive), when the recorder is stopping, when a response has no length
+//! an HTTP/1.0 client could read other than the close, or when the request's body was not read
+//! to its end (the upstream answered without it): the next request's first byte could not be
+//! found.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::rt::Timer;
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::exchange::Connection;
+use super::forward::{Proxy, ProxyBody};
+use super::framing::{Chunk, Decoder, Framed, Framing, READ_SIZE};
+use super::head_timer::HeadTimer;
+use super::upstream::Dedicated;
+
+/// The largest request head read (hyper allows about as much before its 431).
+const MAX_HEAD: usize = 64 << 10;
+const MAX_HEADERS: usize = 100;
+/// A response's pieces of body are copied behind its head, up to this much per write; larger
+/// ones are written from where they are.
+const COALESCE: usize = 16 << 10;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// A client connection: plain TCP, or TLS that did not negotiate HTTP/2.
+pub enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// What serving a connection came to.
+pub enum Served {
+    /// It closed; with why, when not in the normal way, for the tape.
+    Closed(Result<(), String>),
+    /// It needs hyper from here on (see the module docs): the connection, with the bytes read
+    /// off it so far.
+    HandOff(ClientIo, Bytes),
+}
+
+/// What the loop needs from its proxy thread.
+pub struct Serving {
+    pub proxy: Arc<Proxy>,
+    pub connection: Arc<Connection>,
+    pub header_read_timeout: Duration,
+    pub stop: CancellationToken,
+}
+
+/// The reading side of a client connection, and what was read off it but not yet taken. While
+/// a request's body is being read, its [`RequestBody`] holds it.
+struct ReadSide {
+    io: ReadHalf<ClientIo>,
+    buf: BytesMut,
+}
+
+/// Where a request body leaves the reading side when it has read its last byte.
+type Home = Arc<Mutex<Option<ReadSide>>>;
+
+/// Serves HTTP/1.1 on `io` until it closes, or hands it over. See the module docs.
+pub async fn serve(io: ClientIo, serving: Serving) -> Served {
+    let Serving {
+        proxy,
+        connection,
+        header_read_timeout: timeout,
+        stop,
+    } = serving;
+    let (read, mut write) = tokio::io::split(io);
+    let mut side = Some(ReadSide {
+        io: read,
+        buf: BytesMut::with_capacity(8 << 10),
+    });
+    let home: Home = Arc::new(Mutex::new(None));
+    // On HTTP/1.x, the upstream connection this client connection's requests go on.
+    let dedicated = Arc::new(Dedicated::default());
+    let mut out: Vec<u8> = Vec::with_capacity(4 << 10);
+    // One timer and one stop signal for every head, rather than one registered per request.
+    let mut timer = HeadTimer.sleep(timeout);
+    let stopped = stop.clone().cancelled_owned();
+    tokio::pin!(stopped);
+    let mut first = true;
+    loop {
+        let reading = side
+            .as_mut()
+            .expect("the loop holds the reading side between requests");
+        HeadTimer.reset(&mut timer, std::time::Instant::now() + timeout);
+        let parsed = loop {
+            if !reading.buf.is_empty() {
+                match parse(&mut reading.buf, first) {
+                    Parsed::Partial => {}
+                    parsed => break parsed,
+                }
+            }
+            if reading.buf.capacity() - reading.buf.len() < 1024 {
+                reading.buf.reserve(READ_SIZE);
+            }
+            let idle = reading.buf.is_empty();
+            let read = tokio::select! {
+                biased;
+                read = reading.io.read_buf(&mut reading.buf) => read,
+                _ = timer.as_mut() => {
+                    if idle {
+                        return Served::Closed(Ok(()));
+                    }
+                    let why = format!("no complete request head within {timeout:?}");
+                    refuse(&mut write, &mut out, StatusCode::REQUEST_TIMEOUT, &why).await;
+                    return Served::Closed(Err(why));
+                }
+                _ = &mut stopped, if idle => return Served::Closed(Ok(())),
+            };
+            match read {
+                Ok(0) if idle => return Served::Closed(Ok(())),
+                Ok(0) => {
+                    return Served::Closed(Err("the client closed mid-head".to_string()));
+                }
+                Ok(_) => {}
+                Err(e) => return Served::Closed(Err(e.to_string())),
+            }
+        };
+        let head = match parsed {
+            Parsed::Head(head) => head,
+            Parsed::HandOff => {
+                let ReadSide { io, buf } = side.take().expect("held");
+                return Served::HandOff(io.unsplit(write), buf.freeze());
+            }
+            Parsed::Refused(status, why) => {
+                refuse(&mut write, &mut out, status, &why).await;
+                return Served::Closed(Err(why));
+            }
+            Parsed::Partial => unreachable!("the loop above waits for more"),
+        };
+        first = false;
+        let Head {
+            parts,
+            body,
+            keep_alive,
+            expect_continue,
+        } = head;
+        let head_request = parts.method == Method::HEAD;
+        let version = parts.version;
+        let has_body = body.is_some();
+        let body = match body {
+            Some(decoder) => {
+                if expect_continue && version == Version::HTTP_11 {
+                    // The upstream gets the client's `Expect` too; its own 100 is not passed on.
+                    if let Err(e) = write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await {
+                        return Served::Closed(Err(e.to_string()));
+                    }
+                }
+                InBody::Own(RequestBody {
+                    side: side.take(),
+                    decoder,
+                    home: home.clone(),
+                })
+            }
+            None => InBody::Empty,
+        };
+        let request = Request::from_parts(parts, body);
+        let stream = connection.stream_of(version);
+        let Ok(response) = proxy
+            .clone()
+            .handle(request, connection.clone(), stream, dedicated.clone())
+            .await;
+        let keep = keep_alive && !stop.is_cancelled();
+        let kept = match respond(&mut write, &mut out, response, head_request, version, keep).await
+        {
+            Ok(kept) => kept,
+            Err(e) => return Served::Closed(Err(e)),
+        };
+        if has_body {
+            // Back only if the body was read to its end.
+            side = home.lock().ok().and_then(|mut h| h.take());
+        }
+        if !kept || side.is_none() {
+            let _ = write.shutdown().await;
+            return Served::Closed(Ok(()));
+        }
+    }
+}
+
+/// A request head, made a request without its body.
+struct Head {
+    parts: http::request::Parts,
+    /// How its body is read; `None` when it has none.
+    body: Option<Decoder>,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+// Returned once per request and taken apart at once: boxing the head would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// More bytes needed.
+    Partial,
+    Head(Head),
+    /// For hyper (see the module docs).
+    HandOff,
+    /// Answered with this status, then the connection closes.
+    Refused(StatusCode, String),
+}
+
+/// Where a field lies in the head.
+struct Span {
+    name: (usize, usize),
+    value: (usize, usize),
+    length: bool,
+}
+
+/// Takes one complete request head off `buf`, if it is all there.
+fn parse(buf: &mut BytesMut, first: bool) -> Parsed {
+    let n = buf.len().min(H2_PREFACE.len());
+    if first && buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Parsed::HandOff
+        } else {
+            Parsed::Partial
+        };
+    }
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Parsed::Partial,
+        Ok(_) => {
+            return too_large(format!("a request head larger than {} KiB", MAX_HEAD >> 10));
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return too_large(format!("more than {MAX_HEADERS} header fields"));
+        }
+        Err(e) => return bad(format!("a malformed request head ({e})")),
+    };
+    let method = match parsed.method.map(|m| Method::from_bytes(m.as_bytes())) {
+        Some(Ok(m)) => m,
+        _ => return bad("a malformed request method".into()),
+    };
+    if method == Method::CONNECT {
+        return Parsed::HandOff;
+    }
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let target = at(parsed.path.unwrap_or("/").as_bytes());
+    let mut framed = Framed::default();
+    let mut upgrade = false;
+    let mut expect_continue = false;
+    let mut spans: SmallVec<[Span; 24]> = SmallVec::new();
+    for h in parsed.headers.iter() {
+        framed.read(h.name, h.value);
+        if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        spans.push(Span {
+            name: at(h.name.as_bytes()),
+            value: at(h.value),
+            length: h.name.eq_ignore_ascii_case("content-length"),
+        });
+    }
+    if upgrade && framed.upgrade {
+        return Parsed::HandOff;
+    }
+    // RFC 9112, 6.1 and 6.3.
+    let decoder = match (framed.chunked, framed.length) {
+        (Some(_), _) if version == Version::HTTP_10 => {
+            return bad("Transfer-Encoding on an HTTP/1.0 request".into())
+        }
+        (Some(false), _) => return bad("a transfer coding other than chunked last".into()),
+        (Some(true), _) => Some(Decoder::new(Framing::Chunked(Chunk::Size))),
+        (None, Some(None)) => return bad("a Content-Length that is not one number".into()),
+        (None, Some(Some(0))) | (None, None) => None,
+        (None, Some(Some(n))) => Some(Decoder::new(Framing::Length(n))),
+    };
+    // A length beside chunked is dropped, and the connection not trusted further.
+    let drop_length = framed.chunked.is_some();
+    let trusted = !(drop_length && framed.length.is_some());
+    let keep_alive = !framed.close && trusted && (version == Version::HTTP_11 || framed.keep_alive);
+    let head = buf.split_to(len).freeze();
+    let slice = |(at, len): (usize, usize)| head.slice(at..at + len);
+    let uri = match http::Uri::from_maybe_shared(slice(target)) {
+        Ok(uri) => uri,
+        Err(e) => return bad(format!("a request target that is not a URI ({e})")),
+    };
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for span in &spans {
+        if span.length && drop_length {
+            continue;
+        }
+        let (at, len) = span.name;
+        let Ok(name) = HeaderName::from_bytes(&head[at..at + len]) else {
+            return bad("a malformed header name".into());
+        };
+        let Ok(value) = HeaderValue::from_maybe_shared(slice(span.value)) else {
+            return bad(format!("a malformed {name} header"));
+        };
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Parsed::Head(Head {
+        parts: request.into_parts().0,
+        body: decoder,
+        keep_alive,
+        expect_continue,
+    })
+}
+
+fn bad(why: String) -> Parsed {
+    Parsed::Refused(StatusCode::BAD_REQUEST, why)
+}
+
+fn too_large(why: String) -> Parsed {
+    Parsed::Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why)
+}
+
+/// Writes `response`; whether the connection can carry another (`keep`, unless the response
+/// can only end with the connection). An error when the client cannot be written to, or the
+/// body failed (the client learns it from the close).
+async fn respond(
+    write: &mut WriteHalf<ClientIo>,
+    out: &mut Vec<u8>,
+    response: Response<ProxyBody>,
+    head_request: bool,
+    version: Version,
+    mut keep: bool,
+) -> Result<bool, String> {
+    let (parts, mut body) = response.into_parts();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut length = None;
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            length = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+        } else if name == header::DATE {
+            dated = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        push_date(out);
+    }
+    let status = parts.status.as_u16();
+    let bodiless = head_request || (100..200).contains(&status) || status == 204 || status == 304;
+    let mut chunked = false;
+    if !bodiless && length.is_none() {
+        match body.size_hint().exact() {
+            Some(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(n.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+                length = Some(n);
+            }
+            None if version == Version::HTTP_11 => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+            // An HTTP/1.0 client reads such a body to the close.
+            None => keep = false,
+        }
+    }
+    if !keep && version == Version::HTTP_11 {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if keep && version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let io = |e: io::Error| format!("writing to the client: {e}");
+    if bodiless || body.is_end_stream() {
+        write.write_all(out).await.map_err(io)?;
+        if !bodiless && length.is_some_and(|n| n > 0) {
+            return Err("the response's body ended before its Content-Length".into());
+        }
+        return Ok(keep);
+    }
+    let mut sent: u64 = 0;
+    loop {
+        // A piece ready at once goes out with what is waiting; otherwise that goes first.
+        let ready =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        let frame = match ready {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    write.write_all(out).await.map_err(io)?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => return Err(format!("the response's body failed: {e}")),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers are not passed on
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if chunked {
+                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                }
+                if out.len() + data.len() <= COALESCE {
+                    out.extend_from_slice(&data);
+                } else {
+                    write.write_all(out).await.map_err(io)?;
+                    out.clear();
+                    write.write_all(&data).await.map_err(io)?;
+                }
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        if body.is_end_stream() {
+            break;
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        write.write_all(out).await.map_err(io)?;
+        out.clear();
+    }
+    if length.is_some_and(|n| n != sent) {
+        return Err("the response's body did not match its Content-Length".into());
+    }
+    Ok(keep)
+}
+
+/// Answers a request this side will not pass on, then closes.
+async fn refuse(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, status: StatusCode, why: &str) {
+    tracing::debug!("refused a request: {why}");
+    let text = format!("loadtape: {why}\n");
+    out.clear();
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or(""),
+            text.len()
+        )
+        .as_bytes(),
+    );
+    push_date(out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(text.as_bytes());
+    let _ = write.write_all(out).await;
+    let _ = write.shutdown().await;
+}
+
+/// A `Date` field for responses that came without one (the proxy's own), as hyper's server
+/// adds: formatted once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != second {
+            *d = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(d.1.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// A request body read off the client's connection as the upstream takes it. At its end the
+/// reading side goes back to the connection's loop; dropped before (the upstream answered
+/// without it, or failed), it closes the connection.
+pub struct RequestBody {
+    side: Option<ReadSide>,
+    decoder: Decoder,
+    home: Home,
+}
+
+impl RequestBody {
+    fn finish(&mut self) {
+        if let Some(side) = self.side.take() {
+            if let Ok(mut home) = self.home.lock() {
+                *home = Some(side);
+            }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        let Some(ReadSide { io, buf }) = this.side.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::task::ready!(this.decoder.poll_data(Pin::new(io), buf, cx)) {
+            Some(Ok(data)) => {
+                if this.decoder.done() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            None => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                this.side = None;
+                Poll::Ready(Some(Err(io::Error::new(
+                    e.kind(),
+                    format!("from the client: {e}"),
+                ))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.exact() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// A request's body as it comes into the proxy: from hyper (HTTP/2, a connection handed
+/// over) or from this side. The pooled client's responses come as hyper's too.
+pub enum InBody {
+    Hyper(hyper::body::Incoming),
+    Own(RequestBody),
+    Empty,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for InBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            InBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            InBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            InBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InBody::Hyper(b) => b.is_end_stream(),
+            InBody::Own(b) => b.is_end_stream(),
+            InBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InBody::Hyper(b) => b.size_hint(),
+            InBody::Own(b) => b.size_hint(),
+            InBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection handed to hyper: the bytes already read off it come first.
+pub struct Rewind {
+    read: Bytes,
+    io: ClientIo,
+}
+
+impl Rewind {
+    pub fn new(io: ClientIo, read: Bytes) -> Rewind {
+        Rewind { read, io }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
