@@ -134,6 +134,24 @@ impl Redactor {
         }
     }
 
+    /// [`Redactor::push_header`] for a field as an upstream sent it (a name in any case that
+    /// the head parser found a token): responses the recorder reads itself.
+    #[cfg(feature = "net")]
+    pub fn push_raw_header(&self, headers: &mut Headers, name: &[u8], value: &[u8]) {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return;
+        };
+        let redacted = self
+            .redacted
+            .iter()
+            .any(|r| r.len() == name.len() && r.eq_ignore_ascii_case(name));
+        if redacted {
+            headers.push_redacted(name, self.redact_value(name, value));
+        } else {
+            headers.push(name, value);
+        }
+    }
+
     fn redact_value(&self, name: &str, value: &[u8]) -> Redaction {
         let lower = name.to_ascii_lowercase();
         let text = std::str::from_utf8(value).unwrap_or("");

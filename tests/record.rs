@@ -1153,9 +1153,10 @@ async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_conn
         "{head}"
     );
     // The fields of the upstream's connection stay behind, and those its Connection names.
-    let shown = curl(&["--include", &format!("{base}/hop")])
-        .await
-        .to_ascii_lowercase();
+    let shown = curl(&["--include", &format!("{base}/hop")]).await;
+    // The rest as the upstream wrote them, names in its case.
+    assert!(shown.contains("\r\nX-End: 1\r\n"), "{shown}");
+    let shown = shown.to_ascii_lowercase();
     assert!(
         shown.contains("x-end: 1") && shown.ends_with("ok\n"),
         "{shown}"
@@ -1217,6 +1218,10 @@ async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_conn
         ]
     );
     assert_eq!(ex.len(), 13);
+    let hop = ex.iter().find(|e| e.request.target == "/hop").unwrap();
+    let fields = &hop.response.as_ref().unwrap().headers;
+    assert_eq!(fields.get_str("x-end"), Some("1"), "stored lowercase");
+    assert!(fields.get("x-secret-hop").is_none() && fields.get("keep-alive").is_none());
     assert_eq!(ex[9].request.target, "/conflict");
     assert!(ex[9].response.is_err(), "{:?}", ex[9].response);
     assert!(ex[10].response.is_err() && ex[11].response.is_err());

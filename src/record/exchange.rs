@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::admin::Metrics;
 use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
+use super::upstream::RawFields;
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
 use crate::redact::{is_token_endpoint, Redactor};
 use crate::tape::capture::CaptureSink;
@@ -35,6 +36,22 @@ pub struct Capture {
     exchanges: AtomicU64,
     /// With `--bodies full`: where bodies larger than the inline limit go.
     spool: Option<Arc<Spool>>,
+}
+
+/// A response head's fields: hyper's map, or the upstream's own bytes ([`RawFields`]).
+#[derive(Clone, Copy)]
+pub enum Fields<'a> {
+    Map(&'a http::HeaderMap),
+    Raw(&'a RawFields),
+}
+
+impl Fields<'_> {
+    pub fn content_type(&self) -> Option<&[u8]> {
+        match self {
+            Fields::Map(map) => map.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes()),
+            Fields::Raw(raw) => raw.get("content-type"),
+        }
+    }
 }
 
 /// A client connection, as the exchanges on it need to know it.
@@ -193,7 +210,13 @@ impl Capture {
         let keep = if token_endpoint {
             0
         } else {
-            self.keep_for(&parts.headers, false)
+            self.keep_for(
+                parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| v.as_bytes()),
+                false,
+            )
         };
         self.sink.exchange_started(start);
         Arc::new(Pending {
@@ -215,17 +238,14 @@ impl Capture {
     }
 
     /// How many bytes of a body with these headers to keep.
-    pub fn keep_for(&self, headers: &http::HeaderMap, token_response: bool) -> usize {
+    pub fn keep_for(&self, content_type: Option<&[u8]>, token_response: bool) -> usize {
         let prefix = match self.config.bodies {
             BodyCapture::None => return if token_response { WHOLE_JSON_LIMIT } else { 0 },
             BodyCapture::Prefix(n) => n,
             // Whole bodies: up to the inline limit as a prefix, beyond it spooled as blobs.
             BodyCapture::Full => WHOLE_JSON_LIMIT,
         };
-        let json = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.contains("json"));
+        let json = content_type.is_some_and(|t| t.windows(4).any(|w| w == b"json"));
         if json || token_response {
             prefix.max(WHOLE_JSON_LIMIT)
         } else {
@@ -327,15 +347,33 @@ impl Pending {
     }
 
     /// The upstream answered with this head; the response body's tap follows.
-    pub fn response_head(self: &Arc<Self>, parts: &http::response::Parts) -> BodyDone {
+    pub fn response_head(
+        self: &Arc<Self>,
+        status: http::StatusCode,
+        version: http::Version,
+        fields: Fields<'_>,
+    ) -> BodyDone {
         let capture = &self.capture;
-        let mut headers = Headers::with_capacity(parts.headers.len(), 512);
-        for (name, value) in &parts.headers {
-            capture.redactor.push_http_header(&mut headers, name, value);
-        }
+        let redactor = &capture.redactor;
+        let headers = match fields {
+            Fields::Map(map) => {
+                let mut headers = Headers::with_capacity(map.len(), 512);
+                for (name, value) in map {
+                    redactor.push_http_header(&mut headers, name, value);
+                }
+                headers
+            }
+            Fields::Raw(raw) => {
+                let mut headers = Headers::with_capacity(raw.len(), 512);
+                for (name, value) in raw.iter() {
+                    redactor.push_raw_header(&mut headers, name, value);
+                }
+                headers
+            }
+        };
         self.response.put(ResponsePart::Head {
-            status: parts.status.as_u16(),
-            version: version_of(parts.version),
+            status: status.as_u16(),
+            version: version_of(version),
             headers,
             at: capture.clock.now(),
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,

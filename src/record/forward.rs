@@ -27,10 +27,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::admin::Metrics;
-use super::exchange::{BodyDone, Capture, Connection};
+use super::exchange::{BodyDone, Capture, Connection, Fields};
 use super::h1::InBody;
 use super::tap::TapBody;
-use super::upstream::{self, Dedicated, DirectBody, SendError};
+use super::upstream::{self, Dedicated, DirectBody, RawFields, SendError};
 use super::RecordConfig;
 use crate::tape::FailureKind;
 
@@ -51,6 +51,18 @@ pub enum ProxyBody {
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl ProxyBody {
+    /// The response's fields as the upstream wrote them, when it came from a dedicated
+    /// connection (its `HeaderMap` is then empty); taken once.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        match self {
+            ProxyBody::TappedDirect(b) => b.inner_mut().take_fields(),
+            ProxyBody::PlainDirect(b) => b.take_fields(),
+            _ => None,
+        }
+    }
+}
 
 impl Body for ProxyBody {
     type Data = Bytes;
@@ -96,6 +108,8 @@ impl Body for ProxyBody {
 }
 
 /// A response from the upstream, from either way to it.
+// Moved once, taken apart at once: boxing the direct one would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Answer {
     Pooled(Response<Incoming>),
     Direct(Response<DirectBody>),
@@ -377,19 +391,27 @@ impl Proxy {
                 let (mut parts, body) = r.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = InBody::Hyper(body);
-                let body = self.tap(pending, &parts, body, ProxyBody::Tapped, ProxyBody::Plain);
+                let body = match self.recorded(pending, &parts, Fields::Map(&parts.headers)) {
+                    Some((done, keep, spool)) => {
+                        ProxyBody::Tapped(TapBody::spooling(body, keep, spool, done))
+                    }
+                    None => ProxyBody::Plain(body),
+                };
                 (parts, body)
             }
             Answer::Direct(r) => {
-                // Its hop-by-hop fields were left out as its head was read.
+                // Its hop-by-hop fields were left out as its head was read, and its fields
+                // stay as the upstream wrote them, in the body, for the client's side.
                 let (parts, body) = r.into_parts();
-                let body = self.tap(
-                    pending,
-                    &parts,
-                    body,
-                    ProxyBody::TappedDirect,
-                    ProxyBody::PlainDirect,
-                );
+                let fields = body
+                    .fields()
+                    .map_or(Fields::Map(&parts.headers), Fields::Raw);
+                let body = match self.recorded(pending, &parts, fields) {
+                    Some((done, keep, spool)) => {
+                        ProxyBody::TappedDirect(TapBody::spooling(body, keep, spool, done))
+                    }
+                    None => ProxyBody::PlainDirect(body),
+                };
                 (parts, body)
             }
         };
@@ -402,24 +424,21 @@ impl Proxy {
 }
 
 impl Proxy {
-    /// A response's body, `tapped` when recorded, `plain` otherwise (either kind of body).
-    fn tap<B: Body<Data = Bytes> + Unpin>(
+    /// What taps a response's body when the exchange is recorded: the end of its record, how
+    /// much of the body it keeps, and where the rest spools.
+    fn recorded(
         &self,
         pending: Option<&Arc<super::exchange::Pending>>,
         parts: &http::response::Parts,
-        body: B,
-        tapped: fn(TapBody<B, BodyDone>) -> ProxyBody,
-        plain: fn(B) -> ProxyBody,
-    ) -> ProxyBody {
-        match pending {
-            Some(p) => {
-                let done = p.response_head(parts);
-                let keep = self.capture.keep_for(&parts.headers, p.token_endpoint());
-                let spool = self.capture.spool().filter(|_| !p.token_endpoint());
-                tapped(TapBody::spooling(body, keep, spool, done))
-            }
-            None => plain(body),
-        }
+        fields: Fields<'_>,
+    ) -> Option<(BodyDone, usize, Option<Arc<super::spool::Spool>>)> {
+        let p = pending?;
+        let done = p.response_head(parts.status, parts.version, fields);
+        let keep = self
+            .capture
+            .keep_for(fields.content_type(), p.token_endpoint());
+        let spool = self.capture.spool().filter(|_| !p.token_endpoint());
+        Some((done, keep, spool))
     }
 
     /// The upstream agreed to switch protocols: answer the client's 101 and, once both sides
@@ -441,15 +460,23 @@ impl Proxy {
                 let (parts, body) = r.into_parts();
                 if let Some(p) = pending {
                     // A 101 has no body: its tap ends at once.
-                    drop(TapBody::new(body, 0, p.response_head(&parts)));
+                    let done =
+                        p.response_head(parts.status, parts.version, Fields::Map(&parts.headers));
+                    drop(TapBody::new(body, 0, done));
                 }
                 (parts, Switch::Pooled(upstream_side))
             }
             Answer::Direct(r) => {
                 let switched = r.extensions().get::<upstream::Switched>().cloned();
-                let (parts, body) = r.into_parts();
+                let (mut parts, mut body) = r.into_parts();
+                // hyper writes the 101: it takes a map.
+                if let Some(fields) = body.take_fields() {
+                    parts.headers = fields.to_map();
+                }
                 if let Some(p) = pending {
-                    drop(TapBody::new(body, 0, p.response_head(&parts)));
+                    let done =
+                        p.response_head(parts.status, parts.version, Fields::Map(&parts.headers));
+                    drop(TapBody::new(body, 0, done));
                 }
                 (parts, Switch::Direct(switched.and_then(|s| s.take())))
             }

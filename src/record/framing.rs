@@ -41,6 +41,10 @@ pub struct Framed {
 impl Framed {
     /// Notes one field; whether it is hop-by-hop.
     pub fn read(&mut self, name: &str, value: &[u8]) -> bool {
+        // Most fields are none of these: their length says so before any comparison.
+        if !matches!(name.len(), 2 | 7 | 10 | 14 | 16 | 17) {
+            return false;
+        }
         let is = |n: &str| name.eq_ignore_ascii_case(n);
         if is("content-length") {
             // Digits only; a list of one value repeated is that value (RFC 9110, 8.6).
@@ -250,4 +254,22 @@ impl Decoder {
 /// The position of the first CRLF in `buf`.
 fn line_end(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_framing_and_hop_by_hop_field_is_read_in_any_case() {
+        for name in HOP_BY_HOP.iter().map(HeaderName::as_str) {
+            let upper = name.to_ascii_uppercase();
+            assert!(Framed::default().read(&upper, b"x"), "{name}");
+        }
+        let mut framed = Framed::default();
+        assert!(!framed.read("Content-Length", b"7, 7"));
+        assert_eq!(framed.length, Some(Some(7)));
+        assert!(!Framed::default().read("Content-Type", b"text/plain"));
+        assert!(!Framed::default().read("x-te", b"x"));
+    }
 }

@@ -23,14 +23,14 @@
 //! to its end (the upstream answered without it): the next request's first byte could not be
 //! found.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -319,7 +319,8 @@ fn parse(buf: &mut BytesMut, first: bool) -> Parsed {
         Ok(uri) => uri,
         Err(e) => return bad(format!("a request target that is not a URI ({e})")),
     };
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what forwarding adds (`Host`, `X-Forwarded-*`) without growing.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     for span in &spans {
         if span.length && drop_length {
             continue;
@@ -372,33 +373,37 @@ async fn respond(
     out.push(b' ');
     out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut length = None;
+    let status = parts.status.as_u16();
+    let bodiless = head_request || (100..200).contains(&status) || status == 204 || status == 304;
+    // A body's length is written as the body says it (the upstream's own framing was read
+    // off its connection); a bodiless answer keeps the upstream's, which describes the body
+    // a GET would have had.
     let mut dated = false;
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH {
-            length = std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-        } else if name == header::DATE {
-            dated = true;
+    let mut field = |name: &[u8], value: &[u8]| {
+        if name.len() == 14 && !bodiless && name.eq_ignore_ascii_case(b"content-length") {
+            return;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    };
+    match body.take_fields() {
+        Some(raw) => raw.iter().for_each(|(name, value)| field(name, value)),
+        None => (&parts.headers)
+            .into_iter()
+            .for_each(|(name, value)| field(name.as_str().as_bytes(), value.as_bytes())),
     }
     if !dated {
         push_date(out);
     }
-    let status = parts.status.as_u16();
-    let bodiless = head_request || (100..200).contains(&status) || status == 204 || status == 304;
+    let mut length = None;
     let mut chunked = false;
-    if !bodiless && length.is_none() {
+    if !bodiless {
         match body.size_hint().exact() {
             Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(n.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
+                let _ = write!(out, "content-length: {n}\r\n");
                 length = Some(n);
             }
             None if version == Version::HTTP_11 => {
@@ -450,7 +455,7 @@ async fn respond(
                 }
                 sent += data.len() as u64;
                 if chunked {
-                    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    let _ = write!(out, "{:x}\r\n", data.len());
                 }
                 if out.len() + data.len() <= COALESCE {
                     out.extend_from_slice(&data);

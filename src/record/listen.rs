@@ -339,12 +339,20 @@ fn service(
         // Called by hyper as it accepts each request, in stream order: the place to number
         // HTTP/2 streams.
         let stream = connection.stream_of(request.version());
-        proxy.clone().handle(
+        let handled = proxy.clone().handle(
             request.map(InBody::Hyper),
             connection.clone(),
             stream,
             dedicated.clone(),
-        )
+        );
+        async move {
+            let Ok(mut response) = handled.await;
+            // hyper writes the head from a map (on a connection handed over to it).
+            if let Some(fields) = response.body_mut().take_fields() {
+                *response.headers_mut() = fields.to_map();
+            }
+            Ok(response)
+        }
     })
 }
 

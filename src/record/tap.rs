@@ -84,6 +84,11 @@ impl<B: Body, D: TapDone> TapBody<B, D> {
         TapBody::spooling(inner, keep, None, done)
     }
 
+    /// The body tapped.
+    pub fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+
     /// Like [`TapBody::new`], spooling the whole body into `spool` once it outgrows `keep`.
     pub fn spooling(inner: B, keep: usize, spool: Option<Arc<Spool>>, done: D) -> TapBody<B, D> {
         TapBody {

@@ -7,8 +7,11 @@
 //!
 //! On that connection the recorder speaks HTTP/1.1 itself, in the task of the client's
 //! connection: it writes the request head and body, reads the response head (httparse, as hyper
-//! does) and hands hyper's server a [`DirectBody`] that reads the response body off the
-//! upstream socket as the client takes it. hyper's client would run the connection as a task of
+//! does) and hands the client's side a [`DirectBody`] that reads the response body off the
+//! upstream socket as the client takes it. The response's fields stay as the upstream wrote
+//! them ([`RawFields`], its hop-by-hop ones left out): the recorder's own HTTP/1.1 server
+//! ([`super::h1`]) writes them to the client as they are, and only hyper (HTTP/2, a connection
+//! handed over) gets them as a `HeaderMap`. hyper's client would run the connection as a task of
 //! its own and pass each request and response through channels between the two tasks; that
 //! machinery cost about as much as the rest of the forwarding (callgrind: 16.6k of the 38k
 //! instructions a proxied request took). The upstream is a server the operator named (Quay,
@@ -252,19 +255,69 @@ struct Head {
     status: StatusCode,
     version: Version,
     /// Without the hop-by-hop fields (but on a 101).
-    headers: HeaderMap,
+    fields: RawFields,
     framing: Framed,
+}
+
+/// A response head's fields as the upstream sent them (names in its case), without those that
+/// concern the upstream's connection only: written to an HTTP/1.1 client as they are, made a
+/// `HeaderMap` only for hyper ([`RawFields::to_map`]).
+pub struct RawFields {
+    head: Bytes,
+    spans: SmallVec<[Span; 12]>,
 }
 
 /// Where a field handed on lies in the response head.
 #[derive(Clone, Copy)]
 struct Span {
-    name: usize,
-    name_len: usize,
-    value: usize,
-    value_len: usize,
-    /// It is `Content-Length`.
-    length: bool,
+    name: u32,
+    name_len: u32,
+    value: u32,
+    value_len: u32,
+}
+
+impl RawFields {
+    /// Each field's name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans.iter().map(|s| {
+            let (n, v) = (s.name as usize, s.value as usize);
+            (
+                &self.head[n..n + s.name_len as usize],
+                &self.head[v..v + s.value_len as usize],
+            )
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The first value of the field `name` (lowercase).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The fields as hyper takes them; a field `http` would refuse is left out (the head parser
+    /// accepted nothing it would).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for s in &self.spans {
+            let (n, v) = (s.name as usize, s.value as usize);
+            let name = HeaderName::from_bytes(&self.head[n..n + s.name_len as usize]);
+            let value =
+                HeaderValue::from_maybe_shared(self.head.slice(v..v + s.value_len as usize));
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
 }
 
 /// An HTTP/1.1 connection to the upstream.
@@ -368,9 +421,7 @@ impl Conn {
                 }
                 None => {}
                 Some(Some(n)) => {
-                    out.extend_from_slice(b"content-length: ");
-                    out.extend_from_slice(n.to_string().as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    let _ = io::Write::write_fmt(out, format_args!("content-length: {n}\r\n"));
                 }
                 Some(None) => {
                     out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -622,18 +673,22 @@ impl Conn {
         let mut framing = Framed::default();
         // Where each field handed on lies in the head, to slice it out without copying.
         let base = self.buf.as_ptr() as usize;
-        let mut spans: SmallVec<[Span; 24]> = SmallVec::new();
+        let mut spans: SmallVec<[Span; 12]> = SmallVec::new();
+        let mut lengths = 0;
         for h in parsed.headers.iter() {
             let hop = framing.read(h.name, h.value);
             if hop && !switching {
                 continue;
             }
+            let length = h.name.len() == 14 && h.name.eq_ignore_ascii_case("content-length");
+            if length {
+                lengths += 1;
+            }
             spans.push(Span {
-                name: h.name.as_ptr() as usize - base,
-                name_len: h.name.len(),
-                value: h.value.as_ptr() as usize - base,
-                value_len: h.value.len(),
-                length: h.name.eq_ignore_ascii_case("content-length"),
+                name: (h.name.as_ptr() as usize - base) as u32,
+                name_len: h.name.len() as u32,
+                value: (h.value.as_ptr() as usize - base) as u32,
+                value_len: h.value.len() as u32,
             });
         }
         // RFC 9112, 6.3: a length beside a transfer coding is dropped (the coding frames the
@@ -650,36 +705,29 @@ impl Conn {
         if framing.chunked == Some(false) {
             return Err(Failed::protocol("a transfer coding other than chunked"));
         }
-        let drop_length = framing.chunked.is_some();
         let head = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for &Span {
-            name: name_at,
-            name_len,
-            value: value_at,
-            value_len,
-            length,
-        } in &spans
-        {
-            if length && drop_length {
-                continue;
-            }
-            let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-                .map_err(|e| Failed::protocol(format!("header name: {e}")))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-                .map_err(|e| Failed::protocol(format!("header {name}: {e}")))?;
-            headers.append(name, value);
-        }
-        if !switching {
-            // Fields the Connection header names concern this connection only too.
-            for named in framing.connection_names.drain(..) {
-                headers.remove(named);
-            }
+        let name_of = |s: &Span| &head[s.name as usize..(s.name + s.name_len) as usize];
+        // Fields the Connection header names concern this connection only too, and a length
+        // beside chunked goes.
+        let named = !switching && !framing.connection_names.is_empty();
+        let chunked = framing.chunked.is_some();
+        if named || (lengths > 0 && chunked) {
+            spans.retain(|s| {
+                let name = name_of(s);
+                if name.eq_ignore_ascii_case(b"content-length") {
+                    return !chunked;
+                }
+                !(named
+                    && framing
+                        .connection_names
+                        .iter()
+                        .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name)))
+            });
         }
         Ok(Some(Head {
             status,
             version,
-            headers,
+            fields: RawFields { head, spans },
             framing,
         }))
     }
@@ -694,7 +742,7 @@ impl Conn {
         let Head {
             status,
             version,
-            headers,
+            fields,
             framing: framed,
         } = head;
         let mut reusable =
@@ -726,10 +774,10 @@ impl Conn {
             decoder: Decoder::new(Framing::Done),
             reusable,
             home: home.clone(),
+            fields: Some(fields),
         });
         *response.status_mut() = status;
         *response.version_mut() = version;
-        *response.headers_mut() = headers;
         if switched {
             let rest = self.buf.freeze();
             response
@@ -755,9 +803,20 @@ pub struct DirectBody {
     decoder: Decoder,
     reusable: bool,
     home: Arc<Dedicated>,
+    /// The response's fields, until taken: the response's `HeaderMap` is left empty.
+    fields: Option<RawFields>,
 }
 
 impl DirectBody {
+    /// The response's fields (see [`RawFields`]), until taken.
+    pub fn fields(&self) -> Option<&RawFields> {
+        self.fields.as_ref()
+    }
+
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
+    }
+
     fn finish(&mut self) {
         self.decoder.framing = Framing::Done;
         if let Some(conn) = self.conn.take() {

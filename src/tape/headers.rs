@@ -374,14 +374,20 @@ impl Headers {
     }
 
     fn intern_name(&mut self, name: &str) -> NameRef {
-        let lower;
-        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            lower = name.to_ascii_lowercase();
-            lower.as_str()
-        } else {
-            name
-        };
-        self.store_name(classify(name))
+        if !name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.store_name(classify(name));
+        }
+        // Lowercased on the stack: the recorder stores the names upstreams send capitalized
+        // (`Content-Type`) for every response.
+        let mut stack = [0u8; 64];
+        if let Some(lower) = stack.get_mut(..name.len()) {
+            lower.copy_from_slice(name.as_bytes());
+            lower.make_ascii_lowercase();
+            if let Ok(lower) = std::str::from_utf8(lower) {
+                return self.store_name(classify(lower));
+            }
+        }
+        self.store_name(classify(&name.to_ascii_lowercase()))
     }
 
     fn store(&mut self, bytes: &[u8]) -> (u32, u32) {
