@@ -44,7 +44,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -72,7 +71,7 @@ pub struct Dedicated(Mutex<Held>);
 
 #[derive(Default)]
 struct Held {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -95,7 +94,7 @@ impl Dedicated {
     }
 
     /// A response body ended and left its connection fit for the next request.
-    fn give_back(&self, conn: Conn) {
+    fn give_back(&self, conn: Box<Conn>) {
         if let Ok(mut slot) = self.0.lock() {
             slot.conn = Some(conn);
         }
@@ -186,7 +185,7 @@ pub async fn send(
 /// One request and its response head, on `conn` or a fresh connection. See the module docs
 /// for when a request is sent twice.
 async fn exchange(
-    mut conn: Option<Conn>,
+    mut conn: Option<Box<Conn>>,
     upstream: &str,
     request: http::Request<ProxyBody>,
     dedicated: &Arc<Dedicated>,
@@ -197,7 +196,7 @@ async fn exchange(
     // bodiless PUT completes an upload and a DELETE removes a manifest, and a second copy of
     // either after the first took effect answers 404.
     let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if conn.as_ref().is_some_and(Conn::closed_by_upstream) {
+    if conn.as_ref().is_some_and(|c| c.closed_by_upstream()) {
         conn = None;
     }
     let mut body = Some(body);
@@ -264,7 +263,7 @@ struct Head {
 /// `HeaderMap` only for hyper ([`RawFields::to_map`]).
 pub struct RawFields {
     head: Bytes,
-    spans: SmallVec<[Span; 12]>,
+    spans: Vec<Span>,
 }
 
 /// Where a field handed on lies in the response head.
@@ -335,7 +334,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(upstream: &str) -> Result<Conn, SendError> {
+    async fn open(upstream: &str) -> Result<Box<Conn>, SendError> {
         let io = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(upstream)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(SendError::Connect(e)),
@@ -347,13 +346,13 @@ impl Conn {
             }
         };
         let _ = io.set_nodelay(true);
-        Ok(Conn {
+        Ok(Box::new(Conn {
             io,
             buf: BytesMut::with_capacity(READ_SIZE),
             out: Vec::with_capacity(1024),
             unfinished: false,
             early: None,
-        })
+        }))
     }
 
     /// Whether the upstream closed this idle connection (or sent something unasked).
@@ -673,7 +672,8 @@ impl Conn {
         let mut framing = Framed::default();
         // Where each field handed on lies in the head, to slice it out without copying.
         let base = self.buf.as_ptr() as usize;
-        let mut spans: SmallVec<[Span; 12]> = SmallVec::new();
+        // A Vec, not inline: the fields move with the response body through several hands.
+        let mut spans = Vec::with_capacity(parsed.headers.len());
         let mut lengths = 0;
         for h in parsed.headers.iter() {
             let hop = framing.read(h.name, h.value);
@@ -734,7 +734,7 @@ impl Conn {
 
     /// The response to hand on: its body reads the rest off this connection.
     fn into_response(
-        self,
+        self: Box<Self>,
         head: Head,
         method: &Method,
         home: &Arc<Dedicated>,
@@ -779,10 +779,10 @@ impl Conn {
         *response.status_mut() = status;
         *response.version_mut() = version;
         if switched {
-            let rest = self.buf.freeze();
+            let Conn { io, buf, .. } = *self;
             response
                 .extensions_mut()
-                .insert(Switched(Arc::new(Mutex::new(Some((self.io, rest))))));
+                .insert(Switched(Arc::new(Mutex::new(Some((io, buf.freeze()))))));
         } else {
             let body = response.body_mut();
             body.conn = Some(self);
@@ -799,7 +799,8 @@ impl Conn {
 /// connection goes back to its [`Dedicated`] for the next request (unless the upstream closes
 /// it). Dropped before its end (the client went away), it closes the connection.
 pub struct DirectBody {
-    conn: Option<Conn>,
+    /// Boxed: a response body moves through several hands on its way to the client.
+    conn: Option<Box<Conn>>,
     decoder: Decoder,
     reusable: bool,
     home: Arc<Dedicated>,
@@ -837,7 +838,7 @@ impl Body for DirectBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        let Some(Conn { io, buf, .. }) = this.conn.as_mut() else {
+        let Some(Conn { io, buf, .. }) = this.conn.as_deref_mut() else {
             return Poll::Ready(None);
         };
         match ready!(this.decoder.poll_data(Pin::new(io), buf, cx)) {
