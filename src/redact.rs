@@ -138,18 +138,16 @@ impl Redactor {
     /// the head parser found a token): responses the recorder reads itself.
     #[cfg(feature = "net")]
     pub fn push_raw_header(&self, headers: &mut Headers, name: &[u8], value: &[u8]) {
-        let Ok(name) = std::str::from_utf8(name) else {
-            return;
-        };
         let redacted = self
             .redacted
             .iter()
-            .any(|r| r.len() == name.len() && r.eq_ignore_ascii_case(name));
-        if redacted {
-            headers.push_redacted(name, self.redact_value(name, value));
-        } else {
-            headers.push(name, value);
+            .any(|r| r.len() == name.len() && r.as_bytes().eq_ignore_ascii_case(name));
+        if !redacted {
+            return headers.push_token(name, value);
         }
+        // Equal to a redacted name, it is ASCII.
+        let name = String::from_utf8_lossy(name);
+        headers.push_redacted(&name, self.redact_value(&name, value));
     }
 
     fn redact_value(&self, name: &str, value: &[u8]) -> Redaction {
@@ -324,6 +322,18 @@ mod tests {
             r.push_header(&mut by_name, "x-custom-thing", b"v");
             r.push_header(&mut by_name, "proxy-authorization", b"Bearer opaque");
             assert_eq!(from_http, by_name);
+            // And the fields of a response head the recorder read itself, in the server's case.
+            let mut from_wire = Headers::new();
+            for (name, value) in [
+                ("Authorization", "Basic YWRtaW46cGFzc3dvcmQ="),
+                ("Cookie", "session=abc"),
+                ("X-API-KEY", "k"),
+                ("X-Custom-Thing", "v"),
+                ("Proxy-Authorization", "Bearer opaque"),
+            ] {
+                r.push_raw_header(&mut from_wire, name.as_bytes(), value.as_bytes());
+            }
+            assert_eq!(from_wire, by_name);
         }
     }
 

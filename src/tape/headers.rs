@@ -92,6 +92,16 @@ pub(crate) fn classify(name: &str) -> HeaderName<'_> {
 /// The index of a well-known name. Every header of every exchange is looked up here as it is
 /// captured, so the names are grouped by length: a lookup compares a handful, not sixty.
 fn known_index(name: &str) -> Option<u8> {
+    known_index_by(name.len(), |known| known == name)
+}
+
+/// [`known_index`] for a name in any case (`Content-Type`, as servers send them).
+fn known_index_any_case(name: &str) -> Option<u8> {
+    known_index_by(name.len(), |known| known.eq_ignore_ascii_case(name))
+}
+
+/// The index of the well-known name of length `len` that is `same`.
+fn known_index_by(len: usize, same: impl Fn(&str) -> bool) -> Option<u8> {
     const LONGEST: usize = 40;
     static BY_LENGTH: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
     let by_length = BY_LENGTH.get_or_init(|| {
@@ -102,10 +112,10 @@ fn known_index(name: &str) -> Option<u8> {
         by_length
     });
     by_length
-        .get(name.len())?
+        .get(len)?
         .iter()
         .copied()
-        .find(|&i| KNOWN_NAMES[i as usize] == name)
+        .find(|&i| same(KNOWN_NAMES[i as usize]))
 }
 
 /// What kind of credential a [`Redaction`] stands for.
@@ -325,6 +335,32 @@ impl Headers {
         });
     }
 
+    /// Appends a header whose name is an HTTP token in any case, as a parser read it off the
+    /// wire (ASCII, so no UTF-8 check is needed); the name is lowercased.
+    pub fn push_token(&mut self, name: &[u8], value: &[u8]) {
+        if !name.is_ascii() {
+            return self.push(&String::from_utf8_lossy(name), value);
+        }
+        let known = if name.iter().any(u8::is_ascii_uppercase) {
+            known_index_by(name.len(), |k| k.as_bytes().eq_ignore_ascii_case(name))
+        } else {
+            known_index_by(name.len(), |k| k.as_bytes() == name)
+        };
+        let name = match known {
+            Some(i) => NameRef::Known(i),
+            None => {
+                let (start, len) = self.store(name);
+                self.bytes[start as usize..].make_ascii_lowercase();
+                NameRef::Literal { start, len }
+            }
+        };
+        let (start, len) = self.store(value);
+        self.entries.push(Entry {
+            name,
+            value: ValueRef::Plain { start, len },
+        });
+    }
+
     /// Appends a header whose name is known to be lowercase (as `http::HeaderName`s are).
     pub fn push_lowercase(&mut self, name: &str, value: &[u8]) {
         debug_assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name}");
@@ -377,17 +413,14 @@ impl Headers {
         if !name.bytes().any(|b| b.is_ascii_uppercase()) {
             return self.store_name(classify(name));
         }
-        // Lowercased on the stack: the recorder stores the names upstreams send capitalized
-        // (`Content-Type`) for every response.
-        let mut stack = [0u8; 64];
-        if let Some(lower) = stack.get_mut(..name.len()) {
-            lower.copy_from_slice(name.as_bytes());
-            lower.make_ascii_lowercase();
-            if let Ok(lower) = std::str::from_utf8(lower) {
-                return self.store_name(classify(lower));
-            }
+        // Servers send names capitalized (`Content-Type`): a well-known one is found in any
+        // case, and another is stored lowercased, without a lowercase copy first.
+        if let Some(i) = known_index_any_case(name) {
+            return NameRef::Known(i);
         }
-        self.store_name(classify(&name.to_ascii_lowercase()))
+        let (start, len) = self.store(name.as_bytes());
+        self.bytes[start as usize..].make_ascii_lowercase();
+        NameRef::Literal { start, len }
     }
 
     fn store(&mut self, bytes: &[u8]) -> (u32, u32) {
@@ -475,6 +508,8 @@ mod tests {
     fn every_known_name_and_only_those_is_found_at_its_index() {
         for (i, k) in KNOWN_NAMES.iter().enumerate() {
             assert_eq!(known_index(k), Some(i as u8), "{k}");
+            let upper = k.to_ascii_uppercase();
+            assert_eq!(known_index_any_case(&upper), Some(i as u8), "{k}");
         }
         for other in [
             "",
@@ -504,6 +539,23 @@ mod tests {
             .map(|(n, _)| matches!(n, HeaderName::Known(_)))
             .collect();
         assert_eq!(kinds, [true, false, true]);
+    }
+
+    #[test]
+    fn names_read_off_the_wire_are_stored_as_the_others() {
+        let mut wire = Headers::new();
+        let mut text = Headers::new();
+        for (name, value) in [("Content-Type", "a"), ("X-Custom", "b"), ("etag", "c")] {
+            wire.push_token(name.as_bytes(), value.as_bytes());
+            text.push(name, value);
+        }
+        let names = |h: &Headers| {
+            h.iter_names()
+                .map(|(n, _)| format!("{n:?}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&wire), names(&text));
+        assert_eq!(wire.get_str("x-custom"), Some("b"));
     }
 
     #[test]
