@@ -41,6 +41,17 @@ pub fn client_config(
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
+/// A client configuration that trusts no certificate: for a client that never speaks TLS (an
+/// http upstream), which would otherwise read the system's roots for nothing at start.
+pub fn trusting_nothing() -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// `--upstream-insecure`, `--insecure`: any certificate is accepted (signatures are still checked).
 #[derive(Debug)]
 struct NoVerification(Arc<rustls::crypto::CryptoProvider>);

@@ -171,7 +171,13 @@ impl Proxy {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
-        let tls = super::listen::upstream_tls(&config)?;
+        // An http upstream is never reached over TLS: the system's roots (read per proxy
+        // thread) are not needed.
+        let tls = if config.upstream.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            super::listen::upstream_tls(&config)?
+        } else {
+            crate::tls::trusting_nothing()?
+        };
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
