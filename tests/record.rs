@@ -1058,6 +1058,7 @@ async fn raw_upstream(how: Raw) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                             "/gzip" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n",
                             "/plus" => b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\nok\n",
                             "/repeated" => b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nok\n",
+                            "/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
                             _ => b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end\n",
                         };
                         let ends = !matches!(
@@ -1409,7 +1410,7 @@ async fn http1_clients_get_pipelined_answers_in_order_and_bad_heads_a_400_or_431
     // What cannot be read safely is refused, with a body that says why.
     let big = format!(
         "GET /json HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(70 << 10)
+        "a".repeat(410 << 10)
     );
     for (request, status, why) in [
         (
@@ -1426,6 +1427,11 @@ async fn http1_clients_get_pipelined_answers_in_order_and_bad_heads_a_400_or_431
             "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc",
             "400",
             "content-length",
+        ),
+        (
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc",
+            "400",
+            "content-length list",
         ),
         (
             "POST /echo HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -1462,4 +1468,55 @@ async fn http1_clients_get_pipelined_answers_in_order_and_bad_heads_a_400_or_431
         ],
         "refused requests never reach the tape"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_is_served_by_the_recorders_loop_large_body_then_the_next_answer() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let mut c = config(up.addr, &dir.path().join("t"));
+    c.tls = Some((cert.clone(), key));
+    let rec = start(c).await;
+    let port = rec.addr.port();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    // HTTP/1.1 over TLS is served by the recorder's own loop (HTTP/2 by ALPN goes to hyper):
+    // a body larger than both sockets' buffers, read slowly, then a second answer on the same
+    // connection.
+    let got = curl(&[
+        "--http1.1",
+        "--cacert",
+        cert.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "--limit-rate",
+        "32M",
+        "-w",
+        "%{size_download} %{http_version} %{num_connects}\n",
+        "-o",
+        "/dev/null",
+        &format!("https://localhost:{port}/bytes/{}", 8 << 20),
+        "-o",
+        "/dev/null",
+        &format!("https://localhost:{port}/json"),
+    ])
+    .await;
+    assert_eq!(got, format!("{} 1.1 1\n12 1.1 0\n", 8 << 20));
+    rec.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_the_client_did_not_ask_for_ends_its_connection() {
+    let (up, _) = raw_upstream(Raw::Shapes).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = start(config(up, &dir.path().join("t"))).await;
+    // What follows a 101 is no longer HTTP/1.1: the second request is never read as one.
+    let got = until_closed(
+        rec.addr,
+        b"GET /switch HTTP/1.1\r\nHost: x\r\n\r\nGET /head HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("http/1.1 101 "), "{got}");
+    assert_eq!(got.matches("http/1.1 ").count(), 1, "{got}");
+    rec.stop().await;
 }

@@ -179,15 +179,7 @@ impl Decoder {
                 Framing::Chunked(Chunk::Size) => {
                     if let Some(end) = line_end(buf) {
                         let line = buf.split_to(end + 2);
-                        let size = std::str::from_utf8(&line[..end])
-                            .ok()
-                            .map(|l| l.split(';').next().unwrap_or("").trim_end())
-                            .filter(|hex| {
-                                (1..=16).contains(&hex.len())
-                                    && hex.bytes().all(|b| b.is_ascii_hexdigit())
-                            })
-                            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
-                        self.framing = match size {
+                        self.framing = match chunk_size(&line[..end]) {
                             Some(0) => Framing::Chunked(Chunk::Trailers),
                             Some(n) => Framing::Chunked(Chunk::Data(n)),
                             None => return self.cut_short("a bad chunk size"),
@@ -208,6 +200,10 @@ impl Decoder {
                 }
                 Framing::Chunked(Chunk::Trailers) => {
                     if let Some(end) = line_end(buf) {
+                        if !plain_line(&buf[..end]) {
+                            return self
+                                .cut_short("a trailer line with a bare CR, LF or control byte");
+                        }
                         buf.advance(end + 2);
                         if end == 0 {
                             self.framing = Framing::Done;
@@ -251,6 +247,26 @@ impl Decoder {
     }
 }
 
+/// A chunk-size line's size (RFC 9112, 7.1): hex digits, then optional whitespace and an
+/// extension; nothing else, and no bare CR, LF or other control byte, which a front proxy might
+/// read as the line's end where this one does not.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if !(1..=16).contains(&digits) || !plain_line(line) {
+        return None;
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()
+}
+
+/// A line without control bytes but tabs.
+fn plain_line(line: &[u8]) -> bool {
+    !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
 /// The position of the first CRLF in `buf`.
 fn line_end(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
@@ -271,5 +287,31 @@ mod tests {
         assert_eq!(framed.length, Some(Some(7)));
         assert!(!Framed::default().read("Content-Type", b"text/plain"));
         assert!(!Framed::default().read("x-te", b"x"));
+    }
+
+    #[test]
+    fn chunk_sizes_are_read_strictly() {
+        for (line, size) in [
+            (&b"5"[..], Some(5)),
+            (b"1a", Some(26)),
+            (b"5;name=value", Some(5)),
+            (b"5 ; name", Some(5)),
+            (b"5\t;x", Some(5)),
+            (b"1;reject\nnewlines", None),
+            (b"5\n", None),
+            (b"5\r", None),
+            (b" 5", None),
+            (b"5 x", None),
+            (b"", None),
+            (b"12345678901234567", None),
+            (b"5\xc2\xa0", None),
+        ] {
+            assert_eq!(
+                chunk_size(line),
+                size,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
     }
 }

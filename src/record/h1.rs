@@ -8,10 +8,12 @@
 //! request, as the forwarding and the upstream's side together (callgrind). The same reasoning
 //! as the upstream's side ([`super::upstream`]) applies, with one difference: clients are not
 //! chosen by the operator, so this side keeps hyper's defences. A head must be complete within
-//! `--header-read-timeout`, hold at most 100 fields in 64 KiB (else 431), and parse (else
+//! `--header-read-timeout`, hold at most 100 fields in 400 KiB (else 431), and parse (else
 //! 400); a body's framing follows RFC 9112: a transfer coding other than chunked last, on
-//! HTTP/1.0, or a length that is not one number is refused with a 400, and a length beside
-//! chunked is dropped, the connection closed after the response.
+//! HTTP/1.0, or a length that is not one number (a list included, as hyper refused it) is
+//! refused with a 400, and a length beside chunked is dropped, the connection closed after the
+//! response. Chunk-size and trailer lines are read strictly: a bare CR or LF, or another
+//! control byte, ends the body as cut short (the chunk-extension smuggling pattern).
 //!
 //! What this loop does not speak goes to hyper, with the bytes read so far put back in front
 //! of the connection ([`Served::HandOff`]): HTTP/2 by prior knowledge (h2c), a protocol switch
@@ -21,7 +23,9 @@
 //! HTTP/1.0 without keep-alive), when the recorder is stopping, when a response has no length
 //! an HTTP/1.0 client could read other than the close, or when the request's body was not read
 //! to its end (the upstream answered without it): the next request's first byte could not be
-//! found.
+//! found). A connection closed with a request body unread is read from a little longer (a
+//! second, 1 MiB), so that the close does not reset the answer away (nginx's lingering
+//! close). A 101 the client did not ask for ends the connection, as hyper ended it.
 
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -43,11 +47,12 @@ use tokio_util::sync::CancellationToken;
 use super::exchange::Connection;
 use super::forward::{Proxy, ProxyBody};
 use super::framing::{Chunk, Decoder, Framed, Framing, READ_SIZE};
-use super::head_timer::HeadTimer;
+use super::head_timer::{self, HeadTimer};
 use super::upstream::Dedicated;
 
-/// The largest request head read (hyper allows about as much before its 431).
-const MAX_HEAD: usize = 64 << 10;
+/// The largest request head read: hyper's server's limit (its buffer's default), beyond which
+/// it answered 431 too.
+const MAX_HEAD: usize = 400 << 10;
 const MAX_HEADERS: usize = 100;
 /// A response's pieces of body are copied behind its head, up to this much per write; larger
 /// ones are written from where they are.
@@ -84,8 +89,9 @@ struct ReadSide {
     buf: BytesMut,
 }
 
-/// Where a request body leaves the reading side when it has read its last byte.
-type Home = Arc<Mutex<Option<ReadSide>>>;
+/// Where a request body leaves the reading side when it ends or is dropped: with whether it
+/// was read to its end (the connection can then carry another request).
+type Home = Arc<Mutex<Option<(ReadSide, bool)>>>;
 
 /// Serves HTTP/1.1 on `io` until it closes, or hands it over. See the module docs.
 pub async fn serve(io: ClientIo, serving: Serving) -> Served {
@@ -134,6 +140,7 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
                     }
                     let why = format!("no complete request head within {timeout:?}");
                     refuse(&mut write, &mut out, StatusCode::REQUEST_TIMEOUT, &why).await;
+                    linger(side).await;
                     return Served::Closed(Err(why));
                 }
                 _ = &mut stopped, if idle => return Served::Closed(Ok(())),
@@ -155,11 +162,14 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
             }
             Parsed::Refused(status, why) => {
                 refuse(&mut write, &mut out, status, &why).await;
+                linger(side).await;
                 return Served::Closed(Err(why));
             }
             Parsed::Partial => unreachable!("the loop above waits for more"),
         };
         first = false;
+        // Busy with a request: the head's wait leaves the sweeper's list until the next head.
+        head_timer::release(&mut timer);
         let Head {
             parts,
             body,
@@ -173,7 +183,11 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
             Some(decoder) => {
                 if expect_continue && version == Version::HTTP_11 {
                     // The upstream gets the client's `Expect` too; its own 100 is not passed on.
-                    if let Err(e) = write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await {
+                    let sent = write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                    if let Err(e) = match sent {
+                        Ok(()) => write.flush().await,
+                        Err(e) => Err(e),
+                    } {
                         return Served::Closed(Err(e.to_string()));
                     }
                 }
@@ -191,18 +205,27 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
             .clone()
             .handle(request, connection.clone(), stream, dedicated.clone())
             .await;
-        let keep = keep_alive && !stop.is_cancelled();
+        // A switch nobody asked for (those asked for went to hyper) ends the connection, as
+        // hyper ended it.
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let keep = keep_alive && !switched && !stop.is_cancelled();
         let kept = match respond(&mut write, &mut out, response, head_request, version, keep).await
         {
             Ok(kept) => kept,
             Err(e) => return Served::Closed(Err(e)),
         };
+        let mut unread = false;
         if has_body {
-            // Back only if the body was read to its end.
-            side = home.lock().ok().and_then(|mut h| h.take());
+            // Whole only if the body was read to its end.
+            let back = home.lock().ok().and_then(|mut h| h.take());
+            unread = back.as_ref().is_some_and(|(_, whole)| !whole);
+            side = back.map(|(side, _)| side);
         }
-        if !kept || side.is_none() {
+        if !kept || unread || side.is_none() {
             let _ = write.shutdown().await;
+            if unread {
+                linger(side).await;
+            }
             return Served::Closed(Ok(()));
         }
     }
@@ -282,17 +305,29 @@ fn parse(buf: &mut BytesMut, first: bool) -> Parsed {
     let mut upgrade = false;
     let mut expect_continue = false;
     let mut spans: SmallVec<[Span; 24]> = SmallVec::new();
+    let mut lengths = 0;
     for h in parsed.headers.iter() {
         framed.read(h.name, h.value);
+        let length = h.name.len() == 14 && h.name.eq_ignore_ascii_case("content-length");
+        if length {
+            if h.value.contains(&b',') {
+                return bad("a Content-Length list".into());
+            }
+            lengths += 1;
+        }
         if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
+        // Equal lengths repeated are passed on as one, as hyper did.
+        if length && lengths > 1 {
+            continue;
+        }
         spans.push(Span {
             name: at(h.name.as_bytes()),
             value: at(h.value),
-            length: h.name.eq_ignore_ascii_case("content-length"),
+            length,
         });
     }
     if upgrade && framed.upgrade {
@@ -422,7 +457,11 @@ async fn respond(
     out.extend_from_slice(b"\r\n");
     let io = |e: io::Error| format!("writing to the client: {e}");
     if bodiless || body.is_end_stream() {
+        if chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
         write.write_all(out).await.map_err(io)?;
+        write.flush().await.map_err(io)?;
         if !bodiless && length.is_some_and(|n| n > 0) {
             return Err("the response's body ended before its Content-Length".into());
         }
@@ -440,6 +479,9 @@ async fn respond(
                     write.write_all(out).await.map_err(io)?;
                     out.clear();
                 }
+                // What was written reaches the client while the next piece is awaited (TLS
+                // holds written bytes until flushed).
+                write.flush().await.map_err(io)?;
                 body.frame().await
             }
         };
@@ -454,6 +496,9 @@ async fn respond(
                     continue;
                 }
                 sent += data.len() as u64;
+                if length.is_some_and(|n| sent > n) {
+                    return Err("the response's body ran past its Content-Length".into());
+                }
                 if chunked {
                     let _ = write!(out, "{:x}\r\n", data.len());
                 }
@@ -480,6 +525,7 @@ async fn respond(
         write.write_all(out).await.map_err(io)?;
         out.clear();
     }
+    write.flush().await.map_err(io)?;
     if length.is_some_and(|n| n != sent) {
         return Err("the response's body did not match its Content-Length".into());
     }
@@ -504,7 +550,30 @@ async fn refuse(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, status: Stat
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(text.as_bytes());
     let _ = write.write_all(out).await;
+    let _ = write.flush().await;
     let _ = write.shutdown().await;
+}
+
+/// After answering a request whose body was not all read, reads what the client still sends
+/// (up to a second and 1 MiB, or its close) before closing: a socket closed with unread bytes
+/// is reset, and a reset can destroy the answer before the client reads it (nginx's lingering
+/// close).
+async fn linger(side: Option<ReadSide>) {
+    let Some(ReadSide { mut io, mut buf }) = side else {
+        return;
+    };
+    let drain = async {
+        let mut left: usize = 1 << 20;
+        while left > 0 {
+            buf.clear();
+            buf.reserve(READ_SIZE);
+            match io.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// A `Date` field for responses that came without one (the proxy's own), as hyper's server
@@ -538,12 +607,26 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    fn finish(&mut self) {
+    /// Leaves the reading side for the connection's loop; `whole` when the body was read to
+    /// its end.
+    fn leave(&mut self, whole: bool) {
         if let Some(side) = self.side.take() {
             if let Ok(mut home) = self.home.lock() {
-                *home = Some(side);
+                *home = Some((side, whole));
             }
         }
+    }
+
+    fn finish(&mut self) {
+        self.leave(true);
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        // Not read to its end: the loop closes the connection, after reading what still comes.
+        let whole = self.decoder.done();
+        self.leave(whole);
     }
 }
 

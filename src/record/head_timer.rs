@@ -44,6 +44,14 @@ impl hyper::rt::Timer for HeadTimer {
     }
 }
 
+/// Takes a head's wait off its thread's list until it is polled again: a connection busy with
+/// a request is not woken by the sweeper once the wait's old deadline passes.
+pub fn release(sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>) {
+    if let Some(mut s) = sleep.as_mut().downcast_mut_pin::<HeadSleep>() {
+        s.release();
+    }
+}
+
 /// How often a thread's sweeper looks for expired heads: an eighth of the timeout, between
 /// 10 ms and a second.
 pub fn tick(timeout: Duration) -> Duration {
@@ -189,6 +197,15 @@ mod tests {
         }
         let held = WAITING.with(|w| w.borrow().slots.iter().flatten().count());
         assert_eq!(held, 0);
+        // Released while its connection is busy with a request: off the list until polled.
+        let mut s = HeadTimer.sleep(Duration::from_secs(60));
+        assert!(futures_poll_once(s.as_mut()).await.is_pending());
+        let held = || WAITING.with(|w| w.borrow().slots.iter().flatten().count());
+        assert_eq!(held(), 1);
+        release(&mut s);
+        assert_eq!(held(), 0);
+        assert!(futures_poll_once(s.as_mut()).await.is_pending());
+        assert_eq!(held(), 1);
         sweeper.abort();
     }
 

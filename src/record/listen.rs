@@ -1,6 +1,8 @@
 //! Accepting clients: TCP, TLS termination (rustls, ALPN `h2` and `http/1.1`), and HTTP/1.1 or
-//! HTTP/2 on each connection (h2c by prior knowledge on plain TCP), until told to stop; then
-//! in-flight exchanges get the drain timeout to finish.
+//! HTTP/2 on each connection until told to stop; then in-flight exchanges get the drain timeout
+//! to finish. HTTP/1.1 is served by the recorder's own loop ([`super::h1`]); HTTP/2 by ALPN goes
+//! to hyper, and so does a connection the loop hands over (h2c by prior knowledge, a protocol
+//! switch, CONNECT).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

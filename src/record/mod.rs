@@ -11,8 +11,9 @@
 //! * credentials are redacted before anything is queued ([`crate::redact`]).
 //!
 //! The stages: [`listen`] accepts connections (TLS and ALPN, HTTP/1.1 and HTTP/2, h2c by prior
-//! knowledge), [`forward`] sends each request upstream and the response back, [`exchange`] turns
-//! what passed into records, [`admin`] serves metrics and health.
+//! knowledge) and serves HTTP/1.1 itself (`h1`), [`forward`] sends each request upstream (on
+//! HTTP/1.1 over a connection of the client connection's own, `upstream`) and the response
+//! back, [`exchange`] turns what passed into records, [`admin`] serves metrics and health.
 
 pub mod admin;
 pub mod exchange;

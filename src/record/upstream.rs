@@ -57,7 +57,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest response head read; hyper's client allows about as much.
-const MAX_HEAD: usize = 64 << 10;
+const MAX_HEAD: usize = 400 << 10;
 const MAX_HEADERS: usize = 100;
 /// Request bodies are written with their head when this small.
 const SMALL_BODY: usize = 16 << 10;
