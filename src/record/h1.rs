@@ -101,6 +101,8 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         header_read_timeout: timeout,
         stop,
     } = serving;
+    // TLS holds what is written until flushed; TCP sends it at once.
+    let tls = matches!(io, ClientIo::Tls(_));
     let (read, mut write) = tokio::io::split(io);
     let mut side = Some(ReadSide {
         io: read,
@@ -209,7 +211,16 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         // hyper ended it.
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let keep = keep_alive && !switched && !stop.is_cancelled();
-        let kept = match respond(&mut write, &mut out, response, head_request, version, keep).await
+        let kept = match respond(
+            &mut write,
+            &mut out,
+            response,
+            head_request,
+            version,
+            keep,
+            tls,
+        )
+        .await
         {
             Ok(kept) => kept,
             Err(e) => return Served::Closed(Err(e)),
@@ -400,6 +411,7 @@ async fn respond(
     head_request: bool,
     version: Version,
     mut keep: bool,
+    tls: bool,
 ) -> Result<bool, String> {
     let (parts, mut body) = response.into_parts();
     out.clear();
@@ -461,7 +473,9 @@ async fn respond(
             out.extend_from_slice(b"0\r\n\r\n");
         }
         write.write_all(out).await.map_err(io)?;
-        write.flush().await.map_err(io)?;
+        if tls {
+            write.flush().await.map_err(io)?;
+        }
         if !bodiless && length.is_some_and(|n| n > 0) {
             return Err("the response's body ended before its Content-Length".into());
         }
@@ -481,7 +495,9 @@ async fn respond(
                 }
                 // What was written reaches the client while the next piece is awaited (TLS
                 // holds written bytes until flushed).
-                write.flush().await.map_err(io)?;
+                if tls {
+                    write.flush().await.map_err(io)?;
+                }
                 body.frame().await
             }
         };
@@ -525,7 +541,9 @@ async fn respond(
         write.write_all(out).await.map_err(io)?;
         out.clear();
     }
-    write.flush().await.map_err(io)?;
+    if tls {
+        write.flush().await.map_err(io)?;
+    }
     if length.is_some_and(|n| n != sent) {
         return Err("the response's body did not match its Content-Length".into());
     }
