@@ -13,6 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName};
+use hyper::body::{Frame, SizeHint};
 use tokio::io::AsyncRead;
 
 use super::forward::HOP_BY_HOP;
@@ -265,6 +266,53 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 /// A line without control bytes but tabs.
 fn plain_line(line: &[u8]) -> bool {
     !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
+/// What a body read by a [`Decoder`] leaves of its connection's reading side after a poll.
+pub enum After {
+    /// More to read.
+    Going,
+    /// The body was read to its end: the reading side can carry the next message.
+    Finished,
+    /// The body failed: the reading side is fit for nothing more.
+    Lost,
+}
+
+/// One poll of a body read off a connection by `decoder` (the client's request body, the
+/// upstream's response body): the frame to hand on, its errors saying `whose` connection
+/// failed, and what it leaves of the reading side.
+pub fn poll_body<R: AsyncRead + Unpin>(
+    decoder: &mut Decoder,
+    io: Pin<&mut R>,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    whose: &str,
+) -> Poll<(Option<io::Result<Frame<Bytes>>>, After)> {
+    Poll::Ready(match ready!(decoder.poll_data(io, buf, cx)) {
+        Some(Ok(data)) => {
+            let after = if decoder.done() {
+                After::Finished
+            } else {
+                After::Going
+            };
+            (Some(Ok(Frame::data(data))), after)
+        }
+        None => (None, After::Finished),
+        Some(Err(e)) => {
+            let e = io::Error::new(e.kind(), format!("from {whose}: {e}"));
+            (Some(Err(e)), After::Lost)
+        }
+    })
+}
+
+impl Decoder {
+    /// The body's size as hyper's `Body::size_hint` says it.
+    pub fn size_hint(&self) -> SizeHint {
+        match self.exact() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
 }
 
 /// The position of the first CRLF in `buf`.

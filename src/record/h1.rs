@@ -30,7 +30,7 @@
 use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::exchange::Connection;
 use super::forward::{Proxy, ProxyBody};
-use super::framing::{Chunk, Decoder, Framed, Framing, READ_SIZE};
+use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 use super::head_timer::{self, HeadTimer};
 use super::upstream::Dedicated;
 
@@ -660,25 +660,19 @@ impl Body for RequestBody {
         let Some(ReadSide { io, buf }) = this.side.as_mut() else {
             return Poll::Ready(None);
         };
-        match std::task::ready!(this.decoder.poll_data(Pin::new(io), buf, cx)) {
-            Some(Ok(data)) => {
-                if this.decoder.done() {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            None => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Some(Err(e)) => {
-                this.side = None;
-                Poll::Ready(Some(Err(io::Error::new(
-                    e.kind(),
-                    format!("from the client: {e}"),
-                ))))
-            }
+        let (frame, after) = ready!(framing::poll_body(
+            &mut this.decoder,
+            Pin::new(io),
+            buf,
+            cx,
+            "the client"
+        ));
+        match after {
+            After::Going => {}
+            After::Finished => this.finish(),
+            After::Lost => this.side = None,
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -686,10 +680,7 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder.exact() {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 

@@ -49,7 +49,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::forward::ProxyBody;
-use super::framing::{Chunk, Decoder, Framed, Framing, READ_SIZE};
+use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -841,25 +841,19 @@ impl Body for DirectBody {
         let Some(Conn { io, buf, .. }) = this.conn.as_deref_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(this.decoder.poll_data(Pin::new(io), buf, cx)) {
-            Some(Ok(data)) => {
-                if this.decoder.done() {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            None => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Some(Err(e)) => {
-                this.conn = None;
-                Poll::Ready(Some(Err(io::Error::new(
-                    e.kind(),
-                    format!("from the upstream: {e}"),
-                ))))
-            }
+        let (frame, after) = ready!(framing::poll_body(
+            &mut this.decoder,
+            Pin::new(io),
+            buf,
+            cx,
+            "the upstream"
+        ));
+        match after {
+            After::Going => {}
+            After::Finished => this.finish(),
+            After::Lost => this.conn = None,
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -867,9 +861,6 @@ impl Body for DirectBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder.exact() {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
