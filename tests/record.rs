@@ -1520,3 +1520,48 @@ async fn a_switch_the_client_did_not_ask_for_ends_its_connection() {
     assert_eq!(got.matches("http/1.1 ").count(), 1, "{got}");
     rec.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_is_invited_with_100_continue_only_when_it_is_wanted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = start(config(up.addr, &dir.path().join("t"))).await;
+    // Answered by the recorder itself (a Host that is not one): the body is never asked for.
+    let refused = until_closed(
+        rec.addr,
+        b"POST /echo HTTP/1.1\r\nHost: quay/x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await;
+    assert!(refused.starts_with("http/1.1 400 "), "{refused}");
+    assert!(!refused.contains("100 continue"), "{refused}");
+    // Forwarded: the client hears 100 Continue before it sends the body.
+    let mut client = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+    client
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut byte))
+            .await
+            .expect("an interim answer")
+            .unwrap();
+        assert_eq!(n, 1, "closed before an interim answer: {interim:?}");
+        interim.push(byte[0]);
+    }
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    client.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+        .await
+        .expect("the answer")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.starts_with("HTTP/1.1 200 ") && rest.contains("\"len\":5"),
+        "{rest}"
+    );
+    rec.stop().await;
+}

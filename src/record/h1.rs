@@ -15,6 +15,10 @@
 //! response. Chunk-size and trailer lines are read strictly: a bare CR or LF, or another
 //! control byte, ends the body as cut short (the chunk-extension smuggling pattern).
 //!
+//! A request that expects `100 Continue` gets it when its body is first wanted (the upstream's
+//! client starts sending it), as from hyper's server: one the recorder answers itself, or that
+//! never reaches the upstream, is not invited to send its body.
+//!
 //! What this loop does not speak goes to hyper, with the bytes read so far put back in front
 //! of the connection ([`Served::HandOff`]): HTTP/2 by prior knowledge (h2c), a protocol switch
 //! (`Upgrade`, WebSocket) and `CONNECT`. HTTP/2 negotiated by ALPN never comes here.
@@ -89,9 +93,22 @@ struct ReadSide {
     buf: BytesMut,
 }
 
-/// Where a request body leaves the reading side when it ends or is dropped: with whether it
-/// was read to its end (the connection can then carry another request).
-type Home = Arc<Mutex<Option<(ReadSide, bool)>>>;
+/// What a request body shares with its connection's loop.
+type Home = Arc<Mutex<Shared>>;
+
+#[derive(Default)]
+struct Shared {
+    /// The reading side, left when the body ends or is dropped, with whether it was read to its
+    /// end (the connection can then carry another request).
+    back: Option<(ReadSide, bool)>,
+    /// The writing side, lent while a request that expects `100 Continue` is handled: the body
+    /// sends it when first wanted, as hyper's server did (a request answered without its body,
+    /// a local 400 or 502 say, never invites it).
+    write: Option<WriteHalf<ClientIo>>,
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+const HELD: &str = "the loop holds the writing side between requests";
 
 /// Serves HTTP/1.1 on `io` until it closes, or hands it over. See the module docs.
 pub async fn serve(io: ClientIo, serving: Serving) -> Served {
@@ -103,12 +120,14 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
     } = serving;
     // TLS holds what is written until flushed; TCP sends it at once.
     let tls = matches!(io, ClientIo::Tls(_));
-    let (read, mut write) = tokio::io::split(io);
+    let (read, write) = tokio::io::split(io);
+    // Held by the loop but while a body that owes a `100 Continue` has it (see `Shared`).
+    let mut writer = Some(write);
     let mut side = Some(ReadSide {
         io: read,
         buf: BytesMut::with_capacity(8 << 10),
     });
-    let home: Home = Arc::new(Mutex::new(None));
+    let home: Home = Arc::default();
     // On HTTP/1.x, the upstream connection this client connection's requests go on.
     let dedicated = Arc::new(Dedicated::default());
     let mut out: Vec<u8> = Vec::with_capacity(4 << 10);
@@ -141,7 +160,8 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
                         return Served::Closed(Ok(()));
                     }
                     let why = format!("no complete request head within {timeout:?}");
-                    refuse(&mut write, &mut out, StatusCode::REQUEST_TIMEOUT, &why).await;
+                    let write = writer.as_mut().expect(HELD);
+                    refuse(write, &mut out, StatusCode::REQUEST_TIMEOUT, &why).await;
                     linger(side).await;
                     return Served::Closed(Err(why));
                 }
@@ -160,10 +180,10 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
             Parsed::Head(head) => head,
             Parsed::HandOff => {
                 let ReadSide { io, buf } = side.take().expect("held");
-                return Served::HandOff(io.unsplit(write), buf.freeze());
+                return Served::HandOff(io.unsplit(writer.take().expect(HELD)), buf.freeze());
             }
             Parsed::Refused(status, why) => {
-                refuse(&mut write, &mut out, status, &why).await;
+                refuse(writer.as_mut().expect(HELD), &mut out, status, &why).await;
                 linger(side).await;
                 return Served::Closed(Err(why));
             }
@@ -183,20 +203,19 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         let has_body = body.is_some();
         let body = match body {
             Some(decoder) => {
-                if expect_continue && version == Version::HTTP_11 {
-                    // The upstream gets the client's `Expect` too; its own 100 is not passed on.
-                    let sent = write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-                    if let Err(e) = match sent {
-                        Ok(()) => write.flush().await,
-                        Err(e) => Err(e),
-                    } {
-                        return Served::Closed(Err(e.to_string()));
+                let invite = expect_continue && version == Version::HTTP_11;
+                if invite {
+                    match home.lock() {
+                        Ok(mut shared) => shared.write = writer.take(),
+                        Err(_) => return Served::Closed(Err("a poisoned lock".into())),
                     }
                 }
                 InBody::Own(RequestBody {
                     side: side.take(),
                     decoder,
                     home: home.clone(),
+                    invite: invite.then_some(0),
+                    tls,
                 })
             }
             None => InBody::Empty,
@@ -207,20 +226,18 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
             .clone()
             .handle(request, connection.clone(), stream, dedicated.clone())
             .await;
+        if writer.is_none() {
+            // Back from the body it was lent to (which may live on, in hyper's client).
+            writer = home.lock().ok().and_then(|mut shared| shared.write.take());
+        }
+        let Some(write) = writer.as_mut() else {
+            return Served::Closed(Err("a poisoned lock".into()));
+        };
         // A switch nobody asked for (those asked for went to hyper) ends the connection, as
         // hyper ended it.
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let keep = keep_alive && !switched && !stop.is_cancelled();
-        let kept = match respond(
-            &mut write,
-            &mut out,
-            response,
-            head_request,
-            version,
-            keep,
-            tls,
-        )
-        .await
+        let kept = match respond(write, &mut out, response, head_request, version, keep, tls).await
         {
             Ok(kept) => kept,
             Err(e) => return Served::Closed(Err(e)),
@@ -228,7 +245,7 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         let mut unread = false;
         if has_body {
             // Whole only if the body was read to its end.
-            let back = home.lock().ok().and_then(|mut h| h.take());
+            let back = home.lock().ok().and_then(|mut h| h.back.take());
             unread = back.as_ref().is_some_and(|(_, whole)| !whole);
             side = back.map(|(side, _)| side);
         }
@@ -622,6 +639,9 @@ pub struct RequestBody {
     side: Option<ReadSide>,
     decoder: Decoder,
     home: Home,
+    /// A `100 Continue` owed to the client: how much of it went.
+    invite: Option<usize>,
+    tls: bool,
 }
 
 impl RequestBody {
@@ -630,13 +650,40 @@ impl RequestBody {
     fn leave(&mut self, whole: bool) {
         if let Some(side) = self.side.take() {
             if let Ok(mut home) = self.home.lock() {
-                *home = Some((side, whole));
+                home.back = Some((side, whole));
             }
         }
     }
 
     fn finish(&mut self) {
         self.leave(true);
+    }
+
+    /// Sends the `100 Continue` the client waits for, with the writing side its loop lent.
+    fn poll_invite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(sent) = self.invite.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let Ok(mut shared) = self.home.lock() else {
+            return Poll::Ready(Err(io::Error::other("a poisoned lock")));
+        };
+        // Taken back: the answer went without the body.
+        let Some(write) = shared.write.as_mut() else {
+            self.invite = None;
+            return Poll::Ready(Ok(()));
+        };
+        while *sent < CONTINUE.len() {
+            match ready!(Pin::new(&mut *write).poll_write(cx, &CONTINUE[*sent..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => *sent += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if self.tls {
+            ready!(Pin::new(&mut *write).poll_flush(cx))?;
+        }
+        self.invite = None;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -657,6 +704,12 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
+        if this.invite.is_some() {
+            if let Err(e) = ready!(this.poll_invite(cx)) {
+                this.side = None;
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
         let Some(ReadSide { io, buf }) = this.side.as_mut() else {
             return Poll::Ready(None);
         };
