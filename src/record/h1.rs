@@ -26,7 +26,7 @@
 //! The connection closes after a response when the client asked (`Connection: close`, or
 //! HTTP/1.0 without keep-alive), when the recorder is stopping, when a response has no length
 //! an HTTP/1.0 client could read other than the close, or when the request's body was not read
-//! to its end (the upstream answered without it): the next request's first byte could not be
+//! to its end (the upstream answered without it; the next request's first byte could not be
 //! found). A connection closed with a request body unread is read from a little longer (a
 //! second, 1 MiB), so that the close does not reset the answer away (nginx's lingering
 //! close). A 101 the client did not ask for ends the connection, as hyper ended it.
