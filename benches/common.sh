@@ -4,6 +4,11 @@
 #   setup                builds loadtape ($loadtape), makes a work directory ($work) with a
 #                        1 KiB file to serve ($work/www/data), and kills what was started
 #                        (pids+=($!)) and removes $work on exit
+#   nginx_conf NAME PORT ORIGIN_PORT SERVER [MAIN]
+#                        writes $work/NAME.conf: nginx on PORT with SERVER as its server block,
+#                        `origin` the nginx on ORIGIN_PORT (kept connections), MAIN top-level
+#                        directives
+#   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
 
 need() {
   command -v "$1" >/dev/null || { echo "benches/$(basename "$0") needs $1: $2" >&2; exit 2; }
@@ -24,3 +29,24 @@ setup() {
   mkdir -p "$work/www"
   head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$work/www/data"
 }
+
+nginx_conf() {
+  cat > "$work/$1.conf" <<EOF
+${5:-}
+pid $work/$1.pid;
+error_log $work/$1-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/$1-body;
+  proxy_temp_path $work/$1-proxy;
+  upstream origin { server 127.0.0.1:$3; keepalive 128; }
+  server { listen 127.0.0.1:$2; $4 }
+}
+EOF
+}
+
+# Configured as a reverse proxy in front of Quay is (and as loadtape forwards by default): the
+# client's Host passed on, X-Forwarded-For, -Proto and -Host added.
+# shellcheck disable=SC2016 # nginx's variables, not the shell's
+NGINX_PROXY='location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; }'

@@ -28,28 +28,12 @@ need oha "cargo install oha"
 setup
 mkdir -p "$OUT"
 
-nginx_conf() { # name port location
-  cat > "$work/$1.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $work/$1.pid;
-error_log $work/$1-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/$1-body;
-  proxy_temp_path $work/$1-proxy;
-  upstream origin { server 127.0.0.1:18100; keepalive 128; }
-  server { listen 127.0.0.1:$2; $3 }
-}
-EOF
-}
-nginx_conf origin 18100 "location / { root $work/www; }"
+single="worker_processes 1; master_process off; daemon off;"
+nginx_conf origin 18100 18100 "location / { root $work/www; }" "$single"
 nginx -c "$work/origin.conf" &
 pids+=($!)
-# As benches/proxy.sh configures it: in front of Quay, Host passed on, X-Forwarded-* added.
-nginx_conf proxy 18101 'location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; }'
+# As benches/proxy.sh configures it ($NGINX_PROXY, from common.sh).
+nginx_conf proxy 18101 18100 "$NGINX_PROXY" "$single"
 
 wait_for() {
   for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/data" && return; sleep 0.2; done

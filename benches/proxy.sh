@@ -32,28 +32,15 @@ need oha "cargo install oha"
 
 setup
 
-nginx_conf() { # name port body
-  cat > "$work/$1.conf" <<EOF
-worker_processes $4;
-pid $work/$1.pid;
-error_log $work/$1-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/$1-body;
-  proxy_temp_path $work/$1-proxy;
-  upstream origin { server 127.0.0.1:18000; keepalive 128; }
-  server { listen 127.0.0.1:$2; $3 }
-}
-EOF
+# start_nginx NAME PORT SERVER WORKERS: an nginx in front of the origin on 18000.
+start_nginx() {
+  nginx_conf "$1" "$2" 18000 "$3" "worker_processes $4;"
   nginx -c "$work/$1.conf" -g 'daemon off;' &
   pids+=($!)
 }
-nginx_conf origin 18000 "location / { root $work/www; }" 1
+start_nginx origin 18000 "location / { root $work/www; }" 1
 proxy_pid_file=$work/proxy.pid
-# Configured as a reverse proxy in front of Quay is (and as loadtape forwards by default): the
-# client's Host passed on, X-Forwarded-For, -Proto and -Host added.
-nginx_conf proxy 18001 'location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; }' auto
+start_nginx proxy 18001 "$NGINX_PROXY" auto
 LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 --out "$work/on" &
 pids+=($!)
 on_pid=$!

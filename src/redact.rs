@@ -108,11 +108,7 @@ impl Redactor {
 
     /// Appends a header to `headers`, redacted when its name says it holds a credential.
     pub fn push_header(&self, headers: &mut Headers, name: &str, value: &[u8]) {
-        if self.redacted.iter().any(|r| r.eq_ignore_ascii_case(name)) {
-            headers.push_redacted(name, self.redact_value(name, value));
-        } else {
-            headers.push(name, value);
-        }
+        self.push_raw_header(headers, name.as_bytes(), value);
     }
 
     /// [`Redactor::push_header`] for a header as the proxy has it (its name already lowercase):
@@ -134,9 +130,8 @@ impl Redactor {
         }
     }
 
-    /// [`Redactor::push_header`] for a field as an upstream sent it (a name in any case that
-    /// the head parser found a token): responses the recorder reads itself.
-    #[cfg(feature = "net")]
+    /// [`Redactor::push_header`] for a field as a parser read it off the wire (a name in any
+    /// case, a token if the parser checked it): responses the recorder reads itself.
     pub fn push_raw_header(&self, headers: &mut Headers, name: &[u8], value: &[u8]) {
         let redacted = self
             .redacted

@@ -485,36 +485,16 @@ async fn respond(
     }
     out.extend_from_slice(b"\r\n");
     let io = |e: io::Error| format!("writing to the client: {e}");
-    if bodiless || body.is_end_stream() {
-        if chunked {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
-        write.write_all(out).await.map_err(io)?;
-        if tls {
-            write.flush().await.map_err(io)?;
-        }
-        if !bodiless && length.is_some_and(|n| n > 0) {
-            return Err("the response's body ended before its Content-Length".into());
-        }
-        return Ok(keep);
-    }
     let mut sent: u64 = 0;
-    loop {
+    while !bodiless && !body.is_end_stream() {
         // A piece ready at once goes out with what is waiting; otherwise that goes first.
         let ready =
             std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
         let frame = match ready {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
-                if !out.is_empty() {
-                    write.write_all(out).await.map_err(io)?;
-                    out.clear();
-                }
-                // What was written reaches the client while the next piece is awaited (TLS
-                // holds written bytes until flushed).
-                if tls {
-                    write.flush().await.map_err(io)?;
-                }
+                // What waits reaches the client while the next piece is awaited.
+                send(write, out, tls).await.map_err(io)?;
                 body.frame().await
             }
         };
@@ -547,24 +527,28 @@ async fn respond(
                 }
             }
         }
-        if body.is_end_stream() {
-            break;
-        }
     }
     if chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    if !out.is_empty() {
-        write.write_all(out).await.map_err(io)?;
-        out.clear();
-    }
-    if tls {
-        write.flush().await.map_err(io)?;
-    }
+    send(write, out, tls).await.map_err(io)?;
     if length.is_some_and(|n| n != sent) {
         return Err("the response's body did not match its Content-Length".into());
     }
     Ok(keep)
+}
+
+/// Writes what waits in `out`, emptying it; on TLS, flushes too (it holds written bytes until
+/// flushed).
+async fn send(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, tls: bool) -> io::Result<()> {
+    if !out.is_empty() {
+        write.write_all(out).await?;
+        out.clear();
+    }
+    if tls {
+        write.flush().await?;
+    }
+    Ok(())
 }
 
 /// Answers a request this side will not pass on, then closes.
@@ -584,8 +568,7 @@ async fn refuse(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, status: Stat
     push_date(out);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(text.as_bytes());
-    let _ = write.write_all(out).await;
-    let _ = write.flush().await;
+    let _ = send(write, out, true).await;
     let _ = write.shutdown().await;
 }
 

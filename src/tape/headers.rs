@@ -96,8 +96,10 @@ fn known_index(name: &str) -> Option<u8> {
 }
 
 /// [`known_index`] for a name in any case (`Content-Type`, as servers send them).
-fn known_index_any_case(name: &str) -> Option<u8> {
-    known_index_by(name.len(), |known| known.eq_ignore_ascii_case(name))
+fn known_index_any_case(name: &[u8]) -> Option<u8> {
+    known_index_by(name.len(), |known| {
+        known.as_bytes().eq_ignore_ascii_case(name)
+    })
 }
 
 /// The index of the well-known name of length `len` that is `same`.
@@ -292,11 +294,7 @@ impl Headers {
     /// Appends a header whose name is already lowercase and classified (decoding).
     pub(crate) fn push_name(&mut self, name: HeaderName<'_>, value: &[u8]) {
         let name = self.store_name(name);
-        let (start, len) = self.store(value);
-        self.entries.push(Entry {
-            name,
-            value: ValueRef::Plain { start, len },
-        });
+        self.push_plain(name, value);
     }
 
     pub(crate) fn push_name_redacted(&mut self, name: HeaderName<'_>, redaction: Redaction) {
@@ -324,15 +322,8 @@ impl Headers {
 
     /// Appends a header; the name is lowercased.
     pub fn push(&mut self, name: &str, value: impl AsRef<[u8]>) {
-        let name = self.intern_name(name);
-        let value = self.store(value.as_ref());
-        self.entries.push(Entry {
-            name,
-            value: ValueRef::Plain {
-                start: value.0,
-                len: value.1,
-            },
-        });
+        let name = self.intern_name(name.as_bytes());
+        self.push_plain(name, value.as_ref());
     }
 
     /// Appends a header whose name is an HTTP token in any case, as a parser read it off the
@@ -341,24 +332,8 @@ impl Headers {
         if !name.is_ascii() {
             return self.push(&String::from_utf8_lossy(name), value);
         }
-        let known = if name.iter().any(u8::is_ascii_uppercase) {
-            known_index_by(name.len(), |k| k.as_bytes().eq_ignore_ascii_case(name))
-        } else {
-            known_index_by(name.len(), |k| k.as_bytes() == name)
-        };
-        let name = match known {
-            Some(i) => NameRef::Known(i),
-            None => {
-                let (start, len) = self.store(name);
-                self.bytes[start as usize..].make_ascii_lowercase();
-                NameRef::Literal { start, len }
-            }
-        };
-        let (start, len) = self.store(value);
-        self.entries.push(Entry {
-            name,
-            value: ValueRef::Plain { start, len },
-        });
+        let name = self.intern_name(name);
+        self.push_plain(name, value);
     }
 
     /// Appends a header whose name is known to be lowercase (as `http::HeaderName`s are).
@@ -369,7 +344,7 @@ impl Headers {
 
     /// Appends a header whose value was redacted.
     pub fn push_redacted(&mut self, name: &str, redaction: Redaction) {
-        let name = self.intern_name(name);
+        let name = self.intern_name(name.as_bytes());
         self.redactions.push(redaction);
         self.entries.push(Entry {
             name,
@@ -409,18 +384,29 @@ impl Headers {
             + self.redactions.len() * 64
     }
 
-    fn intern_name(&mut self, name: &str) -> NameRef {
-        if !name.bytes().any(|b| b.is_ascii_uppercase()) {
-            return self.store_name(classify(name));
-        }
-        // Servers send names capitalized (`Content-Type`): a well-known one is found in any
-        // case, and another is stored lowercased, without a lowercase copy first.
-        if let Some(i) = known_index_any_case(name) {
+    /// A name in any case (UTF-8): a well-known one's index, another stored lowercased. Servers
+    /// send names capitalized (`Content-Type`): no lowercase copy is made first.
+    fn intern_name(&mut self, name: &[u8]) -> NameRef {
+        let known = if name.iter().any(u8::is_ascii_uppercase) {
+            known_index_any_case(name)
+        } else {
+            known_index_by(name.len(), |known| known.as_bytes() == name)
+        };
+        if let Some(i) = known {
             return NameRef::Known(i);
         }
-        let (start, len) = self.store(name.as_bytes());
+        let (start, len) = self.store(name);
+        // Lowercasing ASCII letters leaves UTF-8 UTF-8.
         self.bytes[start as usize..].make_ascii_lowercase();
         NameRef::Literal { start, len }
+    }
+
+    fn push_plain(&mut self, name: NameRef, value: &[u8]) {
+        let (start, len) = self.store(value);
+        self.entries.push(Entry {
+            name,
+            value: ValueRef::Plain { start, len },
+        });
     }
 
     fn store(&mut self, bytes: &[u8]) -> (u32, u32) {
@@ -509,7 +495,7 @@ mod tests {
         for (i, k) in KNOWN_NAMES.iter().enumerate() {
             assert_eq!(known_index(k), Some(i as u8), "{k}");
             let upper = k.to_ascii_uppercase();
-            assert_eq!(known_index_any_case(&upper), Some(i as u8), "{k}");
+            assert_eq!(known_index_any_case(upper.as_bytes()), Some(i as u8), "{k}");
         }
         for other in [
             "",
