@@ -160,6 +160,23 @@ fn bad_flags_say_what_would_be_right() {
     let out = loadtape(&["export", p, "--format", "pcap"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("har"), "{}", text(&out.stderr));
+    let out = loadtape(&[
+        "record",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:1",
+        "--out",
+        "/nonexistent/tapes",
+        "--header-read-timeout",
+        "0s",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("(try 30s)"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = loadtape(&["inspect", "/nonexistent/tape"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -201,6 +201,10 @@ struct RecordArgs {
     /// On SIGTERM/SIGINT, how long in-flight exchanges may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// How long a client may take to send a whole request head (on a kept connection, from the
+    /// end of the last response) before it is cut off, with a 408 if part of a head came.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
     /// How long the upstream may take to send a response head before the client gets 504.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     upstream_timeout: Duration,
@@ -409,6 +413,7 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     config.forwarded_headers = !args.no_forwarded_headers;
     config.drain_timeout = args.drain_timeout;
     config.upstream_timeout = args.upstream_timeout;
+    config.header_read_timeout = args.header_read_timeout;
     if let Some(n) = args.threads {
         config.threads = n.into();
     }

@@ -226,6 +226,9 @@ impl Recorder {
                 config.sample
             );
         }
+        if config.header_read_timeout.is_zero() {
+            anyhow::bail!("--header-read-timeout 0s would cut off every client (try 30s)");
+        }
         let listener = listen::Listener::bind(&config).await?;
         let admin = match config.admin_listen {
             Some(addr) => Some(
