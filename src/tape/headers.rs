@@ -89,35 +89,146 @@ pub(crate) fn classify(name: &str) -> HeaderName<'_> {
     }
 }
 
-/// The index of a well-known name. Every header of every exchange is looked up here as it is
-/// captured, so the names are grouped by length: a lookup compares a handful, not sixty.
+/// The index of a well-known name, exactly as written (lowercase).
 fn known_index(name: &str) -> Option<u8> {
-    known_index_by(name.len(), |known| known == name)
+    known_index_any_case(name.as_bytes()).filter(|&i| KNOWN_NAMES[i as usize] == name)
 }
 
-/// [`known_index`] for a name in any case (`Content-Type`, as servers send them).
+/// The index of a well-known name in any case (`Content-Type`, as servers send them).
+///
+/// Every header of every exchange is looked up here as it is captured, a dozen per request on
+/// the proxy's path, so this is a hash table rather than a scan: the name is lowercased eight
+/// bytes at a time into words, the words are hashed into a table of [`NAME_SLOTS`], and the one
+/// or two candidates are compared word by word. Comparing bytes one at a time, case folded, cost
+/// ~250 instructions a name; this costs a few dozen.
 fn known_index_any_case(name: &[u8]) -> Option<u8> {
-    known_index_by(name.len(), |known| {
-        known.as_bytes().eq_ignore_ascii_case(name)
-    })
+    let words = NameWords::lowercase(name)?;
+    let table = known_table();
+    let mut slot = words.hash();
+    loop {
+        let candidate = table.slots[slot];
+        if candidate == 0 {
+            return None;
+        }
+        let i = candidate - 1;
+        if table.words[i as usize].same(&words) {
+            return Some(i);
+        }
+        slot = (slot + 1) % NAME_SLOTS;
+    }
 }
 
-/// The index of the well-known name of length `len` that is `same`.
-fn known_index_by(len: usize, same: impl Fn(&str) -> bool) -> Option<u8> {
-    const LONGEST: usize = 40;
-    static BY_LENGTH: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
-    let by_length = BY_LENGTH.get_or_init(|| {
-        let mut by_length = vec![Vec::new(); LONGEST + 1];
-        for (i, k) in KNOWN_NAMES.iter().enumerate() {
-            by_length[k.len()].push(i as u8);
+/// The longest name [`known_index_any_case`] can find (longer than any well-known one).
+const LONGEST_KNOWN: usize = 40;
+/// Slots of the well-known names' hash table: a power of two, about twice their number, so
+/// that probes stay short.
+const NAME_SLOTS: usize = 128;
+const _: () = assert!(KNOWN_NAMES.len() * 2 <= NAME_SLOTS, "raise NAME_SLOTS");
+
+/// A name of up to [`LONGEST_KNOWN`] bytes, lowercased, as words (zero past its end), and its
+/// length.
+#[derive(Clone, Copy)]
+struct NameWords {
+    words: [u64; LONGEST_KNOWN / 8],
+    len: usize,
+}
+
+impl NameWords {
+    #[inline(always)]
+    fn lowercase(name: &[u8]) -> Option<NameWords> {
+        let len = name.len();
+        if len == 0 || len > LONGEST_KNOWN {
+            return None;
         }
-        by_length
-    });
-    by_length
-        .get(len)?
-        .iter()
-        .copied()
-        .find(|&i| same(KNOWN_NAMES[i as usize]))
+        let mut words = [0u64; LONGEST_KNOWN / 8];
+        let whole = len / 8;
+        for (i, word) in words.iter_mut().enumerate().take(whole) {
+            *word = ascii_lowercase(word_at(name, i * 8));
+        }
+        let rest = len % 8;
+        if rest > 0 {
+            words[whole] = ascii_lowercase(tail_word(name));
+        }
+        Some(NameWords { words, len })
+    }
+
+    /// Equal words (compared without a branch per word, or a call to `bcmp`).
+    fn same(&self, other: &NameWords) -> bool {
+        let differ = (self.words.iter().zip(&other.words)).fold(0, |d, (a, b)| d | (a ^ b));
+        differ == 0 && self.len == other.len
+    }
+
+    fn hash(&self) -> usize {
+        let last = self.words[(self.len - 1) / 8];
+        let mixed = (self.words[0] ^ last.rotate_left(29) ^ self.len as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> (64 - NAME_SLOTS.trailing_zeros())) as usize
+    }
+}
+
+/// The eight bytes of `name` from `at`, as a little-endian word.
+fn word_at(name: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(name[at..at + 8].try_into().expect("eight bytes"))
+}
+
+/// The last `name.len() % 8` bytes of `name` (one to seven) as a little-endian word, zero
+/// above them. Read with whole loads that overlap rather than byte by byte: a byte loop was most
+/// of a lookup's cost.
+fn tail_word(name: &[u8]) -> u64 {
+    let len = name.len();
+    let rest = len % 8;
+    debug_assert!(rest > 0);
+    if len >= 8 {
+        // The word ending where the name ends, less the bytes already in the words before.
+        return word_at(name, len - 8) >> ((8 - rest) * 8);
+    }
+    let byte = |i: usize| (name[i] as u64) << (i * 8);
+    if len >= 4 {
+        let low = u32::from_le_bytes(name[..4].try_into().expect("four bytes")) as u64;
+        let high = u32::from_le_bytes(name[len - 4..].try_into().expect("four bytes")) as u64;
+        // The two halves overlap on equal bytes, which OR leaves as they are.
+        return low | high << ((len - 4) * 8);
+    }
+    byte(0) | byte(len / 2) | byte(len - 1)
+}
+
+/// Eight bytes with the ASCII capitals among them made small letters, every other byte (UTF-8
+/// included) left as it is.
+fn ascii_lowercase(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    // The low seven bits of each byte, plus a constant that carries into the byte's high bit
+    // when they reach 'A' (or pass 'Z'); no carry crosses into the next byte.
+    let low = x & !HIGH;
+    let from_a = low + ONES * (0x80 - b'A' as u64);
+    let past_z = low + ONES * (0x80 - b'Z' as u64 - 1);
+    let capital = from_a & !past_z & !x & HIGH;
+    x | (capital >> 2)
+}
+
+struct KnownTable {
+    /// Index + 1 of the name in each slot, 0 for none.
+    slots: [u8; NAME_SLOTS],
+    words: Vec<NameWords>,
+}
+
+fn known_table() -> &'static KnownTable {
+    static TABLE: std::sync::OnceLock<KnownTable> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let words: Vec<NameWords> = KNOWN_NAMES
+            .iter()
+            .map(|k| NameWords::lowercase(k.as_bytes()).expect("a well-known name is short"))
+            .collect();
+        let mut slots = [0u8; NAME_SLOTS];
+        for (i, w) in words.iter().enumerate() {
+            let mut slot = w.hash();
+            while slots[slot] != 0 {
+                slot = (slot + 1) % NAME_SLOTS;
+            }
+            slots[slot] = i as u8 + 1;
+        }
+        KnownTable { slots, words }
+    })
 }
 
 /// What kind of credential a [`Redaction`] stands for.
@@ -339,7 +450,12 @@ impl Headers {
     /// Appends a header whose name is known to be lowercase (as `http::HeaderName`s are).
     pub fn push_lowercase(&mut self, name: &str, value: &[u8]) {
         debug_assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name}");
-        self.push_name(classify(name), value);
+        // Lowercase already: the any-case lookup finds exactly the lowercase names.
+        let name = match known_index_any_case(name.as_bytes()) {
+            Some(i) => HeaderName::Known(i),
+            None => HeaderName::Literal(name),
+        };
+        self.push_name(name, value);
     }
 
     /// Appends a header whose value was redacted.
@@ -387,12 +503,7 @@ impl Headers {
     /// A name in any case (UTF-8): a well-known one's index, another stored lowercased. Servers
     /// send names capitalized (`Content-Type`): no lowercase copy is made first.
     fn intern_name(&mut self, name: &[u8]) -> NameRef {
-        let known = if name.iter().any(u8::is_ascii_uppercase) {
-            known_index_any_case(name)
-        } else {
-            known_index_by(name.len(), |known| known.as_bytes() == name)
-        };
-        if let Some(i) = known {
+        if let Some(i) = known_index_any_case(name) {
             return NameRef::Known(i);
         }
         let (start, len) = self.store(name);
@@ -503,8 +614,50 @@ mod tests {
             "x-forwarded-fo",
             "docker-distribution-api-versions",
             "HOST",
+            "x-request-ids",
+            "content-typf",
+            // CR is '-' without its 0x20 bit: not folded into it.
+            "content\x0dtype",
+            "cont\u{e9}nt-type",
         ] {
             assert_eq!(known_index(other), None, "{other}");
+            if other != "HOST" {
+                assert_eq!(known_index_any_case(other.as_bytes()), None, "{other}");
+            }
+        }
+        assert_eq!(
+            known_index_any_case(b"CoNtEnT-TyPe"),
+            known_index("content-type")
+        );
+        assert_eq!(known_index_any_case(&[b'a'; 41]), None);
+    }
+
+    #[test]
+    fn a_name_of_any_length_is_read_into_its_words() {
+        let text = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNO";
+        for len in 1..=LONGEST_KNOWN {
+            let words = NameWords::lowercase(&text[..len]).unwrap();
+            let mut expected = [0u8; LONGEST_KNOWN];
+            expected[..len].copy_from_slice(&text[..len].to_ascii_lowercase());
+            let bytes: Vec<u8> = words.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            assert_eq!(bytes, expected, "{len}");
+        }
+        assert!(NameWords::lowercase(&text[..LONGEST_KNOWN + 1]).is_none());
+    }
+
+    #[test]
+    fn words_are_lowercased_as_bytes_are() {
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut bytes = *b"Ab-9\xc3\xa9Z@";
+                bytes[at] = b;
+                let word = ascii_lowercase(u64::from_le_bytes(bytes));
+                assert_eq!(
+                    word.to_le_bytes().to_vec(),
+                    bytes.to_ascii_lowercase(),
+                    "{b:#x} at {at}"
+                );
+            }
         }
     }
 
