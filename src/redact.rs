@@ -12,7 +12,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::tape::{Headers, JwtInfo, Redaction, SecretKind};
+use crate::tape::{well_known_index, Headers, JwtInfo, Redaction, SecretKind, KNOWN_NAMES};
 
 /// Headers whose values are credentials.
 pub const DEFAULT_REDACTED_HEADERS: &[&str] = &[
@@ -54,13 +54,20 @@ pub fn is_token_endpoint(path: &str) -> bool {
 /// Replaces credentials by [`Redaction`]s. See the module docs.
 pub struct Redactor {
     key: [u8; 32],
-    /// Lowercase names; a short list, searched without allocating.
+    /// Lowercase names, sorted.
     redacted: Vec<String>,
-    /// The same as the proxy's header names, which compare without a byte loop for the
-    /// standard ones.
-    #[cfg(feature = "net")]
-    redacted_names: Vec<http::HeaderName>,
+    /// The same names, as the recorder asks: every header's name is looked up among the
+    /// well-known ones once (it is stored as that index), and bit `i` here says whether
+    /// `KNOWN_NAMES[i]` is redacted, so that the answer costs no second search.
+    redacted_known: u128,
+    /// Redacted names that are not well-known (lowercase); usually none.
+    redacted_other: Vec<String>,
 }
+
+const _: () = assert!(
+    KNOWN_NAMES.len() <= 128,
+    "Redactor::redacted_known has 128 bits"
+);
 
 impl Default for Redactor {
     fn default() -> Self {
@@ -82,14 +89,19 @@ impl Redactor {
             .collect();
         redacted.sort();
         redacted.dedup();
+        let mut redacted_known = 0u128;
+        let mut redacted_other = Vec::new();
+        for name in &redacted {
+            match well_known_index(name.as_bytes()) {
+                Some(i) => redacted_known |= 1 << i,
+                None => redacted_other.push(name.clone()),
+            }
+        }
         Redactor {
             key,
-            #[cfg(feature = "net")]
-            redacted_names: redacted
-                .iter()
-                .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect(),
             redacted,
+            redacted_known,
+            redacted_other,
         }
     }
 
@@ -120,25 +132,22 @@ impl Redactor {
         name: &http::HeaderName,
         value: &http::HeaderValue,
     ) {
-        if self.redacted_names.contains(name) {
-            headers.push_redacted(
-                name.as_str(),
-                self.redact_value(name.as_str(), value.as_bytes()),
-            );
-        } else {
-            headers.push_lowercase(name.as_str(), value.as_bytes());
-        }
+        self.push_raw_header(headers, name.as_str().as_bytes(), value.as_bytes());
     }
 
     /// [`Redactor::push_header`] for a field as a parser read it off the wire (a name in any
     /// case, a token if the parser checked it): responses the recorder reads itself.
     pub fn push_raw_header(&self, headers: &mut Headers, name: &[u8], value: &[u8]) {
-        let redacted = self
-            .redacted
-            .iter()
-            .any(|r| r.len() == name.len() && r.as_bytes().eq_ignore_ascii_case(name));
+        let known = well_known_index(name);
+        let redacted = match known {
+            Some(i) => self.redacted_known >> i & 1 == 1,
+            None => self
+                .redacted_other
+                .iter()
+                .any(|r| r.as_bytes().eq_ignore_ascii_case(name)),
+        };
         if !redacted {
-            return headers.push_token(name, value);
+            return headers.push_classified(known, name, value);
         }
         // Equal to a redacted name, it is ASCII.
         let name = String::from_utf8_lossy(name);

@@ -91,17 +91,17 @@ pub(crate) fn classify(name: &str) -> HeaderName<'_> {
 
 /// The index of a well-known name, exactly as written (lowercase).
 fn known_index(name: &str) -> Option<u8> {
-    known_index_any_case(name.as_bytes()).filter(|&i| KNOWN_NAMES[i as usize] == name)
+    well_known_index(name.as_bytes()).filter(|&i| KNOWN_NAMES[i as usize] == name)
 }
 
-/// The index of a well-known name in any case (`Content-Type`, as servers send them).
+/// The index in [`KNOWN_NAMES`] of a name in any case (`Content-Type`, as servers send them).
 ///
 /// Every header of every exchange is looked up here as it is captured, a dozen per request on
 /// the proxy's path, so this is a hash table rather than a scan: the name is lowercased eight
 /// bytes at a time into words, the words are hashed into a table of [`NAME_SLOTS`], and the one
 /// or two candidates are compared word by word. Comparing bytes one at a time, case folded, cost
 /// ~250 instructions a name; this costs a few dozen.
-fn known_index_any_case(name: &[u8]) -> Option<u8> {
+pub fn well_known_index(name: &[u8]) -> Option<u8> {
     let words = NameWords::lowercase(name)?;
     let table = known_table();
     let mut slot = words.hash();
@@ -118,7 +118,7 @@ fn known_index_any_case(name: &[u8]) -> Option<u8> {
     }
 }
 
-/// The longest name [`known_index_any_case`] can find (longer than any well-known one).
+/// The longest name [`well_known_index`] can find (longer than any well-known one).
 const LONGEST_KNOWN: usize = 40;
 /// Slots of the well-known names' hash table: a power of two, about twice their number, so
 /// that probes stay short.
@@ -440,22 +440,17 @@ impl Headers {
     /// Appends a header whose name is an HTTP token in any case, as a parser read it off the
     /// wire (ASCII, so no UTF-8 check is needed); the name is lowercased.
     pub fn push_token(&mut self, name: &[u8], value: &[u8]) {
-        if !name.is_ascii() {
-            return self.push(&String::from_utf8_lossy(name), value);
-        }
-        let name = self.intern_name(name);
-        self.push_plain(name, value);
+        self.push_classified(well_known_index(name), name, value);
     }
 
-    /// Appends a header whose name is known to be lowercase (as `http::HeaderName`s are).
-    pub fn push_lowercase(&mut self, name: &str, value: &[u8]) {
-        debug_assert!(!name.bytes().any(|b| b.is_ascii_uppercase()), "{name}");
-        // Lowercase already: the any-case lookup finds exactly the lowercase names.
-        let name = match known_index_any_case(name.as_bytes()) {
-            Some(i) => HeaderName::Known(i),
-            None => HeaderName::Literal(name),
+    /// [`Headers::push_token`] for a name already looked up with [`well_known_index`].
+    pub fn push_classified(&mut self, known: Option<u8>, name: &[u8], value: &[u8]) {
+        let name = match known {
+            Some(i) => NameRef::Known(i),
+            None if name.is_ascii() => self.store_lowercase(name),
+            None => return self.push(&String::from_utf8_lossy(name), value),
         };
-        self.push_name(name, value);
+        self.push_plain(name, value);
     }
 
     /// Appends a header whose value was redacted.
@@ -503,9 +498,14 @@ impl Headers {
     /// A name in any case (UTF-8): a well-known one's index, another stored lowercased. Servers
     /// send names capitalized (`Content-Type`): no lowercase copy is made first.
     fn intern_name(&mut self, name: &[u8]) -> NameRef {
-        if let Some(i) = known_index_any_case(name) {
-            return NameRef::Known(i);
+        match well_known_index(name) {
+            Some(i) => NameRef::Known(i),
+            None => self.store_lowercase(name),
         }
+    }
+
+    /// Stores a name that is not well-known, lowercased.
+    fn store_lowercase(&mut self, name: &[u8]) -> NameRef {
         let (start, len) = self.store(name);
         // Lowercasing ASCII letters leaves UTF-8 UTF-8.
         self.bytes[start as usize..].make_ascii_lowercase();
@@ -606,7 +606,7 @@ mod tests {
         for (i, k) in KNOWN_NAMES.iter().enumerate() {
             assert_eq!(known_index(k), Some(i as u8), "{k}");
             let upper = k.to_ascii_uppercase();
-            assert_eq!(known_index_any_case(upper.as_bytes()), Some(i as u8), "{k}");
+            assert_eq!(well_known_index(upper.as_bytes()), Some(i as u8), "{k}");
         }
         for other in [
             "",
@@ -622,14 +622,14 @@ mod tests {
         ] {
             assert_eq!(known_index(other), None, "{other}");
             if other != "HOST" {
-                assert_eq!(known_index_any_case(other.as_bytes()), None, "{other}");
+                assert_eq!(well_known_index(other.as_bytes()), None, "{other}");
             }
         }
         assert_eq!(
-            known_index_any_case(b"CoNtEnT-TyPe"),
+            well_known_index(b"CoNtEnT-TyPe"),
             known_index("content-type")
         );
-        assert_eq!(known_index_any_case(&[b'a'; 41]), None);
+        assert_eq!(well_known_index(&[b'a'; 41]), None);
     }
 
     #[test]
