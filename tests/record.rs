@@ -252,12 +252,22 @@ async fn hop_by_hop_fields_stay_behind_and_forwarding_fields_are_added() {
         "-H",
         "X-Forwarded-For: 10.9.8.7",
         "-H",
+        "X-Forwarded-Host: spoofed.example.com",
+        "-H",
+        "x-forwarded-proto: https",
+        "-H",
         "Host: quay.example.com",
         &format!("http://{}/echo", rec.addr),
     ])
     .await;
     rec.stop().await;
-    let headers = serde_json::from_str::<serde_json::Value>(&echoed).unwrap()["headers"].clone();
+    let echoed = serde_json::from_str::<serde_json::Value>(&echoed).unwrap();
+    let headers = echoed["headers"].clone();
+    assert_eq!(
+        echoed["fields"],
+        headers.as_object().unwrap().len(),
+        "no field reaches the upstream twice: {headers}"
+    );
     assert!(headers.get("x-drop-me").is_none(), "{headers}");
     assert!(headers.get("keep-alive").is_none(), "{headers}");
     assert_eq!(

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::admin::Metrics;
+use super::fields::RawFields;
 use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
-use super::upstream::RawFields;
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
 use crate::redact::{is_token_endpoint, Redactor};
 use crate::tape::capture::CaptureSink;
@@ -38,7 +38,7 @@ pub struct Capture {
     spool: Option<Arc<Spool>>,
 }
 
-/// A response head's fields: hyper's map, or the upstream's own bytes ([`RawFields`]).
+/// A head's fields: hyper's map, or the bytes the recorder read ([`RawFields`]).
 #[derive(Clone, Copy)]
 pub enum Fields<'a> {
     Map(&'a http::HeaderMap),
@@ -183,14 +183,12 @@ impl Capture {
         connection: &Arc<Connection>,
         stream: u32,
         parts: &http::request::Parts,
+        fields: Fields<'_>,
         authority: Option<&http::HeaderValue>,
         start: Nanos,
     ) -> Arc<Pending> {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
-        let mut headers = Headers::with_capacity(parts.headers.len(), 512);
-        for (name, value) in &parts.headers {
-            self.redactor.push_http_header(&mut headers, name, value);
-        }
+        let headers = self.headers(fields);
         let authority = authority
             .and_then(|a| a.to_str().ok())
             .unwrap_or_default()
@@ -210,13 +208,7 @@ impl Capture {
         let keep = if token_endpoint {
             0
         } else {
-            self.keep_for(
-                parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .map(|v| v.as_bytes()),
-                false,
-            )
+            self.keep_for(fields.content_type(), false)
         };
         self.sink.exchange_started(start);
         Arc::new(Pending {
@@ -235,6 +227,27 @@ impl Capture {
             remaining: AtomicU8::new(2),
             upgraded: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// A head's fields, redacted, as the tape keeps them.
+    fn headers(&self, fields: Fields<'_>) -> Headers {
+        let redactor = &self.redactor;
+        match fields {
+            Fields::Map(map) => {
+                let mut headers = Headers::with_capacity(map.len(), 512);
+                for (name, value) in map {
+                    redactor.push_http_header(&mut headers, name, value);
+                }
+                headers
+            }
+            Fields::Raw(raw) => {
+                let mut headers = Headers::with_capacity(raw.len(), 512);
+                for (name, value) in raw.iter() {
+                    redactor.push_raw_header(&mut headers, name, value);
+                }
+                headers
+            }
+        }
     }
 
     /// How many bytes of a body with these headers to keep.
@@ -354,23 +367,7 @@ impl Pending {
         fields: Fields<'_>,
     ) -> BodyDone {
         let capture = &self.capture;
-        let redactor = &capture.redactor;
-        let headers = match fields {
-            Fields::Map(map) => {
-                let mut headers = Headers::with_capacity(map.len(), 512);
-                for (name, value) in map {
-                    redactor.push_http_header(&mut headers, name, value);
-                }
-                headers
-            }
-            Fields::Raw(raw) => {
-                let mut headers = Headers::with_capacity(raw.len(), 512);
-                for (name, value) in raw.iter() {
-                    redactor.push_raw_header(&mut headers, name, value);
-                }
-                headers
-            }
-        };
+        let headers = capture.headers(fields);
         self.response.put(ResponsePart::Head {
             status: status.as_u16(),
             version: version_of(version),

@@ -25,12 +25,14 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use smallvec::SmallVec;
 
 use super::admin::Metrics;
 use super::exchange::{BodyDone, Capture, Connection, Fields};
+use super::fields::RawFields;
 use super::h1::InBody;
 use super::tap::TapBody;
-use super::upstream::{self, Dedicated, DirectBody, RawFields, SendError};
+use super::upstream::{self, Dedicated, DirectBody, SendError};
 use super::RecordConfig;
 use crate::tape::FailureKind;
 
@@ -242,17 +244,33 @@ impl Proxy {
     }
 
     /// Handles one request from `connection` (on HTTP/2 stream `stream`, 0 on HTTP/1.x), whose
-    /// upstream connection, on HTTP/1.x, is `dedicated`.
+    /// upstream connection, on HTTP/1.x, is `dedicated`. Its fields are in `raw` when the
+    /// recorder read its head itself (`request`'s map is then empty).
     pub async fn handle(
         self: Arc<Self>,
         mut request: Request<InBody>,
+        raw: Option<RawFields>,
         connection: Arc<Connection>,
         stream: u32,
         dedicated: Arc<Dedicated>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let direct = self
+            .direct
+            .as_deref()
+            .filter(|_| request.version() != http::Version::HTTP_2);
+        // Fields read off the wire go on as they are on a connection of the recorder's own;
+        // hyper's pooled client takes a map.
+        let raw = match raw {
+            Some(raw) if direct.is_none() => {
+                *request.headers_mut() = raw.to_map();
+                None
+            }
+            raw => raw,
+        };
         // A protocol switch (WebSocket): the upgrade fields go on to the upstream, and after its
         // 101 the two connections are joined byte for byte. The tape notes the exchange as
-        // upgraded; what follows the switch is not recorded.
+        // upgraded; what follows the switch is not recorded. (A switch the recorder's own
+        // HTTP/1.1 server read went to hyper first: `raw` never asks for one.)
         let upgrade = upgrade_requested(request.headers()).then(|| {
             let protocol = request.headers().get(header::UPGRADE).cloned();
             (hyper::upgrade::on(&mut request), protocol)
@@ -265,9 +283,12 @@ impl Proxy {
 
         let (mut parts, body) = request.into_parts();
         // The Host the client named: its request's authority (HTTP/2, absolute form) or `Host`.
-        let named = match parts.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => parts.headers.get(header::HOST).cloned(),
+        let named = match (parts.uri.authority(), &raw) {
+            (Some(a), _) => HeaderValue::from_str(a.as_str()).ok(),
+            (None, Some(raw)) => raw
+                .get_shared("host")
+                .and_then(|h| HeaderValue::from_maybe_shared(h).ok()),
+            (None, None) => parts.headers.get(header::HOST).cloned(),
         };
         if let Some(bad) = named.as_ref().filter(|h| !is_authority(h.as_bytes())) {
             // RFC 9112, 3.2: a server answers 400 to an invalid Host. Passed on, it would reach
@@ -279,8 +300,11 @@ impl Proxy {
             ));
         }
         let pending = self.capture.wants(parts.uri.path()).then(|| {
+            let fields = raw
+                .as_ref()
+                .map_or(Fields::Map(&parts.headers), Fields::Raw);
             self.capture
-                .begin(&connection, stream, &parts, named.as_ref(), start)
+                .begin(&connection, stream, &parts, fields, named.as_ref(), start)
         });
         // The Host the upstream sees: `--upstream-host`, else the client's, else the upstream's.
         let host = match (&self.fixed_host, &named) {
@@ -288,10 +312,6 @@ impl Proxy {
             (None, Some(named)) => named.clone(),
             (None, None) => self.default_host.clone(),
         };
-        let direct = self
-            .direct
-            .as_deref()
-            .filter(|_| parts.version != http::Version::HTTP_2);
         if direct.is_some() {
             // Origin form on a connection of its own: the upstream reads the name in `Host`.
             if parts.uri.authority().is_some() {
@@ -316,17 +336,41 @@ impl Proxy {
                 }
             };
         }
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some((_, Some(protocol))) = &upgrade {
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        if self.config.forwarded_headers {
-            add_forwarded(&mut parts.headers, &connection, named.as_ref());
-        }
-        parts.headers.insert(header::HOST, host);
+        let forwarded_headers = self.config.forwarded_headers;
+        let outgoing = match raw {
+            // Hop-by-hop fields are marked as the head is read; what forwarding replaces is
+            // left out as the fields are written (`Outgoing::write`).
+            Some(fields) => {
+                let mut added = SmallVec::new();
+                added.push((header::HOST, host));
+                if forwarded_headers {
+                    let earlier = fields.get(X_FORWARDED_FOR.as_str());
+                    added.extend(forwarded(earlier, &connection, named.as_ref()));
+                }
+                Some(Outgoing {
+                    fields,
+                    forwarded: forwarded_headers,
+                    added,
+                })
+            }
+            None => {
+                strip_hop_by_hop(&mut parts.headers);
+                if let Some((_, Some(protocol))) = &upgrade {
+                    parts.headers.insert(header::UPGRADE, protocol.clone());
+                    parts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                if forwarded_headers {
+                    let earlier = parts.headers.get(X_FORWARDED_FOR).map(|v| v.as_bytes());
+                    for (name, value) in forwarded(earlier, &connection, named.as_ref()) {
+                        parts.headers.insert(name, value);
+                    }
+                }
+                parts.headers.insert(header::HOST, host);
+                None
+            }
+        };
         parts.version = http::Version::HTTP_11;
         let body = match &pending {
             Some(p) => ProxyBody::Tapped(TapBody::spooling(
@@ -342,7 +386,7 @@ impl Proxy {
         let timeout = self.config.upstream_timeout;
         // `None`: no response head within the timeout.
         let sent = match direct {
-            Some(address) => upstream::send(&dedicated, address, upstream, timeout)
+            Some(address) => upstream::send(&dedicated, address, upstream, outgoing, timeout)
                 .await
                 .map(|r| r.map(Answer::Direct)),
             None => tokio::time::timeout(timeout, self.client.request(upstream))
@@ -629,21 +673,73 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, connection: &Connection, host: Option<&HeaderValue>) {
+/// `X-Forwarded-For`, `-Proto` and `-Host` for a request from `connection` that named `host`,
+/// the first after an `X-Forwarded-For` the request brought (`earlier`).
+fn forwarded(
+    earlier: Option<&[u8]>,
+    connection: &Connection,
+    host: Option<&HeaderValue>,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
     let ip = &connection.client_ip;
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", connection.client.ip())),
-        None => Ok(ip.clone()),
+    // An earlier value that is not visible ASCII (as `HeaderValue::to_str` reads it) is
+    // replaced rather than extended.
+    let visible = |v: &[u8]| v.iter().all(|&b| b == b'\t' || (32..127).contains(&b));
+    let chain = match earlier.filter(|v| visible(v)) {
+        Some(earlier) => {
+            let earlier = String::from_utf8_lossy(earlier);
+            HeaderValue::from_str(&format!("{earlier}, {}", connection.client.ip()))
+                .unwrap_or_else(|_| ip.clone())
+        }
+        None => ip.clone(),
     };
-    if let Ok(v) = value {
-        headers.insert(X_FORWARDED_FOR, v);
+    let proto = HeaderValue::from_static(connection.scheme.as_str());
+    let host = host.map(|v| (X_FORWARDED_HOST, v.clone()));
+    [(X_FORWARDED_FOR, chain), (X_FORWARDED_PROTO, proto)]
+        .into_iter()
+        .chain(host)
+}
+
+/// A request's fields as they go upstream on a connection of the recorder's own: the client's
+/// as it sent them, less the hop-by-hop ones and those forwarding replaces, then forwarding's.
+pub struct Outgoing {
+    fields: RawFields,
+    /// The client's `X-Forwarded-*` are replaced (`added` has the new ones).
+    forwarded: bool,
+    added: SmallVec<[(HeaderName, HeaderValue); 4]>,
+}
+
+impl Outgoing {
+    /// Writes the fields as `name: value` lines; whether a `Content-Length` is among them.
+    pub fn write(&self, out: &mut Vec<u8>) -> bool {
+        let mut length = false;
+        let mut line = |name: &[u8], value: &[u8]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        for (name, value) in self.fields.forwarded() {
+            if self.replaced(name) {
+                continue;
+            }
+            length |= name.len() == 14 && name.eq_ignore_ascii_case(b"content-length");
+            line(name, value);
+        }
+        for (name, value) in &self.added {
+            line(name.as_str().as_bytes(), value.as_bytes());
+        }
+        length
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(connection.scheme.as_str()),
-    );
-    if let Some(v) = host {
-        headers.insert(X_FORWARDED_HOST, v.clone());
+
+    fn replaced(&self, name: &[u8]) -> bool {
+        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+        match name.len() {
+            4 => is(&header::HOST),
+            15..=17 if self.forwarded => {
+                is(&X_FORWARDED_FOR) || is(&X_FORWARDED_PROTO) || is(&X_FORWARDED_HOST)
+            }
+            _ => false,
+        }
     }
 }
 

@@ -1,8 +1,10 @@
 //! The client's side of HTTP/1.1, spoken by the recorder itself.
 //!
 //! An HTTP/1.1 client connection is served in its own task by a loop that reads a request head
-//! (httparse, as hyper does), hands the request to [`Proxy::handle`] with a body that reads
-//! itself off the connection ([`RequestBody`]), and writes the response head and body back,
+//! (httparse, as hyper does), hands the request to [`Proxy::handle`] with its fields as they
+//! were read ([`super::fields`]: no `HeaderMap` unless hyper's client is who sends it on) and a
+//! body that reads itself off the connection ([`RequestBody`]), and writes the response head
+//! and body back,
 //! the head and a first piece of body that is ready in one write. hyper's server ran a
 //! dispatcher, a body channel and a response encoder around every request: about as much, per
 //! request, as the forwarding and the upstream's side together (callgrind). The same reasoning
@@ -38,17 +40,16 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::rt::Timer;
-use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::exchange::Connection;
+use super::fields::{RawFields, Span};
 use super::forward::{Proxy, ProxyBody};
 use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 use super::head_timer::{self, HeadTimer};
@@ -194,6 +195,7 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         head_timer::release(&mut timer);
         let Head {
             parts,
+            fields,
             body,
             keep_alive,
             expect_continue,
@@ -224,7 +226,13 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         let stream = connection.stream_of(version);
         let Ok(response) = proxy
             .clone()
-            .handle(request, connection.clone(), stream, dedicated.clone())
+            .handle(
+                request,
+                Some(fields),
+                connection.clone(),
+                stream,
+                dedicated.clone(),
+            )
             .await;
         if writer.is_none() {
             // Back from the body it was lent to (which may live on, in hyper's client).
@@ -261,7 +269,9 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
 
 /// A request head, made a request without its body.
 struct Head {
+    /// Without its fields, which stay as they were read.
     parts: http::request::Parts,
+    fields: RawFields,
     /// How its body is read; `None` when it has none.
     body: Option<Decoder>,
     keep_alive: bool,
@@ -278,13 +288,6 @@ enum Parsed {
     HandOff,
     /// Answered with this status, then the connection closes.
     Refused(StatusCode, String),
-}
-
-/// Where a field lies in the head.
-struct Span {
-    name: (usize, usize),
-    value: (usize, usize),
-    length: bool,
 }
 
 /// Takes one complete request head off `buf`, if it is all there.
@@ -326,16 +329,16 @@ fn parse(buf: &mut BytesMut, first: bool) -> Parsed {
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let target = at(parsed.path.unwrap_or("/").as_bytes());
+    let base = buf.as_ptr();
+    let target = parsed.path.unwrap_or("/").as_bytes();
+    let target = (target.as_ptr() as usize - base as usize, target.len());
     let mut framed = Framed::default();
     let mut upgrade = false;
     let mut expect_continue = false;
-    let mut spans: SmallVec<[Span; 24]> = SmallVec::new();
+    let mut spans = Vec::with_capacity(parsed.headers.len());
     let mut lengths = 0;
     for h in parsed.headers.iter() {
-        framed.read(h.name, h.value);
+        let hop = framed.read(h.name, h.value);
         let length = h.name.len() == 14 && h.name.eq_ignore_ascii_case("content-length");
         if length {
             if h.value.contains(&b',') {
@@ -352,11 +355,7 @@ fn parse(buf: &mut BytesMut, first: bool) -> Parsed {
         if length && lengths > 1 {
             continue;
         }
-        spans.push(Span {
-            name: at(h.name.as_bytes()),
-            value: at(h.value),
-            length,
-        });
+        spans.push(Span::of(base, h.name.as_bytes(), h.value, hop));
     }
     if upgrade && framed.upgrade {
         return Parsed::HandOff;
@@ -377,33 +376,31 @@ fn parse(buf: &mut BytesMut, first: bool) -> Parsed {
     let trusted = !(drop_length && framed.length.is_some());
     let keep_alive = !framed.close && trusted && (version == Version::HTTP_11 || framed.keep_alive);
     let head = buf.split_to(len).freeze();
-    let slice = |(at, len): (usize, usize)| head.slice(at..at + len);
-    let uri = match http::Uri::from_maybe_shared(slice(target)) {
+    let uri = match http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)) {
         Ok(uri) => uri,
         Err(e) => return bad(format!("a request target that is not a URI ({e})")),
     };
-    // Room for what forwarding adds (`Host`, `X-Forwarded-*`) without growing.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    for span in &spans {
-        if span.length && drop_length {
-            continue;
-        }
-        let (at, len) = span.name;
-        let Ok(name) = HeaderName::from_bytes(&head[at..at + len]) else {
-            return bad("a malformed header name".into());
-        };
-        let Ok(value) = HeaderValue::from_maybe_shared(slice(span.value)) else {
-            return bad(format!("a malformed {name} header"));
-        };
-        headers.append(name, value);
+    let mut fields = RawFields::new(head, spans);
+    if drop_length && lengths > 0 {
+        fields.retain(|name| !name.eq_ignore_ascii_case(b"content-length"));
+    }
+    // Fields the Connection header names concern the client's connection only, as the
+    // hop-by-hop ones do: recorded, not forwarded.
+    if !framed.connection_names.is_empty() {
+        fields.mark_hop(|name| {
+            framed
+                .connection_names
+                .iter()
+                .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+        });
     }
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
-    *request.headers_mut() = headers;
     Parsed::Head(Head {
         parts: request.into_parts().0,
+        fields,
         body: decoder,
         keep_alive,
         expect_continue,

@@ -343,6 +343,7 @@ fn service(
         let stream = connection.stream_of(request.version());
         let handled = proxy.clone().handle(
             request.map(InBody::Hyper),
+            None,
             connection.clone(),
             stream,
             dedicated.clone(),

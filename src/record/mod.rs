@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod exchange;
+mod fields;
 pub mod forward;
 mod framing;
 mod h1;

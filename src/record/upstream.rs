@@ -6,10 +6,12 @@
 //! costs no pool checkout, no pool key and no absolute URI.
 //!
 //! On that connection the recorder speaks HTTP/1.1 itself, in the task of the client's
-//! connection: it writes the request head and body, reads the response head (httparse, as hyper
-//! does) and hands the client's side a [`DirectBody`] that reads the response body off the
-//! upstream socket as the client takes it. The response's fields stay as the upstream wrote
-//! them ([`RawFields`], its hop-by-hop ones left out): the recorder's own HTTP/1.1 server
+//! connection: it writes the request head (the client's fields as they came, when the
+//! recorder's own server read them: [`super::forward::Outgoing`]) and body, reads the response
+//! head (httparse, as hyper does) and hands the client's side a [`DirectBody`] that reads the
+//! response body off the upstream socket as the client takes it. The response's fields stay as
+//! the upstream wrote them ([`RawFields`], its hop-by-hop ones left out): the recorder's own
+//! HTTP/1.1 server
 //! ([`super::h1`]) writes them to the client as they are, and only hyper (HTTP/2, a connection
 //! handed over) gets them as a `HeaderMap`. hyper's client would run the connection as a task of
 //! its own and pass each request and response through channels between the two tasks; that
@@ -40,7 +42,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -48,7 +50,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::forward::ProxyBody;
+use super::fields::{RawFields, Span};
+use super::forward::{Outgoing, ProxyBody};
 use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -155,6 +158,7 @@ pub async fn send(
     dedicated: &Arc<Dedicated>,
     upstream: &str,
     request: http::Request<ProxyBody>,
+    outgoing: Option<Outgoing>,
     timeout: Duration,
 ) -> Option<Result<http::Response<DirectBody>, SendError>> {
     let Held { conn, timer } = dedicated.take();
@@ -172,7 +176,7 @@ pub async fn send(
     };
     let sent = tokio::select! {
         biased;
-        sent = exchange(conn, upstream, request, dedicated) => Some(sent),
+        sent = exchange(conn, upstream, request, outgoing.as_ref(), dedicated) => Some(sent),
         _ = timer.as_mut() => None,
     };
     dedicated.put(Held {
@@ -188,6 +192,7 @@ async fn exchange(
     mut conn: Option<Box<Conn>>,
     upstream: &str,
     request: http::Request<ProxyBody>,
+    outgoing: Option<&Outgoing>,
     dedicated: &Arc<Dedicated>,
 ) -> Result<http::Response<DirectBody>, SendError> {
     let (parts, body) = request.into_parts();
@@ -206,7 +211,7 @@ async fn exchange(
             Some(c) => c,
             None => Conn::open(upstream).await?,
         };
-        match c.round_trip(&parts, body.take()).await {
+        match c.round_trip(&parts, outgoing, body.take()).await {
             Ok(head) => return Ok(c.into_response(head, &parts.method, dedicated)),
             Err(Failed {
                 error,
@@ -258,67 +263,6 @@ struct Head {
     framing: Framed,
 }
 
-/// A response head's fields as the upstream sent them (names in its case), without those that
-/// concern the upstream's connection only: written to an HTTP/1.1 client as they are, made a
-/// `HeaderMap` only for hyper ([`RawFields::to_map`]).
-pub struct RawFields {
-    head: Bytes,
-    spans: Vec<Span>,
-}
-
-/// Where a field handed on lies in the response head.
-#[derive(Clone, Copy)]
-struct Span {
-    name: u32,
-    name_len: u32,
-    value: u32,
-    value_len: u32,
-}
-
-impl RawFields {
-    /// Each field's name and value, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        self.spans.iter().map(|s| {
-            let (n, v) = (s.name as usize, s.value as usize);
-            (
-                &self.head[n..n + s.name_len as usize],
-                &self.head[v..v + s.value_len as usize],
-            )
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.spans.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
-    }
-
-    /// The first value of the field `name` (lowercase).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    /// The fields as hyper takes them; a field `http` would refuse is left out (the head parser
-    /// accepted nothing it would).
-    pub fn to_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.spans.len());
-        for s in &self.spans {
-            let (n, v) = (s.name as usize, s.value as usize);
-            let name = HeaderName::from_bytes(&self.head[n..n + s.name_len as usize]);
-            let value =
-                HeaderValue::from_maybe_shared(self.head.slice(v..v + s.value_len as usize));
-            if let (Ok(name), Ok(value)) = (name, value) {
-                map.append(name, value);
-            }
-        }
-        map
-    }
-}
-
 /// An HTTP/1.1 connection to the upstream.
 struct Conn {
     io: TcpStream,
@@ -364,10 +308,11 @@ impl Conn {
     async fn round_trip(
         &mut self,
         parts: &http::request::Parts,
+        outgoing: Option<&Outgoing>,
         body: Option<ProxyBody>,
     ) -> Result<Head, Failed> {
         let body = body.filter(|b| !b.is_end_stream());
-        let chunked = self.encode_head(parts, body.as_ref());
+        let chunked = self.encode_head(parts, outgoing, body.as_ref());
         let Some(body) = body else {
             self.io.write_all(&self.out).await.map_err(Failed::io)?;
             return self.read_head().await;
@@ -391,8 +336,14 @@ impl Conn {
         }
     }
 
-    /// Writes the request head into `out`; whether the body goes chunked.
-    fn encode_head(&mut self, parts: &http::request::Parts, body: Option<&ProxyBody>) -> bool {
+    /// Writes the request head into `out`, its fields `outgoing`'s if it has them, else
+    /// `parts`'; whether the body goes chunked.
+    fn encode_head(
+        &mut self,
+        parts: &http::request::Parts,
+        outgoing: Option<&Outgoing>,
+        body: Option<&ProxyBody>,
+    ) -> bool {
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -405,14 +356,20 @@ impl Conn {
                 .as_bytes(),
         );
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        let length = match outgoing {
+            Some(outgoing) => outgoing.write(out),
+            None => {
+                for (name, value) in &parts.headers {
+                    out.extend_from_slice(name.as_str().as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                parts.headers.contains_key(header::CONTENT_LENGTH)
+            }
+        };
         let mut chunked = false;
-        if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if !length {
             match body.map(|b| b.size_hint().exact()) {
                 // As hyper's client: an empty body is said so where a body is expected.
                 None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
@@ -671,7 +628,7 @@ impl Conn {
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         let mut framing = Framed::default();
         // Where each field handed on lies in the head, to slice it out without copying.
-        let base = self.buf.as_ptr() as usize;
+        let base = self.buf.as_ptr();
         // A Vec, not inline: the fields move with the response body through several hands.
         let mut spans = Vec::with_capacity(parsed.headers.len());
         let mut lengths = 0;
@@ -684,12 +641,7 @@ impl Conn {
             if length {
                 lengths += 1;
             }
-            spans.push(Span {
-                name: (h.name.as_ptr() as usize - base) as u32,
-                name_len: h.name.len() as u32,
-                value: (h.value.as_ptr() as usize - base) as u32,
-                value_len: h.value.len() as u32,
-            });
+            spans.push(Span::of(base, h.name.as_bytes(), h.value, false));
         }
         // RFC 9112, 6.3: a length beside a transfer coding is dropped (the coding frames the
         // body, and the client's framing must be the one the body has); a length that is not
@@ -705,15 +657,13 @@ impl Conn {
         if framing.chunked == Some(false) {
             return Err(Failed::protocol("a transfer coding other than chunked"));
         }
-        let head = self.buf.split_to(len).freeze();
-        let name_of = |s: &Span| &head[s.name as usize..(s.name + s.name_len) as usize];
+        let mut fields = RawFields::new(self.buf.split_to(len).freeze(), spans);
         // Fields the Connection header names concern this connection only too, and a length
         // beside chunked goes.
         let named = !switching && !framing.connection_names.is_empty();
         let chunked = framing.chunked.is_some();
         if named || (lengths > 0 && chunked) {
-            spans.retain(|s| {
-                let name = name_of(s);
+            fields.retain(|name| {
                 if name.eq_ignore_ascii_case(b"content-length") {
                     return !chunked;
                 }
@@ -727,7 +677,7 @@ impl Conn {
         Ok(Some(Head {
             status,
             version,
-            fields: RawFields { head, spans },
+            fields,
             framing,
         }))
     }

@@ -97,6 +97,8 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
         }
         "echo" => {
             let version = format!("{:?}", req.version());
+            // Every field, where `headers` keeps one value per name.
+            let fields = req.headers().len();
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
                 .iter()
@@ -111,6 +113,7 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
             let json = serde_json::json!({
                 "version": version,
                 "headers": headers,
+                "fields": fields,
                 "len": body.len(),
                 "sha256": hex(&sha2::Sha256::digest(&body)),
             });

@@ -1,0 +1,172 @@
+//! A head's fields as they were read off the wire, for both sides of the recorder's own
+//! HTTP/1.1 (`h1.rs` for clients, `upstream.rs` for the upstream).
+//!
+//! Building hyper's `HeaderMap` for every head (a name parsed and hashed, a value checked, per
+//! field) cost more than the rest of forwarding a request: the fields are kept instead as the
+//! head's bytes and where each field lies in them ([`RawFields`]). They are written on as
+//! they are (names in their sender's case), read by the capture from the same place, and made a
+//! `HeaderMap` only when hyper is who takes them: an HTTP/2 client's response, a pooled
+//! upstream client's request, a connection handed over.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// A head's fields: its bytes, and where each field lies. See the module docs.
+pub struct RawFields {
+    head: Bytes,
+    spans: Vec<Span>,
+}
+
+/// Where a field lies in its head.
+#[derive(Clone, Copy)]
+pub struct Span {
+    name: u32,
+    name_len: u16,
+    /// The field concerns one connection only (RFC 9110, 7.6.1): not forwarded.
+    hop: bool,
+    value: u32,
+    value_len: u32,
+}
+
+impl Span {
+    /// The span of `name` and `value`, slices of a head that starts at address `base`.
+    pub fn of(base: *const u8, name: &[u8], value: &[u8], hop: bool) -> Span {
+        let at = |s: &[u8]| (s.as_ptr() as usize - base as usize) as u32;
+        Span {
+            name: at(name),
+            // A head is at most 400 KiB and a name shorter than its line.
+            name_len: name.len().min(u16::MAX as usize) as u16,
+            hop,
+            value: at(value),
+            value_len: value.len() as u32,
+        }
+    }
+}
+
+impl RawFields {
+    /// Fields of `head` (spans made with [`Span::of`] against its first byte).
+    pub fn new(head: Bytes, spans: Vec<Span>) -> RawFields {
+        RawFields { head, spans }
+    }
+
+    fn name(&self, s: &Span) -> &[u8] {
+        &self.head[s.name as usize..s.name as usize + s.name_len as usize]
+    }
+
+    fn value(&self, s: &Span) -> &[u8] {
+        &self.head[s.value as usize..s.value as usize + s.value_len as usize]
+    }
+
+    /// Each field's name and value, in order, hop-by-hop ones included.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans.iter().map(|s| (self.name(s), self.value(s)))
+    }
+
+    /// The fields that go on to the next hop.
+    pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.spans
+            .iter()
+            .filter(|s| !s.hop)
+            .map(|s| (self.name(s), self.value(s)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The first value of the field `name` (lowercase).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.find(name).map(|s| self.value(s))
+    }
+
+    /// [`RawFields::get`] as a slice of the head (no copy).
+    pub fn get_shared(&self, name: &str) -> Option<Bytes> {
+        let s = self.find(name)?;
+        let at = s.value as usize;
+        Some(self.head.slice(at..at + s.value_len as usize))
+    }
+
+    fn find(&self, name: &str) -> Option<&Span> {
+        self.spans.iter().find(|s| {
+            s.name_len as usize == name.len() && self.name(s).eq_ignore_ascii_case(name.as_bytes())
+        })
+    }
+
+    /// Marks as hop-by-hop the fields `is_hop` says are.
+    pub fn mark_hop(&mut self, mut is_hop: impl FnMut(&[u8]) -> bool) {
+        let head = &self.head;
+        for s in &mut self.spans {
+            let name = &head[s.name as usize..s.name as usize + s.name_len as usize];
+            s.hop |= is_hop(name);
+        }
+    }
+
+    /// Leaves out the fields `keep` refuses.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+        let head = &self.head;
+        self.spans
+            .retain(|s| keep(&head[s.name as usize..s.name as usize + s.name_len as usize]));
+    }
+
+    /// The fields as hyper takes them, hop-by-hop ones included; a field `http` would refuse
+    /// is left out (the head parsers accept nothing it would).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for s in &self.spans {
+            let name = HeaderName::from_bytes(self.name(s));
+            let at = s.value as usize;
+            let value =
+                HeaderValue::from_maybe_shared(self.head.slice(at..at + s.value_len as usize));
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(head: &'static [u8], fields: &[(&str, &str, bool)]) -> RawFields {
+        let head = Bytes::from_static(head);
+        let text = std::str::from_utf8(&head).unwrap();
+        let spans = fields
+            .iter()
+            .map(|(n, v, hop)| {
+                let n = &head[text.find(n).unwrap()..][..n.len()];
+                let v = &head[text.find(v).unwrap()..][..v.len()];
+                Span::of(head.as_ptr(), n, v, *hop)
+            })
+            .collect();
+        RawFields::new(head.clone(), spans)
+    }
+
+    #[test]
+    fn fields_read_in_any_case_and_hop_by_hop_ones_are_not_forwarded() {
+        let mut f = fields(
+            b"Host: a\r\nConnection: x-trace\r\nX-Trace: 1\r\nAccept: */*\r\n",
+            &[
+                ("Host", "a", false),
+                ("Connection", "x-trace", true),
+                ("X-Trace", "1", false),
+                ("Accept", "*/*", false),
+            ],
+        );
+        assert_eq!(f.get("host"), Some(&b"a"[..]));
+        assert_eq!(f.get_shared("accept").as_deref(), Some(&b"*/*"[..]));
+        assert_eq!(f.get("x-missing"), None);
+        f.mark_hop(|n| n.eq_ignore_ascii_case(b"x-trace"));
+        let forwarded: Vec<_> = f.forwarded().map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(forwarded, [b"Host".to_vec(), b"Accept".to_vec()]);
+        assert_eq!(f.iter().count(), 4);
+        assert_eq!(f.to_map().len(), 4);
+        f.retain(|n| n != b"Accept");
+        assert_eq!(f.len(), 3);
+    }
+}
