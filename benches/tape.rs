@@ -88,7 +88,7 @@ fn bench(c: &mut Criterion) {
     let jsonl = dir.path().join("bench.jsonl.zst");
     for (mix, catalogue) in [("zipf", Some(10_000)), ("unique", None)] {
         let records = records(catalogue);
-        for level in [1, 3] {
+        for level in [-1, 1, 3] {
             write_tape(&tape, &records, level);
             let size = std::fs::metadata(&tape).unwrap().len();
             eprintln!(
@@ -107,7 +107,7 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(RECORDS as u64));
         g.sample_size(10);
         g.measurement_time(Duration::from_secs(6));
-        for level in [1, 3] {
+        for level in [-1, 1, 3] {
             g.bench_function(format!("write/tape-zstd{level}"), |b| {
                 b.iter_batched(
                     || (),

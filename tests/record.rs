@@ -260,7 +260,18 @@ async fn hop_by_hop_fields_stay_behind_and_forwarding_fields_are_added() {
         &format!("http://{}/echo", rec.addr),
     ])
     .await;
+    // An X-Forwarded-For the client's Connection names stays behind: not extended.
+    let named = curl(&[
+        "-H",
+        "Connection: X-Forwarded-For",
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        &format!("http://{}/echo", rec.addr),
+    ])
+    .await;
     rec.stop().await;
+    let named = serde_json::from_str::<serde_json::Value>(&named).unwrap();
+    assert_eq!(named["headers"]["x-forwarded-for"], "127.0.0.1", "{named}");
     let echoed = serde_json::from_str::<serde_json::Value>(&echoed).unwrap();
     let headers = echoed["headers"].clone();
     assert_eq!(

@@ -21,11 +21,11 @@ pub struct RawFields {
 #[derive(Clone, Copy)]
 pub struct Span {
     name: u32,
-    name_len: u16,
-    /// The field concerns one connection only (RFC 9110, 7.6.1): not forwarded.
-    hop: bool,
+    name_len: u32,
     value: u32,
     value_len: u32,
+    /// The field concerns one connection only (RFC 9110, 7.6.1): not forwarded.
+    hop: bool,
 }
 
 impl Span {
@@ -34,11 +34,10 @@ impl Span {
         let at = |s: &[u8]| (s.as_ptr() as usize - base as usize) as u32;
         Span {
             name: at(name),
-            // A head is at most 400 KiB and a name shorter than its line.
-            name_len: name.len().min(u16::MAX as usize) as u16,
-            hop,
+            name_len: name.len() as u32,
             value: at(value),
             value_len: value.len() as u32,
+            hop,
         }
     }
 }
@@ -83,6 +82,14 @@ impl RawFields {
         self.find(name).map(|s| self.value(s))
     }
 
+    /// The first value of the field `name` (lowercase) among those forwarded.
+    pub fn get_forwarded(&self, name: &str) -> Option<&[u8]> {
+        self.spans
+            .iter()
+            .find(|s| !s.hop && self.is(s, name))
+            .map(|s| self.value(s))
+    }
+
     /// [`RawFields::get`] as a slice of the head (no copy).
     pub fn get_shared(&self, name: &str) -> Option<Bytes> {
         let s = self.find(name)?;
@@ -91,9 +98,11 @@ impl RawFields {
     }
 
     fn find(&self, name: &str) -> Option<&Span> {
-        self.spans.iter().find(|s| {
-            s.name_len as usize == name.len() && self.name(s).eq_ignore_ascii_case(name.as_bytes())
-        })
+        self.spans.iter().find(|s| self.is(s, name))
+    }
+
+    fn is(&self, s: &Span, name: &str) -> bool {
+        s.name_len as usize == name.len() && self.name(s).eq_ignore_ascii_case(name.as_bytes())
     }
 
     /// Marks as hop-by-hop the fields `is_hop` says are.
@@ -162,6 +171,8 @@ mod tests {
         assert_eq!(f.get_shared("accept").as_deref(), Some(&b"*/*"[..]));
         assert_eq!(f.get("x-missing"), None);
         f.mark_hop(|n| n.eq_ignore_ascii_case(b"x-trace"));
+        assert_eq!(f.get("x-trace"), Some(&b"1"[..]));
+        assert_eq!(f.get_forwarded("x-trace"), None);
         let forwarded: Vec<_> = f.forwarded().map(|(n, _)| n.to_vec()).collect();
         assert_eq!(forwarded, [b"Host".to_vec(), b"Accept".to_vec()]);
         assert_eq!(f.iter().count(), 4);

@@ -344,7 +344,7 @@ impl Proxy {
                 let mut added = SmallVec::new();
                 added.push((header::HOST, host));
                 if forwarded_headers {
-                    let earlier = fields.get(X_FORWARDED_FOR.as_str());
+                    let earlier = fields.get_forwarded(X_FORWARDED_FOR.as_str());
                     added.extend(forwarded(earlier, &connection, named.as_ref()));
                 }
                 Some(Outgoing {
@@ -363,7 +363,11 @@ impl Proxy {
                 }
                 if forwarded_headers {
                     let earlier = parts.headers.get(X_FORWARDED_FOR).map(|v| v.as_bytes());
-                    for (name, value) in forwarded(earlier, &connection, named.as_ref()) {
+                    let added: SmallVec<[_; 3]> =
+                        forwarded(earlier, &connection, named.as_ref()).collect();
+                    // The client's are replaced, also one `added` has no value for.
+                    parts.headers.remove(X_FORWARDED_HOST);
+                    for (name, value) in added {
                         parts.headers.insert(name, value);
                     }
                 }
@@ -655,17 +659,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(hop_by_hop) {
         return;
     }
+    // Split as bytes, as the recorder's own HTTP/1.1 reads it (`framing::Framed`): a value
+    // that is not all ASCII still names the fields it names.
     let mut named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|n| {
-            let n = n.trim();
             // The common `keep-alive` and `close` name no field worth a lookup of its own.
-            !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+            !n.eq_ignore_ascii_case(b"keep-alive") && !n.eq_ignore_ascii_case(b"close")
         })
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
         .collect();
     named.extend(headers.keys().filter(|n| hop_by_hop(n)).cloned());
     for name in named {
