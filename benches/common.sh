@@ -9,6 +9,17 @@
 #                        `origin` the nginx on ORIGIN_PORT (kept connections), MAIN top-level
 #                        directives
 #   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
+#   "${auth[@]}"         the arguments that make wrk or oha send `Authorization: Bearer` with a
+#                        JWT shaped as Quay's (830 bytes: RS256, an access claim, a 256-byte
+#                        signature), as every registry client does on every request; none with
+#                        BEARER=0
+
+# Quay's registry JWTs: a header, claims naming the repository and actions, a 256-byte
+# signature. The same token on every request, as one client session sends it.
+jwt_part() { printf '%s' "$1" | base64 -w 0 | tr '+/' '-_' | tr -d '='; }
+bearer=$(jwt_part '{"alg":"RS256","typ":"JWT","kid":"quay"}').$(jwt_part \
+  '{"iss":"quay","aud":"quay.example.com","nbf":1764100000,"iat":1764100000,"exp":1764103600,"sub":"someuser","access":[{"type":"repository","name":"org/app","actions":["pull"]}],"context":{"version":2,"entity_kind":"user","entity_reference":"someuser","kind":"user","com.apostille.roots":{"org/app":{"Digest":"","Root":""}}}}').$(head -c 256 /dev/zero | tr '\0' 'k' | base64 -w 0 | tr -d '=')
+if [ "${BEARER:-1}" = 1 ]; then auth=(-H "Authorization: Bearer $bearer"); else auth=(); fi
 
 need() {
   command -v "$1" >/dev/null || { echo "benches/$(basename "$0") needs $1: $2" >&2; exit 2; }

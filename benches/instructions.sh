@@ -49,7 +49,7 @@ measure() {
   valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.callgrind" "$@" > "$work/$name.log" 2>&1 &
   local pid=$!
   wait_for "$port"
-  oha -n "$N" -c 8 --no-tui "http://127.0.0.1:$port/data" > /dev/null
+  oha -n "$N" -c 8 --no-tui "${auth[@]}" "http://127.0.0.1:$port/data" > /dev/null
   kill "-$signal" "$pid"
   wait "$pid" || true
   local total

@@ -74,7 +74,7 @@ results="$work/results"
 for round in $(seq "$ROUNDS"); do
   for port in 18000 18001 18002 18003; do
     before=$(ticks $port)
-    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$port/data")
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${auth[@]}" "http://127.0.0.1:$port/data")
     after=$(ticks $port)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -121,7 +121,7 @@ echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-c
 : > "$results.open"
 for round in $(seq "$ROUNDS"); do
   for port in 18001 18002; do
-    out=$(oha -z "$DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui "http://127.0.0.1:$port/data")
+    out=$(oha -z "$DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui "${auth[@]}" "http://127.0.0.1:$port/data")
     # oha writes "50.00% in 0.7892 ms" (or secs, or µs).
     p50=$(awk '/50.00% in/ {print $3 $4}' <<<"$out")
     p99=$(awk '/99.00% in/ {print $3 $4}' <<<"$out")
@@ -149,7 +149,7 @@ EOF2
 if [ "$SOAK" -gt 0 ]; then
   echo
   echo "resident memory of loadtape (capture on) under load for ${SOAK}s:"
-  wrk -t"$THREADS" -c"$CONNS" -d"${SOAK}s" "http://127.0.0.1:18002/data" > /dev/null &
+  wrk -t"$THREADS" -c"$CONNS" -d"${SOAK}s" "${auth[@]}" "http://127.0.0.1:18002/data" > /dev/null &
   load=$!
   for i in $(seq 0 10 "$SOAK"); do
     echo "  t=${i}s rss $(awk '/VmRSS/ {print $2, $3}' "/proc/$on_pid/status")"

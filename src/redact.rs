@@ -51,9 +51,58 @@ pub fn is_token_endpoint(path: &str) -> bool {
         || path == "/token"
 }
 
+/// Credentials redacted on this thread, by their bytes, for [`Redactor::redact_value`].
+///
+/// A registry's client sends the same bearer token with every request of a session (Quay's
+/// live for minutes), and working a redaction out (an HMAC over a token of a kilobyte or so, its
+/// claims read as JSON) cost ~90k instructions: three times all the rest of recording an
+/// exchange (callgrind, `benches/instructions.sh`). Per thread, so the proxy's path takes no
+/// lock; bounded ([`SEEN_LIMIT`] credentials of at most [`SEEN_LONGEST`] bytes), and emptied
+/// when full. The credentials stay in this process's memory only, as the traffic's do.
+struct Seen {
+    /// [`Redactor::id`] of the redactor whose redactions these are.
+    redactor: u64,
+    secrets: std::collections::HashMap<SeenKey, (Box<[u8]>, Redaction)>,
+}
+
+const SEEN_LIMIT: usize = 256;
+const SEEN_LONGEST: usize = 8 << 10;
+
+thread_local! {
+    static SEEN: std::cell::RefCell<Seen> = std::cell::RefCell::new(Seen {
+        redactor: 0,
+        secrets: std::collections::HashMap::new(),
+    });
+}
+
+/// What a credential is looked up by: its kind of field, length and last 16 bytes (a token's
+/// signature), hashed in a few dozen instructions whatever its length. The whole value is
+/// compared on a hit.
+#[derive(PartialEq, Eq, Hash)]
+struct SeenKey {
+    cookie: bool,
+    len: usize,
+    tail: [u8; 16],
+}
+
+impl SeenKey {
+    fn of(cookie: bool, value: &[u8]) -> SeenKey {
+        let mut tail = [0u8; 16];
+        let end = &value[value.len().saturating_sub(16)..];
+        tail[..end.len()].copy_from_slice(end);
+        SeenKey {
+            cookie,
+            len: value.len(),
+            tail,
+        }
+    }
+}
+
 /// Replaces credentials by [`Redaction`]s. See the module docs.
 pub struct Redactor {
     key: [u8; 32],
+    /// This redactor among the process's (its fingerprints are its key's).
+    id: u64,
     /// Lowercase names, sorted.
     redacted: Vec<String>,
     /// The same names, as the recorder asks: every header's name is looked up among the
@@ -97,8 +146,10 @@ impl Redactor {
                 None => redacted_other.push(name.clone()),
             }
         }
+        static REDACTORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Redactor {
             key,
+            id: REDACTORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             redacted,
             redacted_known,
             redacted_other,
@@ -155,9 +206,35 @@ impl Redactor {
     }
 
     fn redact_value(&self, name: &str, value: &[u8]) -> Redaction {
-        let lower = name.to_ascii_lowercase();
+        let cookie = name.eq_ignore_ascii_case("cookie") || name.eq_ignore_ascii_case("set-cookie");
+        if value.len() > SEEN_LONGEST {
+            return self.work_out(cookie, value);
+        }
+        SEEN.with(|seen| {
+            let mut seen = seen.borrow_mut();
+            if seen.redactor != self.id {
+                seen.redactor = self.id;
+                seen.secrets.clear();
+            }
+            let key = SeenKey::of(cookie, value);
+            if let Some((secret, redaction)) = seen.secrets.get(&key) {
+                if **secret == *value {
+                    return redaction.clone();
+                }
+            }
+            let redaction = self.work_out(cookie, value);
+            if seen.secrets.len() >= SEEN_LIMIT {
+                seen.secrets.clear();
+            }
+            seen.secrets.insert(key, (value.into(), redaction.clone()));
+            redaction
+        })
+    }
+
+    /// The redaction of a credential `value` (a cookie's, or a scheme and its credentials).
+    fn work_out(&self, cookie: bool, value: &[u8]) -> Redaction {
         let text = std::str::from_utf8(value).unwrap_or("");
-        let (kind, secret, jwt) = if lower == "cookie" || lower == "set-cookie" {
+        let (kind, secret, jwt) = if cookie {
             (SecretKind::Cookie, value, None)
         } else if let Some(cred) = strip_scheme(text, "basic") {
             (SecretKind::Basic, cred.as_bytes(), None)
@@ -280,6 +357,46 @@ mod tests {
         assert_eq!(jwt.issuer.as_deref(), Some("quay"));
         assert_eq!(jwt.expires_at.unwrap() - jwt.issued_at.unwrap(), 3600);
         assert!(!format!("{h:?}").contains(QUAY_JWT));
+    }
+
+    #[test]
+    fn a_credential_seen_before_is_redacted_as_it_was_worked_out() {
+        let (a, b) = (Redactor::default(), Redactor::default());
+        let token = format!("Bearer {QUAY_JWT}");
+        // Same length and last 16 bytes as `token`, another credential.
+        let other = format!("Bearer X{}", &QUAY_JWT[1..]);
+        let redact = |r: &Redactor, name: &str, value: &str| r.redact_value(name, value.as_bytes());
+        let first = redact(&a, "authorization", &token);
+        assert_eq!(first, a.work_out(false, token.as_bytes()));
+        for _ in 0..3 {
+            assert_eq!(redact(&a, "Authorization", &token), first);
+            let o = redact(&a, "authorization", &other);
+            assert_ne!(o.fingerprint, first.fingerprint);
+            assert_eq!(o, a.work_out(false, other.as_bytes()));
+            // The same bytes as a cookie are a cookie; another redactor has its own key.
+            assert_eq!(redact(&a, "cookie", &token).kind, SecretKind::Cookie);
+            assert_eq!(
+                redact(&b, "authorization", &token),
+                b.work_out(false, token.as_bytes())
+            );
+            assert_ne!(
+                redact(&b, "authorization", &token).fingerprint,
+                first.fingerprint
+            );
+        }
+        // More credentials than are remembered: each still its own.
+        for i in 0..SEEN_LIMIT + 10 {
+            let value = format!("Bearer opaque-{i}");
+            assert_eq!(
+                redact(&a, "authorization", &value),
+                a.work_out(false, value.as_bytes())
+            );
+        }
+        let long = format!("Bearer {}", "x".repeat(SEEN_LONGEST));
+        assert_eq!(
+            redact(&a, "authorization", &long),
+            a.work_out(false, long.as_bytes())
+        );
     }
 
     #[test]
