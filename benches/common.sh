@@ -10,7 +10,7 @@
 #                        directives
 #   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
 #   "${auth[@]}"         the arguments that make wrk or oha send `Authorization: Bearer` with a
-#                        JWT shaped as Quay's (830 bytes: RS256, an access claim, a 256-byte
+#                        JWT shaped as Quay's (829 bytes: RS256, an access claim, a 256-byte
 #                        signature), as every registry client does on every request; none with
 #                        BEARER=0
 

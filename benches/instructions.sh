@@ -12,6 +12,8 @@
 #
 #   bash benches/instructions.sh           # N=20000 requests, 8 connections
 #
+# Every request carries a Quay-shaped bearer JWT, as registry clients' do (BEARER=0: none).
+#
 # Needs nginx, valgrind (Debian packages) and oha (`cargo install oha`). Profiles are left in
 # $OUT (default target/instructions): `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail

@@ -6,7 +6,8 @@
 # off (--sample 0: forwarding only). Then oha, open-loop (--latency-correction), measures
 # latency at half of nginx's saturated throughput through nginx and through loadtape.
 # With SOAK=300 it also records under load for 5 minutes and samples loadtape's resident
-# memory.
+# memory. Every request carries `Authorization: Bearer` with a Quay-shaped JWT, as registry
+# clients' requests do (BEARER=0 for none, the shape of runs before 2026-11-26's fourth session).
 #
 # Beside throughput it reports CPU time per request of each proxy (user + system, from
 # /proc, all its threads and worker processes): on a shared 2-core VM where wrk, the origin

@@ -177,6 +177,25 @@ fn bad_flags_say_what_would_be_right() {
         "{}",
         text(&out.stderr)
     );
+    for (level, ok) in [("30", false), ("-8", false), ("-1", true)] {
+        let out = loadtape(&[
+            "record",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "ftp://127.0.0.1:1",
+            "--out",
+            "/nonexistent/tapes",
+            "--zstd-level",
+            level,
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        // A level out of range is refused with the range; one in it gets as far as the
+        // upstream, which is refused before anything is opened.
+        let said = text(&out.stderr);
+        assert_eq!(said.contains("-7..=19"), !ok, "{level}: {said}");
+        assert_eq!(said.contains("not an http://"), ok, "{level}: {said}");
+    }
     let out = loadtape(&["inspect", "/nonexistent/tape"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

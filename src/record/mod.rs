@@ -127,6 +127,8 @@ pub struct RecordConfig {
     pub exclude: Vec<Regex>,
     pub rotate_size: Option<u64>,
     pub rotate_every: Option<Duration>,
+    /// The tapes' zstd level (see `WriterOptions::level`).
+    pub zstd_level: i32,
     pub admin_listen: Option<SocketAddr>,
     /// Add `X-Forwarded-For`, `-Proto` and `-Host`.
     pub forwarded_headers: bool,
@@ -163,6 +165,7 @@ impl RecordConfig {
             exclude: Vec::new(),
             rotate_size: None,
             rotate_every: None,
+            zstd_level: WriterOptions::default().level,
             admin_listen: None,
             forwarded_headers: true,
             drain_timeout: Duration::from_secs(30),
@@ -272,6 +275,7 @@ impl Recorder {
         let options = WriterOptions {
             rotate_size: config.rotate_size,
             rotate_every: config.rotate_every,
+            level: config.zstd_level,
             ..WriterOptions::default()
         };
         let writer = TapeWriter::create(&config.out, header, options)?;

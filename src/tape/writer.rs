@@ -34,12 +34,12 @@ pub struct WriterOptions {
     pub rotate_size: Option<u64>,
     /// Start a new file once the current one is this old (directory targets only).
     pub rotate_every: Option<Duration>,
-    /// zstd compression level. -1 (zstd's `--fast=1`) by default: the recorder shares its
-    /// machine with the traffic it records. On the frames of `captures/testbed/` it compresses
-    /// 2.2-3.5x faster than level 1 to within 0.3% of its size: what a registry's traffic holds
-    /// that compresses is repeated (names, headers, JSON), found by either level, and the rest
-    /// (digests, tokens, compressed layers) gains nothing from the literals' Huffman coding that
-    /// level 1 adds. Level 3 saves ~1% more bytes than level 1 for ~20% more CPU.
+    /// zstd compression level, 1 by default. What it costs depends on what is kept: on records
+    /// of metadata (`cargo bench --bench tape`) level -1 writes 5-8% faster and 27-33% more
+    /// bytes, level 3 8-20% slower and 3-8% fewer; on the prefixes of compressed layers a
+    /// recorder keeps by default, where zstd 1's Huffman coding of literals gains nothing,
+    /// level -1 compresses 2.2-3.5x faster to the same size (the frames of
+    /// `captures/testbed/`). `loadtape record --zstd-level` chooses.
     pub level: i32,
 }
 
@@ -50,7 +50,7 @@ impl Default for WriterOptions {
             frame_bytes: 1 << 20,
             rotate_size: None,
             rotate_every: None,
-            level: -1,
+            level: 1,
         }
     }
 }
