@@ -8,6 +8,7 @@
 //! recording, which is what a replay needs to tell which requests shared a token; nobody can
 //! test a guessed secret against a fingerprint without the key, which is never written.
 
+use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
 use base64::Engine;
@@ -66,8 +67,6 @@ struct Seen {
     redactor: u64,
     secrets: HashMap<SeenKey, (Box<[u8]>, Redaction), BuildHasherDefault<OneWord>>,
 }
-
-type HashMap<K, V, S> = std::collections::HashMap<K, V, S>;
 
 const SEEN_LIMIT: usize = 256;
 const SEEN_LONGEST: usize = 8 << 10;
@@ -235,13 +234,12 @@ impl Redactor {
         if !redacted {
             return headers.push_classified(known, name, value);
         }
-        // Equal to a redacted name, it is ASCII.
-        let name = String::from_utf8_lossy(name);
-        headers.push_redacted(&name, self.redact_value(&name, value));
+        headers.push_classified_redacted(known, name, self.redact_value(name, value));
     }
 
-    fn redact_value(&self, name: &str, value: &[u8]) -> Redaction {
-        let cookie = name.eq_ignore_ascii_case("cookie") || name.eq_ignore_ascii_case("set-cookie");
+    fn redact_value(&self, name: &[u8], value: &[u8]) -> Redaction {
+        let cookie =
+            name.eq_ignore_ascii_case(b"cookie") || name.eq_ignore_ascii_case(b"set-cookie");
         if value.len() > SEEN_LONGEST {
             return self.work_out(cookie, value);
         }
@@ -400,7 +398,9 @@ mod tests {
         let token = format!("Bearer {QUAY_JWT}");
         // Same length and last 16 bytes as `token`, another credential.
         let other = format!("Bearer X{}", &QUAY_JWT[1..]);
-        let redact = |r: &Redactor, name: &str, value: &str| r.redact_value(name, value.as_bytes());
+        let redact = |r: &Redactor, name: &str, value: &str| {
+            r.redact_value(name.as_bytes(), value.as_bytes())
+        };
         let first = redact(&a, "authorization", &token);
         assert_eq!(first, a.work_out(false, token.as_bytes()));
         for _ in 0..3 {

@@ -49,7 +49,7 @@ impl RawFields {
     }
 
     fn name(&self, s: &Span) -> &[u8] {
-        &self.head[s.name as usize..s.name as usize + s.name_len as usize]
+        name_in(&self.head, s)
     }
 
     fn value(&self, s: &Span) -> &[u8] {
@@ -107,18 +107,15 @@ impl RawFields {
 
     /// Marks as hop-by-hop the fields `is_hop` says are.
     pub fn mark_hop(&mut self, mut is_hop: impl FnMut(&[u8]) -> bool) {
-        let head = &self.head;
         for s in &mut self.spans {
-            let name = &head[s.name as usize..s.name as usize + s.name_len as usize];
-            s.hop |= is_hop(name);
+            s.hop |= is_hop(name_in(&self.head, s));
         }
     }
 
     /// Leaves out the fields `keep` refuses.
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
         let head = &self.head;
-        self.spans
-            .retain(|s| keep(&head[s.name as usize..s.name as usize + s.name_len as usize]));
+        self.spans.retain(|s| keep(name_in(head, s)));
     }
 
     /// The fields as hyper takes them, hop-by-hop ones included; a field `http` would refuse
@@ -136,6 +133,11 @@ impl RawFields {
         }
         map
     }
+}
+
+/// The name `s` spans in `head`.
+fn name_in<'h>(head: &'h [u8], s: &Span) -> &'h [u8] {
+    &head[s.name as usize..s.name as usize + s.name_len as usize]
 }
 
 #[cfg(test)]

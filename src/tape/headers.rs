@@ -445,18 +445,20 @@ impl Headers {
 
     /// [`Headers::push_token`] for a name already looked up with [`well_known_index`].
     pub fn push_classified(&mut self, known: Option<u8>, name: &[u8], value: &[u8]) {
-        let name = match known {
-            Some(i) => NameRef::Known(i),
-            None if name.is_ascii() => self.store_lowercase(name),
-            None => return self.push(&String::from_utf8_lossy(name), value),
-        };
+        let name = self.classified_name(known, name);
         self.push_plain(name, value);
     }
 
     /// Appends a header whose value was redacted.
     pub fn push_redacted(&mut self, name: &str, redaction: Redaction) {
-        let name = self.intern_name(name.as_bytes());
-        self.redactions.push(redaction);
+        let known = well_known_index(name.as_bytes());
+        self.push_classified_redacted(known, name.as_bytes(), redaction);
+    }
+
+    /// [`Headers::push_redacted`] for a name already looked up with [`well_known_index`].
+    pub fn push_classified_redacted(&mut self, known: Option<u8>, name: &[u8], r: Redaction) {
+        let name = self.classified_name(known, name);
+        self.redactions.push(r);
         self.entries.push(Entry {
             name,
             value: ValueRef::Redacted(self.redactions.len() as u32 - 1),
@@ -495,18 +497,24 @@ impl Headers {
             + self.redactions.len() * 64
     }
 
-    /// A name in any case (UTF-8): a well-known one's index, another stored lowercased. Servers
-    /// send names capitalized (`Content-Type`): no lowercase copy is made first.
+    /// A name in any case: a well-known one's index, another stored lowercased. Servers send
+    /// names capitalized (`Content-Type`): no lowercase copy is made first.
     fn intern_name(&mut self, name: &[u8]) -> NameRef {
-        match well_known_index(name) {
+        self.classified_name(well_known_index(name), name)
+    }
+
+    /// [`Headers::intern_name`] for a name already looked up (`known`).
+    fn classified_name(&mut self, known: Option<u8>, name: &[u8]) -> NameRef {
+        match known {
             Some(i) => NameRef::Known(i),
-            None => self.store_lowercase(name),
+            // Names are read back as text: bytes that are not UTF-8 are replaced.
+            None => self.store_lowercase(&String::from_utf8_lossy(name)),
         }
     }
 
     /// Stores a name that is not well-known, lowercased.
-    fn store_lowercase(&mut self, name: &[u8]) -> NameRef {
-        let (start, len) = self.store(name);
+    fn store_lowercase(&mut self, name: &str) -> NameRef {
+        let (start, len) = self.store(name.as_bytes());
         // Lowercasing ASCII letters leaves UTF-8 UTF-8.
         self.bytes[start as usize..].make_ascii_lowercase();
         NameRef::Literal { start, len }
