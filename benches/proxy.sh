@@ -9,6 +9,9 @@
 # memory. Every request carries `Authorization: Bearer` with a Quay-shaped JWT, as registry
 # clients' requests do (BEARER=0 for none, the shape of runs before 2026-11-26's fourth session).
 #
+# Open-loop latency is computed from oha's per-request CSV (benches/oha_csv.py): from the
+# intended send, and from the actual send, which leaves out the client's own pauses.
+#
 # Beside throughput it reports CPU time per request of each proxy (user + system, from
 # /proc, all its threads and worker processes): on a shared 2-core VM where wrk, the origin
 # and the proxy compete for the same cores, throughput swings by 10-15% between runs, while
@@ -119,33 +122,17 @@ EOF
 rate=$(cat "$results.half")
 echo
 echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-correction, $ROUNDS alternating rounds of $DURATION:"
-: > "$results.open"
+echo "  (from intended send: the open-loop latency; from send: what the proxy and origin took once the"
+echo "  client had sent, without the client's own pauses: benches/oha_csv.py says why)"
+mkdir -p "$work/open"
 for round in $(seq "$ROUNDS"); do
   for port in 18001 18002; do
-    out=$(oha -z "$DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui "${auth[@]}" "http://127.0.0.1:$port/data")
-    # oha writes "50.00% in 0.7892 ms" (or secs, or µs).
-    p50=$(awk '/50.00% in/ {print $3 $4}' <<<"$out")
-    p99=$(awk '/99.00% in/ {print $3 $4}' <<<"$out")
-    echo "$port $p50 $p99" >> "$results.open"
-    echo "  round $round  ${names[$port]}: p50 $p50  p99 $p99"
+    csv="$work/open/$port-$round.csv"
+    oha -z "$DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui --output-format csv -o "$csv" "${auth[@]}" "http://127.0.0.1:$port/data"
+    echo "  round $round  ${names[$port]}: $(python3 benches/oha_csv.py "$csv")"
   done
 done
-python3 - "$results.open" <<'EOF2'
-import statistics, sys
-def ms(v):
-    for unit, f in (("secs", 1e3), ("sec", 1e3), ("ms", 1.0), ("µs", 1e-3), ("us", 1e-3), ("s", 1e3)):
-        if v.endswith(unit): return float(v[: -len(unit)]) * f
-    return float(v)
-by = {}
-for line in open(sys.argv[1]):
-    port, p50, p99 = line.split()
-    by.setdefault(port, []).append((ms(p50), ms(p99)))
-names = {"18001": "nginx reverse proxy", "18002": "loadtape, capture on"}
-for port, r in by.items():
-    p50 = [x[0] for x in r]
-    p99 = [x[1] for x in r]
-    print(f"  {names[port]:24} p50 {statistics.median(p50):.2f} ms [{min(p50):.2f}..{max(p50):.2f}]  p99 {statistics.median(p99):.2f} ms [{min(p99):.2f}..{max(p99):.2f}]")
-EOF2
+python3 benches/oha_csv.py --summary "$work/open"
 
 if [ "$SOAK" -gt 0 ]; then
   echo

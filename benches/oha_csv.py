@@ -1,0 +1,99 @@
+"""Latency from oha's per-request CSV (`oha --output-format csv`), for benches/proxy.sh.
+
+    python3 benches/oha_csv.py FILE.csv        one round: percentiles, and the client's pauses
+    python3 benches/oha_csv.py --summary DIR   every PORT-ROUND.csv in DIR: medians over rounds
+
+Two latencies per request, both in milliseconds:
+
+* from intended send: `request-duration`, which oha with --latency-correction counts from the
+  instant the request was due (open loop, no coordinated omission). It is what oha's summary
+  prints, and it includes the client's own pauses.
+* from send: `Response-delay`, from the instant oha sent the request to its first byte (the
+  1 KiB body follows in the same segment). It is what the proxy and the origin took.
+
+Why both: oha keeps every result in one growing vector, and each time it doubles (at 32768,
+65536, 131072 requests; 1.6, 3.2, 6.5 s at 20k requests a second) its allocator copies it
+into fresh pages, and the client stops sending and reading for 5-20 ms (30-60 ms when that
+memory is backed by huge pages). Every request due meanwhile is late, through any proxy: one
+such pause of 20 ms past p99's share of a round makes that round's p99 10-30 ms, for nginx as
+for loadtape. The pause shows as the difference of the two latencies (the send lag), which
+this script reports with the second of the run it happened in.
+"""
+
+import os
+import statistics
+import sys
+
+
+def load(path):
+    """(start s, first byte ms, duration ms) per request, in order of sending."""
+    rows = []
+    with open(path) as f:
+        next(f)
+        for line in f:
+            start, _dns, _dial, first_byte, duration, _bytes, _status = line.split(",")
+            rows.append((float(start), float(first_byte) * 1e3, float(duration) * 1e3))
+    if not rows:
+        sys.exit(f"{path}: no successful requests (is the proxy up?)")
+    return rows
+
+
+def pct(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def figures(rows):
+    duration = sorted(r[2] for r in rows)
+    sent = sorted(r[1] for r in rows)
+    return {
+        "p50": pct(duration, 0.50),
+        "p99": pct(duration, 0.99),
+        "sent_p50": pct(sent, 0.50),
+        "sent_p99": pct(sent, 0.99),
+    }
+
+
+def pauses(rows, over_ms=5.0):
+    """Requests the client sent more than `over_ms` late, by second of the run."""
+    late = {}
+    for start, first_byte, duration in rows:
+        if duration - first_byte > over_ms:
+            second = int(start)
+            late[second] = late.get(second, 0) + 1
+    return late
+
+
+def one(path):
+    rows = load(path)
+    f = figures(rows)
+    late = pauses(rows)
+    where = ", ".join(f"{n} in second {s}" for s, n in sorted(late.items(), key=lambda x: -x[1])[:3])
+    print(
+        f"p50 {f['p50']:.2f} ms p99 {f['p99']:.2f} ms from intended send; "
+        f"p50 {f['sent_p50']:.2f} ms p99 {f['sent_p99']:.2f} ms from send"
+        + (f"; sent >5 ms late: {sum(late.values())} ({where})" if late else "")
+    )
+
+
+def summary(directory):
+    names = {"18001": "nginx reverse proxy", "18002": "loadtape, capture on"}
+    by = {}
+    for name in sorted(os.listdir(directory)):
+        port, _round = name.removesuffix(".csv").split("-")
+        by.setdefault(port, []).append(figures(load(os.path.join(directory, name))))
+    for port, rounds in sorted(by.items()):
+        def spread(key):
+            v = [r[key] for r in rounds]
+            return f"{statistics.median(v):.2f} ms [{min(v):.2f}..{max(v):.2f}]"
+
+        print(f"  {names.get(port, port):24} from intended send: p50 {spread('p50')}  p99 {spread('p99')}")
+        print(f"  {'':24} from send:          p50 {spread('sent_p50')}  p99 {spread('sent_p99')}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--summary":
+        summary(sys.argv[2])
+    elif len(sys.argv) == 2:
+        one(sys.argv[1])
+    else:
+        sys.exit(__doc__)
