@@ -5,8 +5,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use loadtape::tape::capture::{self, CaptureLimits};
-use loadtape::tape::{Record, TapeWriter, WriterOptions};
+use loadtape::tape::capture::{self, CaptureLimits, Unfinished};
+use loadtape::tape::{Nanos, Record, TapeWriter, WriterOptions};
 
 fn writer_at(path: &std::path::Path) -> TapeWriter {
     TapeWriter::create(path, header(), WriterOptions::default()).unwrap()
@@ -85,6 +85,102 @@ fn a_full_queue_drops_without_waiting_and_the_tape_counts_the_drops() {
         "the tape says how many were dropped"
     );
     assert_eq!(summary.dropped, dropped);
+}
+
+/// An exchange finished by the writer: its request's target is changed there, and the thread
+/// that finished it noted.
+struct Retarget {
+    record: Record,
+    size: usize,
+    finished_on: std::sync::mpsc::Sender<Option<String>>,
+}
+
+impl Unfinished for Retarget {
+    fn finish(self: Box<Self>) -> Record {
+        let name = std::thread::current().name().map(str::to_string);
+        self.finished_on.send(name).unwrap();
+        finished(self.record)
+    }
+
+    fn approx_size(&self) -> usize {
+        self.size
+    }
+
+    fn exchange_start(&self) -> Option<Nanos> {
+        match &self.record {
+            Record::Exchange(e) => Some(e.timing.start),
+            _ => None,
+        }
+    }
+}
+
+fn finished(mut record: Record) -> Record {
+    if let Record::Exchange(e) = &mut record {
+        e.request.target = format!("/finished{}", e.request.target);
+    }
+    record
+}
+
+#[test]
+fn unfinished_records_are_finished_on_the_writers_thread_in_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
+    let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
+    let (tx, finished_on) = std::sync::mpsc::channel();
+    let records = exchanges(500, 14);
+    let mut expected = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if i % 3 == 0 {
+            assert!(sink.offer(r.clone()));
+            expected.push(r.clone());
+        } else {
+            let parts = Retarget {
+                record: r.clone(),
+                size: 100,
+                finished_on: tx.clone(),
+            };
+            assert!(sink.offer_unfinished(Box::new(parts)));
+            expected.push(finished(r.clone()));
+        }
+    }
+    drop(sink);
+    let summary = thread.finish().unwrap();
+    assert_eq!(summary.records, 500);
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    assert_eq!(back, expected);
+    drop(tx);
+    let threads: Vec<_> = finished_on.iter().collect();
+    assert_eq!(threads.len(), 333);
+    assert!(threads.iter().all(|t| t.as_deref() == Some("tape-writer")));
+}
+
+#[test]
+fn unfinished_records_count_against_the_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
+    let (sink, thread) = capture::spawn(
+        writer,
+        CaptureLimits {
+            records: 1000,
+            bytes: 1 << 20,
+        },
+    );
+    let (tx, finished_on) = std::sync::mpsc::channel();
+    // Larger than the whole budget: never queued, never finished, counted as dropped.
+    for r in exchanges(20, 15) {
+        let parts = Retarget {
+            record: r,
+            size: 2 << 20,
+            finished_on: tx.clone(),
+        };
+        assert!(!sink.offer_unfinished(Box::new(parts)));
+    }
+    drop(sink);
+    thread.finish().unwrap();
+    drop(tx);
+    assert_eq!(finished_on.iter().count(), 0);
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    assert_eq!(dropped_in(&back), 20);
 }
 
 #[test]

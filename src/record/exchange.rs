@@ -3,8 +3,13 @@
 //! An exchange is finished by two parties that run on different tasks: the request body's tap
 //! (polled by the upstream connection) and the response side (the response body's tap, or the
 //! handler when the upstream failed). Each leaves its part in a [`Pending`] and counts down; the
-//! last one builds the [`Exchange`], redacted, and offers it to the tape. The count is atomic;
-//! each part sits in a slot written once and taken once, so its lock is never contended.
+//! last one builds the [`Exchange`] and offers it to the tape. The count is atomic; each part
+//! sits in a slot written once and taken once, so its lock is never contended.
+//!
+//! Heads the recorder read itself ([`RawFields`]) are kept as read, in a copy, and redacted and
+//! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
+//! an exchange and nothing the forwarding needs, so it leaves the request's path. Fields from
+//! hyper's map are redacted at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -16,7 +21,7 @@ use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
 use crate::redact::{is_token_endpoint, Redactor};
-use crate::tape::capture::CaptureSink;
+use crate::tape::capture::{CaptureSink, Unfinished};
 use crate::tape::{
     Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers,
     HttpVersion, Method, Nanos, Record, Request, Response, Scheme, Stored, Timing, TlsInfo,
@@ -188,7 +193,7 @@ impl Capture {
         start: Nanos,
     ) -> Arc<Pending> {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
-        let headers = self.headers(fields);
+        let (headers, raw) = self.head_fields(fields);
         let authority = authority
             .and_then(|a| a.to_str().ok())
             .unwrap_or_default()
@@ -219,7 +224,7 @@ impl Capture {
             client: connection.client,
             start,
             token_endpoint,
-            request: Slot::with(request),
+            request: Slot::with((request, raw)),
             request_keep: keep,
             request_body: Slot::default(),
             response: Slot::default(),
@@ -227,6 +232,15 @@ impl Capture {
             remaining: AtomicU8::new(2),
             upgraded: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// A head's fields as the record takes them: hyper's map redacted now; the fields the
+    /// recorder read itself copied as they are, for the writer's thread (module docs).
+    fn head_fields(&self, fields: Fields<'_>) -> (Headers, Option<RawFields>) {
+        match fields {
+            Fields::Map(_) => (self.headers(fields), None),
+            Fields::Raw(raw) => (Headers::new(), Some(raw.copied())),
+        }
     }
 
     /// A head's fields, redacted, as the tape keeps them.
@@ -293,6 +307,8 @@ enum ResponsePart {
         status: u16,
         version: HttpVersion,
         headers: Headers,
+        /// The fields as read, when `headers` is still to be made from them.
+        raw: Option<RawFields>,
         at: Nanos,
         keep_body: bool,
     },
@@ -334,7 +350,8 @@ pub struct Pending {
     client: SocketAddr,
     start: Nanos,
     token_endpoint: bool,
-    request: Slot<Request>,
+    /// With the fields as read, when its headers are still to be made from them.
+    request: Slot<(Request, Option<RawFields>)>,
     request_keep: usize,
     request_body: Slot<(BodySummary, Nanos)>,
     response: Slot<ResponsePart>,
@@ -367,11 +384,12 @@ impl Pending {
         fields: Fields<'_>,
     ) -> BodyDone {
         let capture = &self.capture;
-        let headers = capture.headers(fields);
+        let (headers, raw) = capture.head_fields(fields);
         self.response.put(ResponsePart::Head {
             status: status.as_u16(),
             version: version_of(version),
             headers,
+            raw,
             at: capture.clock.now(),
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
         });
@@ -399,7 +417,7 @@ impl Pending {
     }
 
     fn build(&self) {
-        let Some(mut request) = self.request.take() else {
+        let Some((mut request, request_raw)) = self.request.take() else {
             self.capture.sink.exchange_abandoned(self.start);
             return;
         };
@@ -410,14 +428,17 @@ impl Pending {
             self.capture.config.bodies != BodyCapture::None && !self.token_endpoint,
         );
         let (resp_body, resp_done) = self.response_body.take().unwrap_or_default();
+        let mut response_raw = None;
         let (response, response_head, issued) = match self.response.take() {
             Some(ResponsePart::Head {
                 status,
                 version,
                 headers,
+                raw,
                 at,
                 keep_body,
             }) => {
+                response_raw = raw;
                 let issued = if self.token_endpoint && resp_body.complete {
                     self.capture.redactor.issued_secrets(&resp_body.prefix)
                 } else {
@@ -438,7 +459,7 @@ impl Pending {
                 return;
             }
         };
-        let exchange = Exchange {
+        let mut exchange = Exchange {
             id: self.id,
             connection: self.connection,
             stream: self.stream,
@@ -454,20 +475,81 @@ impl Pending {
             issued_secrets: issued,
             upgraded: self.upgraded.load(Ordering::Relaxed),
         };
-        match (&self.capture.spool, spooled) {
+        let capture = &self.capture;
+        let raw = Heads {
+            request: request_raw,
+            response: response_raw,
+        };
+        match (&capture.spool, spooled) {
             (Some(spool), ids) if ids.iter().any(Option::is_some) => {
-                self.capture.exchanges.fetch_add(1, Ordering::Relaxed);
-                self.capture
-                    .metrics
-                    .recorded
-                    .fetch_add(1, Ordering::Relaxed);
-                // After its blobs; if the spool is swamped, with its prefixes instead.
+                capture.count_recorded();
+                // After its blobs, which the spool writes as they come: redacted here.
+                raw.redact_into(&mut exchange, capture);
+                // If the spool is swamped, with its prefixes instead.
                 if let Err(exchange) = spool.exchange(exchange, ids) {
-                    self.capture.sink.offer(Record::Exchange(exchange));
+                    capture.sink.offer(Record::Exchange(exchange));
                 }
             }
-            _ => self.capture.offer(exchange),
+            _ if raw.is_empty() => capture.offer(exchange),
+            _ => {
+                capture.count_recorded();
+                capture.sink.offer_unfinished(Box::new(Unredacted {
+                    exchange: Box::new(exchange),
+                    raw,
+                    capture: capture.clone(),
+                }));
+            }
         }
+    }
+}
+
+/// The fields of an exchange's heads as read, still to be redacted into its record.
+struct Heads {
+    request: Option<RawFields>,
+    response: Option<RawFields>,
+}
+
+impl Heads {
+    fn is_empty(&self) -> bool {
+        self.request.is_none() && self.response.is_none()
+    }
+
+    fn redact_into(self, exchange: &mut Exchange, capture: &Capture) {
+        if let Some(raw) = self.request {
+            exchange.request.headers = capture.headers(Fields::Raw(&raw));
+        }
+        if let (Some(raw), Ok(response)) = (self.response, exchange.response.as_mut()) {
+            response.headers = capture.headers(Fields::Raw(&raw));
+        }
+    }
+}
+
+/// An exchange whose heads are redacted on the tape writer's thread (module docs). Until then
+/// its credentials are in memory as the traffic's own buffers hold them, never on the tape.
+struct Unredacted {
+    exchange: Box<Exchange>,
+    raw: Heads,
+    capture: Arc<Capture>,
+}
+
+impl Unfinished for Unredacted {
+    fn finish(self: Box<Self>) -> Record {
+        let Unredacted {
+            mut exchange,
+            raw,
+            capture,
+        } = *self;
+        raw.redact_into(&mut exchange, &capture);
+        Record::Exchange(exchange)
+    }
+
+    fn approx_size(&self) -> usize {
+        let head = |r: &Option<RawFields>| r.as_ref().map_or(0, RawFields::head_len);
+        self.exchange.approx_size() + head(&self.raw.request) + head(&self.raw.response)
+    }
+
+    fn exchange_start(&self) -> Option<Nanos> {
+        Some(self.exchange.timing.start)
     }
 }
 

@@ -73,6 +73,21 @@ impl RawFields {
         self.spans.len()
     }
 
+    /// The bytes of the head they lie in.
+    pub fn head_len(&self) -> usize {
+        self.head.len()
+    }
+
+    /// The same fields in a copy of the head. A head is a slice of its connection's read
+    /// buffer: held on by a record in the tape's queue, it would make the connection allocate a
+    /// new buffer for its next read.
+    pub fn copied(&self) -> RawFields {
+        RawFields {
+            head: Bytes::copy_from_slice(&self.head),
+            spans: self.spans.clone(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }
@@ -179,6 +194,10 @@ mod tests {
         assert_eq!(forwarded, [b"Host".to_vec(), b"Accept".to_vec()]);
         assert_eq!(f.iter().count(), 4);
         assert_eq!(f.to_map().len(), 4);
+        let copy = f.copied();
+        assert_eq!(copy.iter().collect::<Vec<_>>(), f.iter().collect::<Vec<_>>());
+        assert_eq!(copy.get_forwarded("x-trace"), None);
+        assert_eq!(copy.head_len(), f.head_len());
         f.retain(|n| n != b"Accept");
         assert_eq!(f.len(), 3);
     }

@@ -6,6 +6,12 @@
 //! it; it never blocks and never locks. A dedicated thread drains the queue into a
 //! [`TapeWriter`], notes the drops in the tape as `Dropped` records, flushes frames on time
 //! even when traffic stops, and survives write errors: a full disk costs records, not traffic.
+//!
+//! A producer may also hand over a record still to be finished ([`Unfinished`], through
+//! [`CaptureSink::offer_unfinished`]): the parts as it read them, made a record on the writer's
+//! thread. The proxy uses this for what costs most in a record and is not needed to forward:
+//! redacting and classifying the heads' fields (a third of recording an exchange), which then
+//! leaves the request's path for the writer's core.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -16,6 +22,39 @@ use std::time::Duration;
 use super::error::TapeError;
 use super::record::{Nanos, Record};
 use super::writer::{TapeWriter, WriteSummary};
+
+/// A record whose last work is done on the writer's thread, just before it is written.
+pub trait Unfinished: Send {
+    /// The record, finished.
+    fn finish(self: Box<Self>) -> Record;
+    /// About how many bytes it holds, counted against [`CaptureLimits::bytes`].
+    fn approx_size(&self) -> usize;
+    /// The start of the exchange it will be, for the frame watermark.
+    fn exchange_start(&self) -> Option<Nanos>;
+}
+
+/// What the queue carries: a record, or one to finish.
+enum Queued {
+    Ready(Record),
+    Unfinished(Box<dyn Unfinished>),
+}
+
+impl Queued {
+    fn into_record(self) -> Record {
+        match self {
+            Queued::Ready(record) => record,
+            Queued::Unfinished(parts) => parts.finish(),
+        }
+    }
+
+    fn exchange_start(&self) -> Option<Nanos> {
+        match self {
+            Queued::Ready(Record::Exchange(e)) => Some(e.timing.start),
+            Queued::Ready(_) => None,
+            Queued::Unfinished(parts) => parts.exchange_start(),
+        }
+    }
+}
 
 /// Bounds of the capture queue.
 #[derive(Debug, Clone, Copy)]
@@ -138,7 +177,7 @@ impl CaptureCounters {
 /// The producer side. Cheap to clone; every clone feeds the same tape.
 #[derive(Clone)]
 pub struct CaptureSink {
-    tx: SyncSender<(Record, usize)>,
+    tx: SyncSender<(Queued, usize)>,
     counters: Arc<CaptureCounters>,
     max_bytes: usize,
 }
@@ -148,18 +187,28 @@ impl CaptureSink {
     /// Returns whether it was queued.
     pub fn offer(&self, record: Record) -> bool {
         let size = record.approx_size();
+        self.queue(Queued::Ready(record), size)
+    }
+
+    /// [`CaptureSink::offer`] for a record the writer's thread finishes.
+    pub fn offer_unfinished(&self, parts: Box<dyn Unfinished>) -> bool {
+        let size = parts.approx_size();
+        self.queue(Queued::Unfinished(parts), size)
+    }
+
+    fn queue(&self, queued: Queued, size: usize) -> bool {
         let c = &self.counters;
-        let queued = c.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if queued + size > self.max_bytes {
+        let before = c.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > self.max_bytes {
             c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.count_drop(&record, size);
+            self.count_drop(&queued, size);
             return false;
         }
-        match self.tx.try_send((record, size)) {
+        match self.tx.try_send((queued, size)) {
             Ok(()) => true,
-            Err(TrySendError::Full((record, _))) | Err(TrySendError::Disconnected((record, _))) => {
+            Err(TrySendError::Full((queued, _))) | Err(TrySendError::Disconnected((queued, _))) => {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.count_drop(&record, size);
+                self.count_drop(&queued, size);
                 false
             }
         }
@@ -182,9 +231,9 @@ impl CaptureSink {
         &self.counters
     }
 
-    fn count_drop(&self, record: &Record, size: usize) {
-        if let Record::Exchange(e) = record {
-            self.counters.exchange_settled(e.timing.start);
+    fn count_drop(&self, queued: &Queued, size: usize) {
+        if let Some(start) = queued.exchange_start() {
+            self.counters.exchange_settled(start);
         }
         let c = &self.counters;
         c.pending_drops.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +306,7 @@ fn spawn_with(
 
 fn drain(
     mut writer: TapeWriter,
-    rx: Receiver<(Record, usize)>,
+    rx: Receiver<(Queued, usize)>,
     c: &CaptureCounters,
     clock: Option<Arc<dyn Fn() -> Nanos + Send + Sync>>,
 ) -> Result<WriteSummary, TapeError> {
@@ -274,10 +323,11 @@ fn drain(
         let mut taken = 0;
         while result.is_ok() && taken < 4096 {
             match rx.try_recv() {
-                Ok((record, size)) => {
+                Ok((queued, size)) => {
                     taken += 1;
                     c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                     c.written.fetch_add(1, Ordering::Relaxed);
+                    let record = queued.into_record();
                     result = writer.write(&record);
                     // Settled only once in the writer's frame: the watermark never passes a
                     // record still in the queue.
@@ -342,10 +392,10 @@ fn drain(
         }
         if c.closing.load(Ordering::Relaxed) {
             // Drain what is queued, then close.
-            while let Ok((record, size)) = rx.try_recv() {
+            while let Ok((queued, size)) = rx.try_recv() {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 c.written.fetch_add(1, Ordering::Relaxed);
-                let _ = writer.write(&record);
+                let _ = writer.write(&queued.into_record());
             }
             break;
         }

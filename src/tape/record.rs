@@ -106,15 +106,7 @@ impl Record {
     /// A cheap estimate of the record's size in memory, used to bound queues by bytes.
     pub fn approx_size(&self) -> usize {
         match self {
-            Record::Exchange(e) => {
-                256 + e.request.target.len()
-                    + e.request.authority.len()
-                    + e.request.headers.approx_size()
-                    + e.request.body.stored_len()
-                    + e.response
-                        .as_ref()
-                        .map_or(0, |r| r.headers.approx_size() + r.body.stored_len())
-            }
+            Record::Exchange(e) => e.approx_size(),
             Record::Blob(b) => 64 + b.data.len(),
             Record::Unknown { payload, .. } => 16 + payload.len(),
             _ => 64,
@@ -143,6 +135,20 @@ pub struct Exchange {
     /// The connection was upgraded (WebSocket): the exchange's bytes after the upgrade are not on
     /// the tape.
     pub upgraded: bool,
+}
+
+impl Exchange {
+    /// About how many bytes it holds in memory (the capture queue's bound).
+    pub fn approx_size(&self) -> usize {
+        256 + self.request.target.len()
+            + self.request.authority.len()
+            + self.request.headers.approx_size()
+            + self.request.body.stored_len()
+            + self
+                .response
+                .as_ref()
+                .map_or(0, |r| r.headers.approx_size() + r.body.stored_len())
+    }
 }
 
 /// When the phases of an exchange happened. `start` is absolute (ns since the tape epoch); the
