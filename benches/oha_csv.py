@@ -1,23 +1,26 @@
 """Latency from oha's per-request CSV (`oha --output-format csv`), for benches/proxy.sh.
 
-    python3 benches/oha_csv.py FILE.csv        one round: percentiles, and the client's pauses
+    python3 benches/oha_csv.py FILE.csv        one round: percentiles, and when the client sent late
     python3 benches/oha_csv.py --summary DIR   every PORT-ROUND.csv in DIR: medians over rounds
 
 Two latencies per request, both in milliseconds:
 
 * from intended send: `request-duration`, which oha with --latency-correction counts from the
   instant the request was due (open loop, no coordinated omission). It is what oha's summary
-  prints, and it includes the client's own pauses.
+  prints, and the figure the targets are about.
 * from send: `Response-delay`, from the instant oha sent the request to its first byte (the
-  1 KiB body follows in the same segment). It is what the proxy and the origin took.
+  1 KiB body follows in the same segment): what the proxy and the origin took for it.
 
-Why both: oha keeps every result in one growing vector, and each time it doubles (at 32768,
-65536, 131072 requests; 1.6, 3.2, 6.5 s at 20k requests a second) its allocator copies it
-into fresh pages, and the client stops sending and reading for 5-20 ms (30-60 ms when that
-memory is backed by huge pages). Every request due meanwhile is late, through any proxy: one
-such pause of 20 ms past p99's share of a round makes that round's p99 10-30 ms, for nginx as
-for loadtape. The pause shows as the difference of the two latencies (the send lag), which
-this script reports with the second of the run it happened in.
+Their difference is how late the client sent. It sends late for two reasons, which the second
+of the run it happened in tells apart:
+
+* its own pauses: oha keeps every result in one growing vector, and each time it doubles (at
+  32768, 65536, 131072 requests: 1.6, 3.2, 6.5 s at 20k requests a second) jemalloc copies it
+  into fresh pages and the client stops sending and reading for 5-20 ms (30-60 ms when that
+  memory is backed by huge pages). Every request due meanwhile is late, through any proxy.
+* all its connections (-c) waiting on answers: when answers slow down (in the first moments of
+  a run, as connections open), requests queue in the client. That is the server's doing, and
+  the open-loop figure rightly counts it.
 """
 
 import os

@@ -10,7 +10,7 @@
 # clients' requests do (BEARER=0 for none, the shape of runs before 2026-11-26's fourth session).
 #
 # Open-loop latency is computed from oha's per-request CSV (benches/oha_csv.py): from the
-# intended send, and from the actual send, which leaves out the client's own pauses.
+# intended send (the figure that counts), and from the actual send.
 #
 # Beside throughput it reports CPU time per request of each proxy (user + system, from
 # /proc, all its threads and worker processes): on a shared 2-core VM where wrk, the origin
@@ -123,7 +123,13 @@ rate=$(cat "$results.half")
 echo
 echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-correction, $ROUNDS alternating rounds of $DURATION:"
 echo "  (from intended send: the open-loop latency; from send: what the proxy and origin took once the"
-echo "  client had sent, without the client's own pauses: benches/oha_csv.py says why)"
+echo "  client had sent; the difference is the client sending late: benches/oha_csv.py says why)"
+# The first run after the saturating phase sometimes starts slow (answers taking 3-5 ms for its
+# first 0.2 s, seen through nginx and through loadtape, never in later rounds), which queues
+# requests in the client and alone can make a round's p99: a warm-up of each, not counted.
+for port in 18001 18002; do
+  oha -z 2s -q "$rate" -c "$CONNS" --latency-correction --no-tui "${auth[@]}" "http://127.0.0.1:$port/data" > /dev/null
+done
 mkdir -p "$work/open"
 for round in $(seq "$ROUNDS"); do
   for port in 18001 18002; do

@@ -8,7 +8,9 @@
 //!   on the side as the bytes pass ([`tap`]);
 //! * a finished exchange is handed to the tape writer through a queue that never blocks
 //!   ([`crate::tape::capture`]): a slow or full disk costs records, counted, never requests;
-//! * credentials are redacted before anything is queued ([`crate::redact`]).
+//! * credentials are redacted before anything is written ([`crate::redact`]): in hyper's heads
+//!   before they are queued, in the heads the recorder read itself on the writer's thread, which
+//!   takes that work off the request's path ([`exchange`]).
 //!
 //! The stages: [`listen`] accepts connections (TLS and ALPN, HTTP/1.1 and HTTP/2, h2c by prior
 //! knowledge) and serves HTTP/1.1 itself (`h1`), [`forward`] sends each request upstream (on
