@@ -59,22 +59,28 @@ pub fn is_token_endpoint(path: &str) -> bool {
 /// A registry's client sends the same bearer token with every request of a session (Quay's
 /// live for minutes), and working a redaction out (an HMAC over a token of a kilobyte or so, its
 /// claims read as JSON) cost ~90k instructions: three times all the rest of recording an
-/// exchange (callgrind, `benches/instructions.sh`). Per thread, so the proxy's path takes no
-/// lock; bounded ([`SEEN_LIMIT`] credentials of at most [`SEEN_LONGEST`] bytes), and emptied
-/// when full. The credentials stay in this process's memory only, as the traffic's do.
+/// exchange (callgrind, `benches/instructions.sh`). Per thread, so no lock is taken; the
+/// recorder redacts most heads on its one tape-writer thread, which sees every client's
+/// credentials, hence room for thousands of them. Bounded ([`SEEN_LIMIT`] credentials of at
+/// most [`SEEN_LONGEST`] bytes, [`SEEN_BYTES`] in all), and emptied when full. The credentials
+/// stay in this process's memory only, as the traffic's do.
 struct Seen {
     /// [`Redactor::id`] of the redactor whose redactions these are.
     redactor: u64,
     secrets: HashMap<SeenKey, (Box<[u8]>, Redaction), BuildHasherDefault<OneWord>>,
+    /// Bytes of the credentials held.
+    bytes: usize,
 }
 
-const SEEN_LIMIT: usize = 256;
+const SEEN_LIMIT: usize = 4096;
 const SEEN_LONGEST: usize = 8 << 10;
+const SEEN_BYTES: usize = 4 << 20;
 
 thread_local! {
     static SEEN: std::cell::RefCell<Seen> = std::cell::RefCell::new(Seen {
         redactor: 0,
         secrets: HashMap::default(),
+        bytes: 0,
     });
 }
 
@@ -248,6 +254,7 @@ impl Redactor {
             if seen.redactor != self.id {
                 seen.redactor = self.id;
                 seen.secrets.clear();
+                seen.bytes = 0;
             }
             let key = SeenKey::of(cookie, value);
             if let Some((secret, redaction)) = seen.secrets.get(&key) {
@@ -256,9 +263,11 @@ impl Redactor {
                 }
             }
             let redaction = self.work_out(cookie, value);
-            if seen.secrets.len() >= SEEN_LIMIT {
+            if seen.secrets.len() >= SEEN_LIMIT || seen.bytes + value.len() > SEEN_BYTES {
                 seen.secrets.clear();
+                seen.bytes = 0;
             }
+            seen.bytes += value.len();
             seen.secrets.insert(key, (value.into(), redaction.clone()));
             redaction
         })

@@ -183,6 +183,53 @@ fn unfinished_records_count_against_the_byte_budget() {
     assert_eq!(dropped_in(&back), 20);
 }
 
+/// A producer's finishing that fails.
+struct Broken(Nanos);
+
+impl Unfinished for Broken {
+    fn finish(self: Box<Self>) -> Record {
+        panic!("a bug in finishing a record");
+    }
+
+    fn approx_size(&self) -> usize {
+        100
+    }
+
+    fn exchange_start(&self) -> Option<Nanos> {
+        Some(self.0)
+    }
+}
+
+#[test]
+fn a_record_that_cannot_be_finished_is_counted_dropped_and_capture_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
+    let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
+    let records = exchanges(100, 16);
+    for (i, r) in records.iter().enumerate() {
+        assert!(sink.offer(r.clone()));
+        if i % 10 == 0 {
+            assert!(sink.offer_unfinished(Box::new(Broken(r.start()))));
+        }
+    }
+    let counters = sink.counters().clone();
+    drop(sink);
+    let summary = thread.finish().expect("the writer thread survives");
+    assert_eq!(summary.dropped, 10);
+    assert_eq!(
+        counters.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        10
+    );
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    let written: Vec<_> = back
+        .iter()
+        .filter(|r| matches!(r, Record::Exchange(_)))
+        .cloned()
+        .collect();
+    assert_eq!(written, records);
+    assert_eq!(dropped_in(&back), 10, "the tape says how many were lost");
+}
+
 #[test]
 fn a_byte_budget_bounds_the_queue_too() {
     let dir = tempfile::tempdir().unwrap();

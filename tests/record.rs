@@ -133,6 +133,7 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
     ])
     .await;
     curl(&[&format!("{base}/json?access_token=query-secret&n=1")]).await;
+    curl(&[&format!("{base}/login")]).await;
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
@@ -143,6 +144,7 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         "YWxpY2U6czNjcmV0LXBhc3N3b3Jk",
         "cookie-secret",
         "query-secret",
+        "server-issued-secret",
     ] {
         assert!(!everything.contains(secret), "{secret} reached the tape");
     }
@@ -175,6 +177,57 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         .target
         .starts_with("/json?access_token=loadtape-redacted-"));
     assert!(ex[2].request.target.ends_with("&n=1"));
+    // A response's fields, read by the recorder itself, are redacted too.
+    let set_cookie = ex[3].response.as_ref().unwrap().headers.get("set-cookie");
+    let Some(HeaderValue::Redacted(cookie)) = set_cookie else {
+        panic!("set-cookie not redacted: {set_cookie:?}");
+    };
+    assert_eq!(cookie.kind, SecretKind::Cookie);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_of_an_exchange_whose_body_is_spooled_never_reach_the_tape() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let mut c = config(up.addr, &out);
+    c.bodies = loadtape::record::BodyCapture::Full;
+    let rec = start(c).await;
+    // Past the inline limit: the response's body is spooled, and its exchange follows its blob.
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let url = format!("http://{}/bytes/300000", rec.addr);
+    let got = curl(&[
+        "-H",
+        &bearer,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &url,
+    ])
+    .await;
+    assert_eq!(got, "300000");
+    rec.stop().await;
+
+    let (records, _) = read_one(&out).unwrap();
+    let everything = serde_json::to_string(&records).unwrap();
+    assert!(!everything.contains(TOKEN), "the token reached the tape");
+    let blob = records
+        .iter()
+        .position(|r| matches!(r, Record::Blob(_)))
+        .expect("the body is a blob");
+    let download = records
+        .iter()
+        .position(|r| matches!(r, Record::Exchange(e) if matches!(e.response.as_ref().unwrap().body.stored, Stored::Full(_))))
+        .expect("the download refers to its blob");
+    assert!(blob < download);
+    let Record::Exchange(e) = &records[download] else {
+        unreachable!()
+    };
+    assert!(matches!(
+        e.request.headers.get("authorization"),
+        Some(HeaderValue::Redacted(r)) if r.kind == SecretKind::BearerJwt
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

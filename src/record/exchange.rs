@@ -9,7 +9,8 @@
 //! Heads the recorder read itself ([`RawFields`]) are kept as read, in a copy, and redacted and
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
 //! an exchange and nothing the forwarding needs, so it leaves the request's path. Fields from
-//! hyper's map are redacted at once.
+//! hyper's map are redacted at once, and so are an exchange's whose bodies were spooled
+//! (`--bodies full`: the spool, not the writer, takes it).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -32,7 +33,8 @@ use sha2::{Digest, Sha256};
 /// Turns connections and exchanges into records, and counts them.
 pub struct Capture {
     sink: CaptureSink,
-    redactor: Redactor,
+    /// Shared with the records the writer's thread finishes ([`Unredacted`]).
+    redactor: Arc<Redactor>,
     clock: Clock,
     config: Arc<RecordConfig>,
     metrics: Arc<Metrics>,
@@ -95,7 +97,7 @@ impl Capture {
     ) -> Capture {
         Capture {
             sink,
-            redactor,
+            redactor: Arc::new(redactor),
             clock,
             config,
             metrics,
@@ -238,29 +240,8 @@ impl Capture {
     /// recorder read itself copied as they are, for the writer's thread (module docs).
     fn head_fields(&self, fields: Fields<'_>) -> (Headers, Option<RawFields>) {
         match fields {
-            Fields::Map(_) => (self.headers(fields), None),
+            Fields::Map(_) => (redacted(&self.redactor, fields), None),
             Fields::Raw(raw) => (Headers::new(), Some(raw.copied())),
-        }
-    }
-
-    /// A head's fields, redacted, as the tape keeps them.
-    fn headers(&self, fields: Fields<'_>) -> Headers {
-        let redactor = &self.redactor;
-        match fields {
-            Fields::Map(map) => {
-                let mut headers = Headers::with_capacity(map.len(), 512);
-                for (name, value) in map {
-                    redactor.push_http_header(&mut headers, name, value);
-                }
-                headers
-            }
-            Fields::Raw(raw) => {
-                let mut headers = Headers::with_capacity(raw.len(), 512);
-                for (name, value) in raw.iter() {
-                    redactor.push_raw_header(&mut headers, name, value);
-                }
-                headers
-            }
         }
     }
 
@@ -288,6 +269,26 @@ impl Capture {
     fn count_recorded(&self) {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
         self.metrics.recorded.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A head's fields, redacted, as the tape keeps them.
+fn redacted(redactor: &Redactor, fields: Fields<'_>) -> Headers {
+    match fields {
+        Fields::Map(map) => {
+            let mut headers = Headers::with_capacity(map.len(), 512);
+            for (name, value) in map {
+                redactor.push_http_header(&mut headers, name, value);
+            }
+            headers
+        }
+        Fields::Raw(raw) => {
+            let mut headers = Headers::with_capacity(raw.len(), 512);
+            for (name, value) in raw.iter() {
+                redactor.push_raw_header(&mut headers, name, value);
+            }
+            headers
+        }
     }
 }
 
@@ -484,7 +485,7 @@ impl Pending {
             (Some(spool), ids) if ids.iter().any(Option::is_some) => {
                 capture.count_recorded();
                 // After its blobs, which the spool writes as they come: redacted here.
-                raw.redact_into(&mut exchange, capture);
+                raw.redact_into(&mut exchange, &capture.redactor);
                 // If the spool is swamped, with its prefixes instead.
                 if let Err(exchange) = spool.exchange(exchange, ids) {
                     capture.sink.offer(Record::Exchange(exchange));
@@ -496,7 +497,7 @@ impl Pending {
                 capture.sink.offer_unfinished(Box::new(Unredacted {
                     exchange: Box::new(exchange),
                     raw,
-                    capture: capture.clone(),
+                    redactor: capture.redactor.clone(),
                 }));
             }
         }
@@ -514,12 +515,12 @@ impl Heads {
         self.request.is_none() && self.response.is_none()
     }
 
-    fn redact_into(self, exchange: &mut Exchange, capture: &Capture) {
+    fn redact_into(self, exchange: &mut Exchange, redactor: &Redactor) {
         if let Some(raw) = self.request {
-            exchange.request.headers = capture.headers(Fields::Raw(&raw));
+            exchange.request.headers = redacted(redactor, Fields::Raw(&raw));
         }
         if let (Some(raw), Ok(response)) = (self.response, exchange.response.as_mut()) {
-            response.headers = capture.headers(Fields::Raw(&raw));
+            response.headers = redacted(redactor, Fields::Raw(&raw));
         }
     }
 }
@@ -529,7 +530,7 @@ impl Heads {
 struct Unredacted {
     exchange: Box<Exchange>,
     raw: Heads,
-    capture: Arc<Capture>,
+    redactor: Arc<Redactor>,
 }
 
 impl Unfinished for Unredacted {
@@ -537,14 +538,14 @@ impl Unfinished for Unredacted {
         let Unredacted {
             mut exchange,
             raw,
-            capture,
+            redactor,
         } = *self;
-        raw.redact_into(&mut exchange, &capture);
+        raw.redact_into(&mut exchange, &redactor);
         Record::Exchange(exchange)
     }
 
     fn approx_size(&self) -> usize {
-        let head = |r: &Option<RawFields>| r.as_ref().map_or(0, RawFields::head_len);
+        let head = |r: &Option<RawFields>| r.as_ref().map_or(0, RawFields::approx_size);
         self.exchange.approx_size() + head(&self.raw.request) + head(&self.raw.response)
     }
 

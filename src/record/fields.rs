@@ -4,8 +4,8 @@
 //! Building hyper's `HeaderMap` for every head (a name parsed and hashed, a value checked, per
 //! field) cost more than the rest of forwarding a request: the fields are kept instead as the
 //! head's bytes and where each field lies in them ([`RawFields`]). They are written on as
-//! they are (names in their sender's case), read by the capture from the same place, and made a
-//! `HeaderMap` only when hyper is who takes them: an HTTP/2 client's response, a pooled
+//! they are (names in their sender's case), copied for the capture as they are (redacted on the
+//! tape writer's thread), and made a `HeaderMap` only when hyper is who takes them: an HTTP/2 client's response, a pooled
 //! upstream client's request, a connection handed over.
 
 use bytes::Bytes;
@@ -76,6 +76,11 @@ impl RawFields {
     /// The bytes of the head they lie in.
     pub fn head_len(&self) -> usize {
         self.head.len()
+    }
+
+    /// About how many bytes they hold in memory.
+    pub fn approx_size(&self) -> usize {
+        self.head.len() + self.spans.len() * std::mem::size_of::<Span>()
     }
 
     /// The same fields in a copy of the head. A head is a slice of its connection's read
@@ -195,7 +200,10 @@ mod tests {
         assert_eq!(f.iter().count(), 4);
         assert_eq!(f.to_map().len(), 4);
         let copy = f.copied();
-        assert_eq!(copy.iter().collect::<Vec<_>>(), f.iter().collect::<Vec<_>>());
+        assert_eq!(
+            copy.iter().collect::<Vec<_>>(),
+            f.iter().collect::<Vec<_>>()
+        );
         assert_eq!(copy.get_forwarded("x-trace"), None);
         assert_eq!(copy.head_len(), f.head_len());
         f.retain(|n| n != b"Accept");

@@ -304,6 +304,26 @@ fn spawn_with(
     )
 }
 
+/// The record `queued` is or becomes. A producer's `finish` that panics costs its record
+/// (counted as dropped), not the writer thread and with it the rest of the capture.
+fn finished(queued: Queued, c: &CaptureCounters) -> Option<Record> {
+    let start = queued.exchange_start();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queued.into_record())) {
+        Ok(record) => Some(record),
+        Err(_) => {
+            tracing::error!(
+                "a capture record could not be finished (a bug): dropped, capture goes on"
+            );
+            if let Some(start) = start {
+                c.exchange_settled(start);
+            }
+            c.pending_drops.fetch_add(1, Ordering::Relaxed);
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 fn drain(
     mut writer: TapeWriter,
     rx: Receiver<(Queued, usize)>,
@@ -326,8 +346,10 @@ fn drain(
                 Ok((queued, size)) => {
                     taken += 1;
                     c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                    let Some(record) = finished(queued, c) else {
+                        continue;
+                    };
                     c.written.fetch_add(1, Ordering::Relaxed);
-                    let record = queued.into_record();
                     result = writer.write(&record);
                     // Settled only once in the writer's frame: the watermark never passes a
                     // record still in the queue.
@@ -394,8 +416,10 @@ fn drain(
             // Drain what is queued, then close.
             while let Ok((queued, size)) = rx.try_recv() {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                c.written.fetch_add(1, Ordering::Relaxed);
-                let _ = writer.write(&queued.into_record());
+                if let Some(record) = finished(queued, c) {
+                    c.written.fetch_add(1, Ordering::Relaxed);
+                    let _ = writer.write(&record);
+                }
             }
             break;
         }

@@ -62,6 +62,15 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
     let (first, arg) = (seg.next().unwrap_or(""), seg.next().unwrap_or(""));
     Ok(match first {
         "json" => reply(200, "application/json", r#"{"ok": true}"#),
+        // A session cookie set by the server.
+        "login" => {
+            let mut r = reply(200, "text/plain", "welcome\n");
+            r.headers_mut().insert(
+                "set-cookie",
+                http::HeaderValue::from_static("session=server-issued-secret; HttpOnly"),
+            );
+            r
+        }
         // A protocol switch, then an echo of whatever bytes come.
         "ws" => {
             let upgraded = hyper::upgrade::on(&mut req);
