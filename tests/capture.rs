@@ -72,6 +72,11 @@ fn a_full_queue_drops_without_waiting_and_the_tape_counts_the_drops() {
         dropped > 0,
         "a queue of 8 fed by four threads must overflow"
     );
+    assert_eq!(
+        counters.queued_bytes(),
+        0,
+        "every byte queued was taken or given back"
+    );
 
     let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
     let exchanges = back

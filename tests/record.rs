@@ -585,6 +585,10 @@ async fn a_full_disk_drops_records_not_traffic() {
         summary.tape.dropped > 0,
         "the disk filled, so records were dropped: {summary:?}"
     );
+    assert!(
+        metrics.contains("# TYPE loadtape_tape_queue_bytes gauge"),
+        "{metrics}"
+    );
     let dropped_metric = metrics
         .lines()
         .find(|l| l.starts_with("loadtape_tape_write_errors_total"))

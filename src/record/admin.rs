@@ -128,6 +128,12 @@ impl Metrics {
             get(&self.tape.dropped),
         );
         counter(
+            "loadtape_tape_queue_bytes",
+            "Bytes of records waiting for the tape writer; near the queue budget (64 MiB), records are dropped.",
+            "gauge",
+            self.tape.queued_bytes() as u64,
+        );
+        counter(
             "loadtape_tape_write_errors_total",
             "Failed tape writes.",
             "counter",

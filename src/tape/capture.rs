@@ -166,6 +166,12 @@ pub struct CaptureCounters {
 }
 
 impl CaptureCounters {
+    /// Bytes of records waiting for the writer (about: [`Record::approx_size`]). Near the
+    /// queue's byte budget the writer is falling behind, and records are about to be dropped.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
     /// An exchange announced as started was written or dropped.
     fn exchange_settled(&self, start: Nanos) {
         if let Some(f) = &self.in_flight {
