@@ -504,12 +504,20 @@ impl Headers {
     }
 
     /// [`Headers::intern_name`] for a name already looked up (`known`).
+    #[inline]
     fn classified_name(&mut self, known: Option<u8>, name: &[u8]) -> NameRef {
         match known {
             Some(i) => NameRef::Known(i),
-            // Names are read back as text: bytes that are not UTF-8 are replaced.
-            None => self.store_lowercase(&String::from_utf8_lossy(name)),
+            None => self.literal_name(name),
         }
+    }
+
+    /// A name that is not well-known, stored. Apart, so that the well-known path (nearly every
+    /// field) is a few instructions inlined into its caller.
+    #[cold]
+    fn literal_name(&mut self, name: &[u8]) -> NameRef {
+        // Names are read back as text: bytes that are not UTF-8 are replaced.
+        self.store_lowercase(&String::from_utf8_lossy(name))
     }
 
     /// Stores a name that is not well-known, lowercased.
