@@ -12,6 +12,20 @@ fn writer_at(path: &std::path::Path) -> TapeWriter {
     TapeWriter::create(path, header(), WriterOptions::default()).unwrap()
 }
 
+/// A capture into `path` whose queue has room for many records but only `bytes` bytes.
+fn with_byte_budget(
+    path: &std::path::Path,
+    bytes: usize,
+) -> (capture::CaptureSink, capture::CaptureThread) {
+    capture::spawn(
+        writer_at(path),
+        CaptureLimits {
+            records: 1000,
+            bytes,
+        },
+    )
+}
+
 fn dropped_in(records: &[Record]) -> u64 {
     records
         .iter()
@@ -162,14 +176,7 @@ fn unfinished_records_are_finished_on_the_writers_thread_in_their_place() {
 #[test]
 fn unfinished_records_count_against_the_byte_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let writer = writer_at(&dir.path().join("t.tape"));
-    let (sink, thread) = capture::spawn(
-        writer,
-        CaptureLimits {
-            records: 1000,
-            bytes: 1 << 20,
-        },
-    );
+    let (sink, thread) = with_byte_budget(&dir.path().join("t.tape"), 1 << 20);
     let (tx, finished_on) = std::sync::mpsc::channel();
     // Larger than the whole budget: never queued, never finished, counted as dropped.
     for r in exchanges(20, 15) {
@@ -238,15 +245,8 @@ fn a_record_that_cannot_be_finished_is_counted_dropped_and_capture_goes_on() {
 #[test]
 fn a_byte_budget_bounds_the_queue_too() {
     let dir = tempfile::tempdir().unwrap();
-    let writer = writer_at(&dir.path().join("t.tape"));
     // Room for many records but not for one record's bytes: everything is dropped.
-    let (sink, thread) = capture::spawn(
-        writer,
-        CaptureLimits {
-            records: 1000,
-            bytes: 10,
-        },
-    );
+    let (sink, thread) = with_byte_budget(&dir.path().join("t.tape"), 10);
     for r in exchanges(100, 13) {
         assert!(!sink.offer(r));
     }

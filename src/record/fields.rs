@@ -5,8 +5,8 @@
 //! field) cost more than the rest of forwarding a request: the fields are kept instead as the
 //! head's bytes and where each field lies in them ([`RawFields`]). They are written on as
 //! they are (names in their sender's case), copied for the capture as they are (redacted on the
-//! tape writer's thread), and made a `HeaderMap` only when hyper is who takes them: an HTTP/2 client's response, a pooled
-//! upstream client's request, a connection handed over.
+//! tape writer's thread), and made a `HeaderMap` only when hyper is who takes them: an HTTP/2
+//! client's response, a pooled upstream client's request, a connection handed over.
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -71,11 +71,6 @@ impl RawFields {
 
     pub fn len(&self) -> usize {
         self.spans.len()
-    }
-
-    /// The bytes of the head they lie in.
-    pub fn head_len(&self) -> usize {
-        self.head.len()
     }
 
     /// About how many bytes they hold in memory.
@@ -205,7 +200,7 @@ mod tests {
             f.iter().collect::<Vec<_>>()
         );
         assert_eq!(copy.get_forwarded("x-trace"), None);
-        assert_eq!(copy.head_len(), f.head_len());
+        assert_eq!(copy.approx_size(), f.approx_size());
         f.retain(|n| n != b"Accept");
         assert_eq!(f.len(), 3);
     }

@@ -172,6 +172,18 @@ impl CaptureCounters {
         self.queued_bytes.load(Ordering::Relaxed)
     }
 
+    /// A record of `size` bytes (the exchange started at `start`, if one) will not reach the
+    /// tape: counted, and noted in the tape by the writer's next `Dropped` record.
+    fn count_drop(&self, start: Option<Nanos>, size: usize) {
+        if let Some(start) = start {
+            self.exchange_settled(start);
+        }
+        self.pending_drops.fetch_add(1, Ordering::Relaxed);
+        self.pending_drop_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// An exchange announced as started was written or dropped.
     fn exchange_settled(&self, start: Nanos) {
         if let Some(f) = &self.in_flight {
@@ -207,14 +219,14 @@ impl CaptureSink {
         let before = c.queued_bytes.fetch_add(size, Ordering::Relaxed);
         if before + size > self.max_bytes {
             c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.count_drop(&queued, size);
+            c.count_drop(queued.exchange_start(), size);
             return false;
         }
         match self.tx.try_send((queued, size)) {
             Ok(()) => true,
             Err(TrySendError::Full((queued, _))) | Err(TrySendError::Disconnected((queued, _))) => {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.count_drop(&queued, size);
+                c.count_drop(queued.exchange_start(), size);
                 false
             }
         }
@@ -235,17 +247,6 @@ impl CaptureSink {
 
     pub fn counters(&self) -> &Arc<CaptureCounters> {
         &self.counters
-    }
-
-    fn count_drop(&self, queued: &Queued, size: usize) {
-        if let Some(start) = queued.exchange_start() {
-            self.counters.exchange_settled(start);
-        }
-        let c = &self.counters;
-        c.pending_drops.fetch_add(1, Ordering::Relaxed);
-        c.pending_drop_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-        c.dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -310,9 +311,10 @@ fn spawn_with(
     )
 }
 
-/// The record `queued` is or becomes. A producer's `finish` that panics costs its record
-/// (counted as dropped), not the writer thread and with it the rest of the capture.
-fn finished(queued: Queued, c: &CaptureCounters) -> Option<Record> {
+/// The record `queued` (of `size` bytes) is or becomes. A producer's `finish` that panics
+/// costs its record (counted as dropped), not the writer thread and with it the rest of the
+/// capture.
+fn finished(queued: Queued, size: usize, c: &CaptureCounters) -> Option<Record> {
     let start = queued.exchange_start();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queued.into_record())) {
         Ok(record) => Some(record),
@@ -320,11 +322,7 @@ fn finished(queued: Queued, c: &CaptureCounters) -> Option<Record> {
             tracing::error!(
                 "a capture record could not be finished (a bug): dropped, capture goes on"
             );
-            if let Some(start) = start {
-                c.exchange_settled(start);
-            }
-            c.pending_drops.fetch_add(1, Ordering::Relaxed);
-            c.dropped.fetch_add(1, Ordering::Relaxed);
+            c.count_drop(start, size);
             None
         }
     }
@@ -352,7 +350,7 @@ fn drain(
                 Ok((queued, size)) => {
                     taken += 1;
                     c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                    let Some(record) = finished(queued, c) else {
+                    let Some(record) = finished(queued, size, c) else {
                         continue;
                     };
                     c.written.fetch_add(1, Ordering::Relaxed);
@@ -422,7 +420,7 @@ fn drain(
             // Drain what is queued, then close.
             while let Ok((queued, size)) = rx.try_recv() {
                 c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                if let Some(record) = finished(queued, c) {
+                if let Some(record) = finished(queued, size, c) {
                     c.written.fetch_add(1, Ordering::Relaxed);
                     let _ = writer.write(&record);
                 }
