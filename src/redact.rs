@@ -196,6 +196,11 @@ impl Redactor {
         }
     }
 
+    /// This redactor among the process's: equal ids, equal redactions of equal fields.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The names redacted, sorted (for the start banner and the tape header).
     pub fn redacted_headers(&self) -> Vec<&str> {
         self.redacted.iter().map(|s| s.as_str()).collect()

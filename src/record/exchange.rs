@@ -10,7 +10,10 @@
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
 //! an exchange and nothing the forwarding needs, so it leaves the request's path. Fields from
 //! hyper's map are redacted at once, and so are an exchange's whose bodies were spooled
-//! (`--bodies full`: the spool, not the writer, takes it).
+//! (`--bodies full`: the spool, not the writer, takes it). The writer remembers the last few
+//! heads it redacted ([`redacted_recalled`]): a client sends the same fields request after
+//! request, and finding them again is a byte comparison where redacting them was most of the
+//! writer's work.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -517,12 +520,56 @@ impl Heads {
 
     fn redact_into(self, exchange: &mut Exchange, redactor: &Redactor) {
         if let Some(raw) = self.request {
-            exchange.request.headers = redacted(redactor, Fields::Raw(&raw));
+            exchange.request.headers = redacted_recalled(redactor, raw);
         }
         if let (Some(raw), Ok(response)) = (self.response, exchange.response.as_mut()) {
-            response.headers = redacted(redactor, Fields::Raw(&raw));
+            response.headers = redacted_recalled(redactor, raw);
         }
     }
+}
+
+/// How many heads [`redacted_recalled`] remembers, and the largest it remembers.
+const RECENT_HEADS: usize = 8;
+const RECENT_HEAD_LONGEST: usize = 16 << 10;
+
+/// The heads last redacted on this thread (the tape writer's), with what they became; the
+/// most recently used first.
+struct RecentHeads {
+    redactor: u64,
+    heads: Vec<(RawFields, Headers)>,
+}
+
+thread_local! {
+    static RECENT: std::cell::RefCell<RecentHeads> = const {
+        std::cell::RefCell::new(RecentHeads { redactor: 0, heads: Vec::new() })
+    };
+}
+
+/// [`redacted`] for a head the recorder read, remembering the last [`RECENT_HEADS`]: a client
+/// sends the same fields request after request (its `User-Agent`, `Accept`, the same bearer
+/// token) and a server answers with the same fields until its `Date` ticks, so most heads were
+/// redacted a moment ago. Looking one up is a byte comparison; redacting it anew classifies
+/// and checks every field, and was a third of the writer's work on each exchange. Like the
+/// redactor's own cache of credentials, this holds credentials in memory, never on the tape.
+fn redacted_recalled(redactor: &Redactor, raw: RawFields) -> Headers {
+    if raw.approx_size() > RECENT_HEAD_LONGEST {
+        return redacted(redactor, Fields::Raw(&raw));
+    }
+    RECENT.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if recent.redactor != redactor.id() {
+            recent.redactor = redactor.id();
+            recent.heads.clear();
+        }
+        if let Some(i) = recent.heads.iter().position(|(r, _)| r.same_fields(&raw)) {
+            recent.heads[..=i].rotate_right(1);
+            return recent.heads[0].1.clone();
+        }
+        let headers = redacted(redactor, Fields::Raw(&raw));
+        recent.heads.truncate(RECENT_HEADS - 1);
+        recent.heads.insert(0, (raw, headers.clone()));
+        headers
+    })
 }
 
 /// An exchange whose heads are redacted on the tape writer's thread (module docs). Until then
@@ -613,5 +660,56 @@ pub fn close_reason(result: Result<(), String>, shutting_down: bool) -> CloseRea
         Ok(()) if shutting_down => CloseReason::Shutdown,
         Ok(()) => CloseReason::Client,
         Err(e) => CloseReason::Error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::fields::read_for_tests;
+    use crate::tape::{HeaderValue, Redaction};
+
+    fn token_of(headers: &Headers) -> Redaction {
+        match headers.get("authorization") {
+            Some(HeaderValue::Redacted(r)) => r.clone(),
+            other => panic!("the token is not redacted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn recalled_heads_are_redacted_as_a_fresh_redaction_would_be() {
+        let head = |path: &str, token: &str| {
+            read_for_tests(
+                format!("GET {path} HTTP/1.1\r\nHost: quay\r\nAuthorization: Bearer {token}\r\nUser-Agent: docker/27\r\n\r\n")
+                    .as_bytes(),
+            )
+        };
+        let redactor = Redactor::default();
+        let fresh = |raw: &RawFields| redacted(&redactor, Fields::Raw(raw));
+        let first = redacted_recalled(&redactor, head("/v2/", "tok-1"));
+        assert_eq!(first, fresh(&head("/v2/", "tok-1")));
+        // The same fields under another path: recalled, and the same as redacting anew.
+        let again = redacted_recalled(&redactor, head("/v2/org/app/blobs/x", "tok-1"));
+        assert!(again == first && again == fresh(&head("/", "tok-1")));
+        // Another token: its own fingerprint, not the remembered one.
+        let other = redacted_recalled(&redactor, head("/v2/", "tok-2"));
+        assert_eq!(other, fresh(&head("/v2/", "tok-2")));
+        assert_ne!(token_of(&other).fingerprint, token_of(&first).fingerprint);
+        // More heads than are remembered, then the first again.
+        for i in 0..RECENT_HEADS * 2 {
+            let token = format!("tok-{i}");
+            let h = redacted_recalled(&redactor, head("/v2/", &token));
+            assert_eq!(h, fresh(&head("/v2/", &token)));
+        }
+        assert_eq!(redacted_recalled(&redactor, head("/v2/", "tok-1")), first);
+        assert_eq!(token_of(&first), token_of(&fresh(&head("/", "tok-1"))));
+        // Another redactor (another key): nothing recalled from the first one's heads.
+        let second = Redactor::default();
+        let theirs = redacted_recalled(&second, head("/v2/", "tok-1"));
+        assert_eq!(
+            theirs,
+            redacted(&second, Fields::Raw(&head("/v2/", "tok-1")))
+        );
+        assert_ne!(token_of(&theirs).fingerprint, token_of(&first).fingerprint);
     }
 }

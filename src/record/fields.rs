@@ -43,8 +43,10 @@ impl Span {
 }
 
 impl RawFields {
-    /// Fields of `head` (spans made with [`Span::of`] against its first byte).
+    /// Fields of `head` (spans made with [`Span::of`] against its first byte), in the order
+    /// they come in it.
     pub fn new(head: Bytes, spans: Vec<Span>) -> RawFields {
+        debug_assert!(spans.windows(2).all(|w| w[0].name < w[1].name));
         RawFields { head, spans }
     }
 
@@ -90,6 +92,39 @@ impl RawFields {
 
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
+    }
+
+    /// Whether `other` holds the same fields as `self`: the same bytes from the first field to
+    /// the last, each field in the same place among them. Parsing is a function of those
+    /// bytes, so what is worked out from one head's fields holds for the other's. Costs a
+    /// comparison of the bytes (a `memcmp`), and less when the lengths or the count differ.
+    pub fn same_fields(&self, other: &RawFields) -> bool {
+        if self.spans.len() != other.spans.len() {
+            return false;
+        }
+        let (Some(a), Some(b)) = (self.extent(), other.extent()) else {
+            return true;
+        };
+        if a.len() != b.len() {
+            return false;
+        }
+        // Offsets from the extents' starts, compared without a branch per field.
+        let (base_a, base_b) = (a.start as u32, b.start as u32);
+        let misplaced = (self.spans.iter().zip(&other.spans)).fold(0, |d, (s, t)| {
+            d | ((s.name - base_a) ^ (t.name - base_b))
+                | (s.name_len ^ t.name_len)
+                | ((s.value - base_a) ^ (t.value - base_b))
+                | (s.value_len ^ t.value_len)
+                | (s.hop ^ t.hop) as u32
+        });
+        misplaced == 0 && self.head[a] == other.head[b]
+    }
+
+    /// Where the fields lie in the head, from the first field's name to the last one's end.
+    fn extent(&self) -> Option<std::ops::Range<usize>> {
+        let (first, last) = (self.spans.first()?, self.spans.last()?);
+        let end = (last.name + last.name_len).max(last.value + last.value_len);
+        Some(first.name as usize..end as usize)
     }
 
     /// The first value of the field `name` (lowercase).
@@ -155,6 +190,30 @@ fn name_in<'h>(head: &'h [u8], s: &Span) -> &'h [u8] {
     &head[s.name as usize..s.name as usize + s.name_len as usize]
 }
 
+/// The fields of a head written out in full (a start line, then `Name: value` lines), as the
+/// parsers would find them. For tests.
+#[cfg(test)]
+pub(crate) fn read_for_tests(head: &[u8]) -> RawFields {
+    let head = Bytes::copy_from_slice(head);
+    let mut spans = Vec::new();
+    let mut at = head
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("a start line")
+        + 2;
+    while let Some(len) = head[at..].windows(2).position(|w| w == b"\r\n") {
+        let line = &head[at..at + len];
+        if line.is_empty() {
+            break;
+        }
+        let colon = line.iter().position(|&b| b == b':').expect("a field");
+        let value = line[colon + 1..].trim_ascii();
+        spans.push(Span::of(head.as_ptr(), &line[..colon], value, false));
+        at += len + 2;
+    }
+    RawFields::new(head.clone(), spans)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +262,40 @@ mod tests {
         assert_eq!(copy.approx_size(), f.approx_size());
         f.retain(|n| n != b"Accept");
         assert_eq!(f.len(), 3);
+    }
+
+    #[test]
+    fn the_same_fields_are_told_apart_from_fields_that_differ_in_any_way() {
+        let fields = "Host: registry\r\nAuthorization: Bearer abc\r\nAccept: */*\r\n\r\n";
+        let head =
+            |start: &str, fields: &str| read_for_tests(format!("{start}{fields}").as_bytes());
+        let one = head("GET /v2/ HTTP/1.1\r\n", fields);
+        // Elsewhere in another head (a longer start line): the same fields.
+        let two = head("GET /v2/org/app/manifests/latest HTTP/1.1\r\n", fields);
+        assert_eq!(one.len(), 3);
+        assert!(one.same_fields(&two) && two.same_fields(&one));
+        // One byte of one value.
+        let other = head("GET /v2/ HTTP/1.1\r\n", &fields.replace("abc", "abd"));
+        assert!(!one.same_fields(&other));
+        // The same bytes, split otherwise: the field's value is longer by what its name lost.
+        let split = head(
+            "GET /v2/ HTTP/1.1\r\n",
+            &fields.replace("Accept: ", "Accept:  "),
+        );
+        assert!(!one.same_fields(&split));
+        // The same bytes, a field left out, or one marked hop-by-hop.
+        let mut fewer = head("GET /v2/ HTTP/1.1\r\n", fields);
+        fewer.retain(|n| n != b"Accept");
+        assert!(!one.same_fields(&fewer));
+        let mut middle = head("GET /v2/ HTTP/1.1\r\n", fields);
+        middle.retain(|n| n != b"Authorization");
+        assert!(!one.same_fields(&middle) && !fewer.same_fields(&middle));
+        let mut hop = head("GET /v2/ HTTP/1.1\r\n", fields);
+        hop.mark_hop(|n| n == b"Accept");
+        assert!(!one.same_fields(&hop));
+        // No fields at all.
+        let none = head("GET / HTTP/1.1\r\n", "\r\n");
+        assert!(none.same_fields(&head("GET /other HTTP/1.1\r\n", "\r\n")));
+        assert!(!none.same_fields(&one) && !one.same_fields(&none));
     }
 }
