@@ -61,6 +61,15 @@ fn arb_headers() -> impl Strategy<Value = Headers> {
     })
 }
 
+/// Stored bodies that repeat, as a registry's manifests and errors do: one too short to be
+/// referred to, two that differ only in their last byte.
+const REPEATED_BODIES: [&[u8]; 4] = [
+    b"{\"schemaVersion\":2,\"layers\":[]}",
+    b"{\"schemaVersion\":2,\"layers\":[1]}",
+    b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
+    b"short",
+];
+
 fn arb_body() -> impl Strategy<Value = Body> {
     (
         any::<u64>(),
@@ -68,6 +77,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
         prop_oneof![
             Just(Stored::None),
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(Stored::Prefix),
+            (0..REPEATED_BODIES.len()).prop_map(|i| Stored::Prefix(REPEATED_BODIES[i].to_vec())),
             any::<[u8; 32]>().prop_map(Stored::Full),
         ],
         any::<bool>(),
@@ -491,6 +501,107 @@ fn unknown_kinds_and_appended_fields_from_newer_writers_are_tolerated() {
     );
 }
 
+/// Where `needle` occurs in `haystack`.
+fn occurrences(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
+}
+
+#[test]
+fn a_body_repeated_in_a_frame_is_written_once_and_reads_back_whole() {
+    use sha2::Digest;
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let short = b"{}";
+    // As the recorder writes a body it kept whole: its digest left for the reader to derive.
+    let unhashed = |bytes: &[u8]| Body {
+        len: bytes.len() as u64,
+        sha256: None,
+        stored: Stored::Prefix(bytes.to_vec()),
+        complete: true,
+    };
+    let mut records = exchanges(4 + codec::BODY_SLOTS + 1, 5);
+    let mut bodies: Vec<Body> = vec![
+        unhashed(manifest),
+        Body::inline(manifest.to_vec()),
+        // The same bytes, as the first part of a longer body.
+        Body {
+            len: 1000,
+            complete: false,
+            ..unhashed(manifest)
+        },
+        unhashed(short),
+    ];
+    // Enough other bodies to push the manifest out of the frame's cache, then it again.
+    bodies.extend(
+        (0..codec::BODY_SLOTS).map(|i| unhashed(format!("another body, number {i}").as_bytes())),
+    );
+    bodies.push(unhashed(manifest));
+    for (r, body) in records.iter_mut().zip(&bodies) {
+        let Record::Exchange(e) = r else {
+            unreachable!()
+        };
+        e.response.as_mut().unwrap().body = body.clone();
+        e.request.body = unhashed(short);
+    }
+    let mut payload = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    for r in &records {
+        encoder.encode(r, &mut payload);
+    }
+    // Written once for the first three uses, again once forgotten; a short body every time.
+    assert_eq!(occurrences(&payload, manifest), 2);
+    assert_eq!(occurrences(&payload, short), records.len() + 1);
+
+    let back: Vec<Record> = codec::RecordDecoder::new(&payload)
+        .map(Result::unwrap)
+        .collect();
+    let digest: [u8; 32] = sha2::Sha256::digest(manifest).into();
+    let mut expected = records.clone();
+    for r in &mut expected {
+        let Record::Exchange(e) = r else {
+            unreachable!()
+        };
+        for body in [&mut e.request.body, &mut e.response.as_mut().unwrap().body] {
+            if let (None, Stored::Prefix(p), true) = (body.sha256, &body.stored, body.complete) {
+                if p.len() as u64 == body.len {
+                    body.sha256 = Some(sha2::Sha256::digest(p).into());
+                }
+            }
+        }
+    }
+    assert_eq!(back, expected);
+    let Record::Exchange(e) = &back[0] else {
+        unreachable!()
+    };
+    assert_eq!(e.response.as_ref().unwrap().body.sha256, Some(digest));
+
+    // A reference read without the frame it refers into says what is missing.
+    let mut bare = records[0].clone();
+    if let Record::Exchange(e) = &mut bare {
+        e.request.headers = Headers::new();
+        e.response.as_mut().unwrap().headers = Headers::new();
+    }
+    let mut twice = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    encoder.encode(&bare, &mut twice);
+    let second = twice.len();
+    encoder.encode(&bare, &mut twice);
+    assert_eq!(occurrences(&twice, manifest), 1);
+    let failure = codec::FrameDecoder::new()
+        .next(&twice[second..])
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(failure.at, 0);
+    assert!(
+        failure.reason.contains("stored body slot 0 is empty"),
+        "{}",
+        failure.reason
+    );
+}
+
 #[test]
 fn a_newer_format_version_says_to_upgrade() {
     let dir = tempfile::tempdir().unwrap();
@@ -577,5 +688,60 @@ fn the_checked_in_version_1_tape_reads_forever() {
     assert_eq!(
         pushes, 4,
         "the first push uploads three layers and a config blob"
+    );
+}
+
+/// The decompressed payloads of the frames of the tape file `bytes` (see captures/README.md).
+fn frame_payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
+    use loadtape::tape::format::{FILE_PREFIX_LEN, FRAME_HEADER_LEN, FRAME_MAGIC};
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let mut at = FILE_PREFIX_LEN + u32_at(12) + 4;
+    let mut payloads = Vec::new();
+    while bytes.get(at..at + 4) == Some(&FRAME_MAGIC[..]) {
+        let payload = &bytes[at + FRAME_HEADER_LEN..][..u32_at(at + 4)];
+        payloads.push(zstd::decode_all(payload).unwrap());
+        at += FRAME_HEADER_LEN + payload.len();
+    }
+    payloads
+}
+
+/// The compatibility promise for version 2 (a repeated body written once per frame), as for
+/// version 1 above: never regenerate this file.
+#[test]
+fn the_checked_in_version_2_tape_reads_forever() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures");
+    let (records, stats) = read_one(&dir.join("v2/quay-session-v2.tape")).unwrap();
+    assert_eq!(stats.files[0].version, 2);
+    assert!(stats.files[0].closed);
+    // The session of the version 1 sample, body for body.
+    let (v1, _) = read_one(&dir.join("v1/quay-session-v1.tape")).unwrap();
+    let (exchanges, v1) = (exchanges_in(&records), exchanges_in(&v1));
+    assert_eq!(exchanges.len(), 63);
+    assert_eq!(exchanges.len(), v1.len());
+    for (e, old) in exchanges.iter().zip(&v1) {
+        assert_eq!(e.request.target, old.request.target);
+        assert_eq!(e.request.body, old.request.body);
+        let (response, old) = (e.response.as_ref().unwrap(), old.response.as_ref().unwrap());
+        assert_eq!((response.status, &response.body), (old.status, &old.body));
+    }
+    // The image's config was pulled three times and is on the tape once per frame.
+    let config = exchanges
+        .iter()
+        .find_map(|e| match &e.response.as_ref().unwrap().body.stored {
+            Stored::Prefix(p) if p.starts_with(b"{\"architecture\"") => Some(p.clone()),
+            _ => None,
+        })
+        .expect("the image config is stored");
+    let uses = (exchanges.iter())
+        .filter(|e| e.response.as_ref().unwrap().body.stored == Stored::Prefix(config.clone()))
+        .count();
+    assert_eq!(uses, 3);
+    let bytes = std::fs::read(dir.join("v2/quay-session-v2.tape")).unwrap();
+    let frames = frame_payloads(&bytes);
+    assert_eq!(frames.len() as u64, stats.files[0].frames);
+    let written: usize = frames.iter().map(|f| occurrences(f, &config)).sum();
+    assert!(
+        written < uses && written >= 1,
+        "{written} copies for {uses} uses"
     );
 }

@@ -13,7 +13,11 @@
 //!   repeated value is one byte. The cache starts empty in every frame, so frames stay
 //!   independently readable;
 //! * a registry body's sha256 is usually the digest already in the path or in
-//!   `Docker-Content-Digest`, so it is written as a reference to it rather than 32 more bytes.
+//!   `Docker-Content-Digest`, so it is written as a reference to it rather than 32 more bytes;
+//! * bodies repeat too (a manifest pulled again and again, the same first bytes of a popular
+//!   layer, a registry's 401 error), so a frame keeps its last few stored bodies and a repeated
+//!   one is a reference to where it already lies in the frame (format version 2). The writer's
+//!   work, zstd's first of all, goes with the bytes it no longer writes.
 
 use std::net::SocketAddr;
 
@@ -29,6 +33,11 @@ use super::record::{
 pub const RECORD_PREFIX_LEN: usize = 5;
 /// Values remembered per header name within a frame.
 pub const VALUE_SLOTS: usize = 4;
+/// Stored bodies remembered within a frame.
+pub const BODY_SLOTS: usize = 8;
+/// Stored bodies shorter than this are written out again rather than referred to (and not
+/// remembered): a reference would save nothing.
+pub const BODY_REFERENCE_MIN: usize = 16;
 /// Header name numbers 1..FIRST_LITERAL_NAME are the well-known names (room for the table to
 /// grow); literal names a frame defines are numbered from here.
 pub const FIRST_LITERAL_NAME: usize = 128;
@@ -51,7 +60,8 @@ impl FrameEncoder {
         self.cache.clear();
     }
 
-    /// Appends `record` to the frame payload `out`.
+    /// Appends `record` to the frame payload `out`: the frame's payload so far, only ever
+    /// appended to until [`FrameEncoder::reset`] (a repeated body refers to where it lies in it).
     pub fn encode(&mut self, record: &Record, out: &mut Vec<u8>) {
         let start = out.len();
         out.push(record.kind_code());
@@ -68,12 +78,13 @@ impl FrameEncoder {
             Record::Dropped(d) => bincode::encode_into_std_write(d, out, cfg),
             Record::Replayed(r) => bincode::encode_into_std_write(r.as_ref(), out, cfg),
             Record::Unknown { code, payload } => {
+                let at = out.len();
+                out.extend_from_slice(payload);
                 if *code == kind::EXCHANGE {
                     // An exchange from a newer writer, copied as is: the reader will run its
-                    // headers through the value cache, so ours must see them too.
-                    let _ = decode_exchange(&mut Input::new(payload), &mut self.cache);
+                    // headers and bodies through the frame's caches, so ours must see them too.
+                    let _ = decode_exchange(&mut Input::within(out, at), &mut self.cache);
                 }
-                out.extend_from_slice(payload);
                 Ok(0)
             }
         };
@@ -121,12 +132,13 @@ impl FrameDecoder {
         }
         let code = rest[0];
         let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
-        let Some(body) = rest.get(RECORD_PREFIX_LEN..RECORD_PREFIX_LEN + len) else {
+        if rest.len() - RECORD_PREFIX_LEN < len {
             self.at = payload.len();
             return fail(format!("record of {len} bytes overruns its frame"));
-        };
+        }
         self.at += RECORD_PREFIX_LEN + len;
-        match decode_body(code, body, &mut self.state) {
+        let within = &payload[..self.at];
+        match decode_body(code, within, at + RECORD_PREFIX_LEN, &mut self.state) {
             Ok(r) => Some(Ok(r)),
             Err(e) => {
                 self.at = payload.len();
@@ -159,16 +171,24 @@ impl Iterator for RecordDecoder<'_> {
     }
 }
 
-fn decode_body(code: u8, body: &[u8], cache: &mut FrameState) -> Result<Record, String> {
+/// The record of kind `code` whose payload starts at `at` in `payload` and ends with it.
+fn decode_body(
+    code: u8,
+    payload: &[u8],
+    at: usize,
+    cache: &mut FrameState,
+) -> Result<Record, String> {
+    let body = &payload[at..];
     fn one<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, String> {
         bincode::decode_from_slice(body, bincode_config_small())
             .map(|(v, _)| v)
             .map_err(|e| e.to_string())
     }
     Ok(match code {
-        kind::EXCHANGE => {
-            Record::Exchange(Box::new(decode_exchange(&mut Input::new(body), cache)?))
-        }
+        kind::EXCHANGE => Record::Exchange(Box::new(decode_exchange(
+            &mut Input::within(payload, at),
+            cache,
+        )?)),
         kind::CONNECTION_OPENED => {
             Record::ConnectionOpened(Box::new(one::<ConnectionOpened>(body)?))
         }
@@ -231,15 +251,21 @@ fn put<T: bincode::Encode>(out: &mut Vec<u8>, v: &T) {
     bincode::encode_into_std_write(v, out, bincode_config()).expect("encodes into memory");
 }
 
-/// A cursor over one record's bytes.
+/// A cursor over one record's bytes: those of its frame up to the record's end, from where the
+/// record starts (a repeated body is read where it lies earlier in the frame).
 struct Input<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Input<'a> {
+    #[cfg(test)]
     fn new(bytes: &'a [u8]) -> Self {
         Input { bytes, at: 0 }
+    }
+
+    fn within(frame: &'a [u8], at: usize) -> Self {
+        Input { bytes: frame, at }
     }
 
     #[inline]
@@ -338,7 +364,7 @@ fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
     put_bytes(out, r.target.as_bytes());
     put(out, &r.version);
     encode_headers(&r.headers, cache, out);
-    encode_body(&r.body, &r.target, &r.headers, out);
+    encode_body(&r.body, &r.target, &r.headers, cache, out);
 
     match &e.response {
         Ok(resp) => {
@@ -346,7 +372,7 @@ fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
             put_varint(out, resp.status as u64);
             put(out, &resp.version);
             encode_headers(&resp.headers, cache, out);
-            encode_body(&resp.body, &r.target, &resp.headers, out);
+            encode_body(&resp.body, &r.target, &resp.headers, cache, out);
         }
         Err(f) => {
             out.push(1);
@@ -375,7 +401,7 @@ fn decode_exchange(i: &mut Input, cache: &mut FrameState) -> Result<Exchange, St
     let target = i.string()?;
     let version: HttpVersion = i.get()?;
     let headers = decode_headers(i, cache)?;
-    let body = decode_body_field(i, &target, &headers)?;
+    let body = decode_body_field(i, &target, &headers, cache)?;
     let request = Request {
         method,
         scheme,
@@ -391,7 +417,7 @@ fn decode_exchange(i: &mut Input, cache: &mut FrameState) -> Result<Exchange, St
             let status = u16::try_from(i.varint()?).map_err(|_| "status out of range")?;
             let version: HttpVersion = i.get()?;
             let headers = decode_headers(i, cache)?;
-            let body = decode_body_field(i, &request.target, &headers)?;
+            let body = decode_body_field(i, &request.target, &headers, cache)?;
             Ok(Response {
                 status,
                 version,
@@ -432,8 +458,16 @@ const SHA_IN_DIGEST_HEADER: u8 = 3;
 const COMPLETE: u8 = 1 << 2;
 const STORED_PREFIX: u8 = 1 << 3;
 const STORED_FULL: u8 = 2 << 3;
+/// Format version 2: the stored prefix is the body in a slot of the frame's body cache.
+const STORED_AGAIN: u8 = 3 << 3;
 
-fn encode_body(body: &Body, target: &str, headers: &Headers, out: &mut Vec<u8>) {
+fn encode_body(
+    body: &Body,
+    target: &str,
+    headers: &Headers,
+    cache: &mut FrameState,
+    out: &mut Vec<u8>,
+) {
     let in_target = body.sha256.and_then(|_| digest_position(target));
     let sha = match &body.sha256 {
         None => SHA_NONE,
@@ -441,8 +475,13 @@ fn encode_body(body: &Body, target: &str, headers: &Headers, out: &mut Vec<u8>) 
         Some(d) if digest_header(headers).as_ref() == Some(d) => SHA_IN_DIGEST_HEADER,
         Some(_) => SHA_INLINE,
     };
+    let again = match &body.stored {
+        Stored::Prefix(p) => cache.find_body(p, out),
+        _ => None,
+    };
     let stored = match body.stored {
         Stored::None => 0,
+        Stored::Prefix(_) if again.is_some() => STORED_AGAIN,
         Stored::Prefix(_) => STORED_PREFIX,
         Stored::Full(_) => STORED_FULL,
     };
@@ -454,14 +493,26 @@ fn encode_body(body: &Body, target: &str, headers: &Headers, out: &mut Vec<u8>) 
     if sha == SHA_IN_TARGET {
         put_varint(out, in_target.expect("found above").0 as u64);
     }
-    match &body.stored {
-        Stored::None => {}
-        Stored::Prefix(p) => put_bytes(out, p),
-        Stored::Full(d) => out.extend_from_slice(d),
+    match (&body.stored, again) {
+        (Stored::Prefix(_), Some(slot)) => {
+            out.push(slot as u8);
+            cache.body_used(slot);
+        }
+        (Stored::Prefix(p), None) => {
+            put_bytes(out, p);
+            cache.body_stored(out.len() - p.len(), p.len());
+        }
+        (Stored::Full(d), _) => out.extend_from_slice(d),
+        (Stored::None, _) => {}
     }
 }
 
-fn decode_body_field(i: &mut Input, target: &str, headers: &Headers) -> Result<Body, String> {
+fn decode_body_field(
+    i: &mut Input,
+    target: &str,
+    headers: &Headers,
+    cache: &mut FrameState,
+) -> Result<Body, String> {
     let flags = i.u8()?;
     let len = i.varint()?;
     let sha256 = match flags & 3 {
@@ -480,17 +531,37 @@ fn decode_body_field(i: &mut Input, target: &str, headers: &Headers) -> Result<B
                 .ok_or("body digest refers to a missing Docker-Content-Digest")?,
         ),
     };
+    // Whether the stored bytes are (now) in the first slot of the frame's body cache.
+    let mut cached = false;
     let stored = match flags & (3 << 3) {
         0 => Stored::None,
-        STORED_PREFIX => Stored::Prefix(i.bytes()?.to_vec()),
+        STORED_PREFIX => {
+            let p = i.bytes()?;
+            cached = cache.body_stored(i.at - p.len(), p.len());
+            Stored::Prefix(p.to_vec())
+        }
         STORED_FULL => Stored::Full(i.digest()?),
-        _ => return Err(format!("bad body flags {flags:#x}")),
+        _ => {
+            let slot = i.u8()? as usize;
+            let b = (cache.bodies.get(slot).copied().flatten())
+                .ok_or_else(|| format!("stored body slot {slot} is empty"))?;
+            cache.body_used(slot);
+            cached = true;
+            let bytes = (i.bytes.get(b.start as usize..(b.start + b.len) as usize))
+                .ok_or_else(|| format!("stored body slot {slot} lies past its frame"))?;
+            Stored::Prefix(bytes.to_vec())
+        }
     };
     // No digest written for a body stored whole: it is the stored bytes' (the recorder does
-    // not hash what it keeps whole).
+    // not hash what it keeps whole), worked out once per body the frame keeps.
     let sha256 = match (sha256, &stored) {
         (None, Stored::Prefix(p)) if len > 0 && p.len() as u64 == len => {
-            Some(<sha2::Sha256 as sha2::Digest>::digest(p).into())
+            let known = cache.bodies[0].and_then(|b| b.sha256).filter(|_| cached);
+            let digest = known.unwrap_or_else(|| <sha2::Sha256 as sha2::Digest>::digest(p).into());
+            if let (true, Some(b)) = (cached, cache.bodies[0].as_mut()) {
+                b.sha256 = Some(digest);
+            }
+            Some(digest)
         }
         (sha256, _) => sha256,
     };
@@ -586,6 +657,18 @@ struct FrameState {
     slots: Vec<[Option<CachedValue>; VALUE_SLOTS]>,
     /// Bytes of plain values.
     arena: Vec<u8>,
+    /// The frame's last [`BODY_SLOTS`] stored bodies of [`BODY_REFERENCE_MIN`] bytes or more,
+    /// the most recently written or referred to first.
+    bodies: [Option<StoredBody>; BODY_SLOTS],
+}
+
+/// Where a stored body lies in its frame's payload; and, once a reader worked it out, the
+/// sha256 of the bytes (when they are the whole body and the tape does not say it).
+#[derive(Clone, Copy)]
+struct StoredBody {
+    start: u32,
+    len: u32,
+    sha256: Option<[u8; 32]>,
 }
 
 #[derive(Clone)]
@@ -600,6 +683,40 @@ impl FrameState {
         self.literal_names.clear();
         self.slots.clear();
         self.arena.clear();
+        self.bodies = [None; BODY_SLOTS];
+    }
+
+    /// The slot of a body stored earlier in the frame `payload` with the same bytes as `p`.
+    fn find_body(&self, p: &[u8], payload: &[u8]) -> Option<usize> {
+        if p.len() < BODY_REFERENCE_MIN {
+            return None;
+        }
+        self.bodies.iter().position(|b| {
+            b.is_some_and(|b| {
+                let start = b.start as usize;
+                b.len as usize == p.len() && payload.get(start..start + p.len()) == Some(p)
+            })
+        })
+    }
+
+    /// The body in `slot` is used again: it moves to the front.
+    fn body_used(&mut self, slot: usize) {
+        self.bodies[..=slot].rotate_right(1);
+    }
+
+    /// A body of `len` bytes was written at `start`: remembered at the front if it is long
+    /// enough to be referred to (returned), the least recently used forgotten.
+    fn body_stored(&mut self, start: usize, len: usize) -> bool {
+        if len < BODY_REFERENCE_MIN {
+            return false;
+        }
+        self.bodies.rotate_right(1);
+        self.bodies[0] = Some(StoredBody {
+            start: start as u32,
+            len: len as u32,
+            sha256: None,
+        });
+        true
     }
 
     fn name_id(&mut self, name: HeaderName<'_>) -> (usize, bool) {
@@ -805,8 +922,10 @@ mod tests {
         let headers = Headers::new();
         let round_trip = |body: &Body| {
             let mut out = Vec::new();
-            encode_body(body, "/v2/a/manifests/v1", &headers, &mut out);
-            let read = decode_body_field(&mut Input::new(&out), "/v2/a/manifests/v1", &headers);
+            let (mut writing, mut reading) = (FrameState::default(), FrameState::default());
+            encode_body(body, "/v2/a/manifests/v1", &headers, &mut writing, &mut out);
+            let target = "/v2/a/manifests/v1";
+            let read = decode_body_field(&mut Input::new(&out), target, &headers, &mut reading);
             (read.unwrap(), out.len())
         };
         // As the recorder writes a body it kept whole: no digest, and none on the tape.
