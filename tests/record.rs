@@ -1643,3 +1643,51 @@ async fn a_body_is_invited_with_100_continue_only_when_it_is_wanted() {
     );
     rec.stop().await;
 }
+
+/// `--sample` keeps its fraction of the requests each thread takes (it used to stop recording
+/// at the first request it thinned), and the ids of exchanges and connections recorded by
+/// different threads never collide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_keeps_its_fraction_and_ids_stay_unique_across_threads() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let mut cfg = config(up.addr, &out);
+    cfg.sample = 0.5;
+    cfg.threads = 2;
+    let rec = start(cfg).await;
+    // Two clients at once, 100 requests each on one connection: connections are dealt to the
+    // threads in turn.
+    let urls: Vec<String> = (0..100)
+        .map(|i| format!("http://{}/json?n={i}", rec.addr))
+        .collect();
+    let args: Vec<&str> = ["-o", "/dev/null"]
+        .into_iter()
+        .chain(urls.iter().map(String::as_str))
+        .collect();
+    tokio::join!(curl(&args), curl(&args));
+    let summary = rec.stop().await;
+    assert!(
+        (60..=140).contains(&summary.exchanges),
+        "{} of 200 requests recorded at --sample 0.5",
+        summary.exchanges
+    );
+    let (records, _) = read_one(&out).unwrap();
+    let exchanges = exchanges_in(&records);
+    assert_eq!(exchanges.len() as u64, summary.exchanges);
+    let mut ids: Vec<u64> = exchanges.iter().map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), exchanges.len(), "exchange ids are unique");
+    let opened: Vec<u64> = (records.iter())
+        .filter_map(|r| match r {
+            Record::ConnectionOpened(c) => Some(c.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(opened.len(), 2);
+    assert_ne!(opened[0], opened[1], "connection ids are unique");
+    let used: std::collections::BTreeSet<u64> = exchanges.iter().map(|e| e.connection).collect();
+    assert_eq!(used.len(), 2, "both clients' requests were sampled");
+    assert!(used.iter().all(|c| opened.contains(c)));
+}

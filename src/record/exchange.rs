@@ -33,7 +33,11 @@ use crate::tape::{
 };
 use sha2::{Digest, Sha256};
 
-/// Turns connections and exchanges into records, and counts them.
+/// Turns one proxy thread's connections and exchanges into records, and counts them.
+///
+/// Each proxy thread has its own, and so its own reference count, counters and ids: an
+/// exchange's record takes nothing another thread writes to (ids are unique across threads by
+/// construction, not by a counter they share), so no cache line passes between cores for it.
 pub struct Capture {
     sink: CaptureSink,
     /// Shared with the records the writer's thread finishes ([`Unredacted`]).
@@ -41,9 +45,15 @@ pub struct Capture {
     clock: Clock,
     config: Arc<RecordConfig>,
     metrics: Arc<Metrics>,
-    next_exchange: AtomicU64,
-    next_connection: AtomicU64,
-    exchanges: AtomicU64,
+    /// This capture's proxy thread, of `threads`.
+    thread: usize,
+    threads: u64,
+    /// Exchanges and connections begun on this thread: the n-th has id
+    /// `n * threads + thread + 1`.
+    exchanges_begun: AtomicU64,
+    connections_opened: AtomicU64,
+    /// Requests `--sample` thinned or kept on this thread.
+    sampled: AtomicU64,
     /// With `--bodies full`: where bodies larger than the inline limit go.
     spool: Option<Arc<Spool>>,
 }
@@ -90,25 +100,45 @@ impl Connection {
 }
 
 impl Capture {
-    pub fn new(
+    /// The captures of `threads` proxy threads, the i-th for thread i.
+    pub fn per_thread(
         sink: CaptureSink,
         redactor: Redactor,
         clock: Clock,
         config: Arc<RecordConfig>,
         metrics: Arc<Metrics>,
         spool: Option<Arc<Spool>>,
-    ) -> Capture {
-        Capture {
-            sink,
-            redactor: Arc::new(redactor),
-            clock,
-            config,
-            metrics,
-            next_exchange: AtomicU64::new(1),
-            next_connection: AtomicU64::new(1),
-            exchanges: AtomicU64::new(0),
-            spool,
-        }
+        threads: usize,
+    ) -> Vec<Arc<Capture>> {
+        let redactor = Arc::new(redactor);
+        let threads = threads.max(1);
+        (0..threads)
+            .map(|thread| {
+                Arc::new(Capture {
+                    sink: sink.clone(),
+                    redactor: redactor.clone(),
+                    clock,
+                    config: config.clone(),
+                    metrics: metrics.clone(),
+                    thread,
+                    threads: threads as u64,
+                    exchanges_begun: AtomicU64::new(0),
+                    connections_opened: AtomicU64::new(0),
+                    sampled: AtomicU64::new(0),
+                    spool: spool.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The proxy thread this capture serves.
+    pub fn thread(&self) -> usize {
+        self.thread
+    }
+
+    /// The id of the `n`-th exchange or connection begun on this thread.
+    fn id(&self, n: u64) -> u64 {
+        n * self.threads + self.thread as u64 + 1
     }
 
     /// Where a body that outgrows its kept prefix is spooled whole (`--bodies full`).
@@ -120,11 +150,6 @@ impl Capture {
         self.clock
     }
 
-    /// Exchanges offered to the tape so far.
-    pub fn exchanges(&self) -> u64 {
-        self.exchanges.load(Ordering::Relaxed)
-    }
-
     /// Notes a new client connection; returns it for its exchanges.
     pub fn connection_opened(
         &self,
@@ -132,7 +157,7 @@ impl Capture {
         version: HttpVersion,
         tls: Option<TlsInfo>,
     ) -> Arc<Connection> {
-        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let id = self.id(self.connections_opened.fetch_add(1, Ordering::Relaxed));
         let scheme = if tls.is_some() {
             Scheme::Https
         } else {
@@ -180,8 +205,12 @@ impl Capture {
         if c.sample >= 1.0 {
             return true;
         }
-        // Deterministic thinning: a fixed fraction of exchanges in arrival order.
-        let n = self.next_exchange.load(Ordering::Relaxed);
+        if c.sample <= 0.0 {
+            return false;
+        }
+        // Deterministic thinning: a fixed fraction of the requests each thread takes, in their
+        // order of arrival.
+        let n = self.id(self.sampled.fetch_add(1, Ordering::Relaxed));
         let hash = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         (hash as f64 / u64::MAX as f64) < c.sample
     }
@@ -223,7 +252,7 @@ impl Capture {
         self.sink.exchange_started(start);
         Arc::new(Pending {
             capture: self.clone(),
-            id: self.next_exchange.fetch_add(1, Ordering::Relaxed),
+            id: self.id(self.exchanges_begun.fetch_add(1, Ordering::Relaxed)),
             connection: connection.id,
             stream,
             client: connection.client,
@@ -270,8 +299,7 @@ impl Capture {
     }
 
     fn count_recorded(&self) {
-        self.exchanges.fetch_add(1, Ordering::Relaxed);
-        self.metrics.recorded.fetch_add(1, Ordering::Relaxed);
+        (self.metrics.of_thread(self.thread).recorded).fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use smallvec::SmallVec;
 
-use super::admin::Metrics;
+use super::admin::{Counts, Metrics};
 use super::exchange::{BodyDone, Capture, Connection, Fields};
 use super::fields::RawFields;
 use super::h1::InBody;
@@ -239,8 +239,14 @@ impl Proxy {
         })
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    /// The counters of this proxy's thread.
+    pub fn counts(&self) -> &Counts {
+        self.metrics.of_thread(self.capture.thread())
+    }
+
+    /// The capture of this proxy's thread.
+    pub fn capture(&self) -> &Arc<Capture> {
+        &self.capture
     }
 
     /// Handles one request from `connection` (on HTTP/2 stream `stream`, 0 on HTTP/1.x), whose
@@ -276,10 +282,10 @@ impl Proxy {
             (hyper::upgrade::on(&mut request), protocol)
         });
         let start = self.capture.clock().now();
-        let m = &self.metrics;
+        let m = self.counts();
         m.requests.fetch_add(1, Ordering::Relaxed);
         m.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _in_flight = InFlight(&self.metrics);
+        let _in_flight = InFlight(m);
 
         let (mut parts, body) = request.into_parts();
         // The Host the client named: its request's authority (HTTP/2, absolute form) or `Host`.
@@ -503,7 +509,7 @@ impl Proxy {
         response: Answer,
         pending: Option<&Arc<super::exchange::Pending>>,
     ) -> Response<ProxyBody> {
-        self.metrics.count_status(101);
+        self.counts().count_status(101);
         // Noted before the 101's tap ends, which completes the exchange's record.
         if let Some(p) = pending {
             p.set_upgraded();
@@ -618,7 +624,7 @@ fn is_authority(host: &[u8]) -> bool {
 }
 
 /// Decrements the in-flight gauge however the handler ends.
-struct InFlight<'a>(&'a Metrics);
+struct InFlight<'a>(&'a Counts);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {

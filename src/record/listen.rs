@@ -59,10 +59,11 @@ impl Listener {
             .expect("a bound socket has an address")
     }
 
-    /// Serves connections on `threads` threads, each with its own single-threaded runtime and
-    /// upstream client (`make_proxy`), until `stop`; then each waits up to `drain` for its
-    /// connections to finish. A connection, its exchanges and their upstream connections stay on
-    /// one thread: no wake-up crosses threads on the request path.
+    /// Serves connections on `threads` threads, each with its own single-threaded runtime,
+    /// upstream client and capture (`make_proxy` of the thread's index), until `stop`; then
+    /// each waits up to `drain` for its connections to finish. A connection, its exchanges and
+    /// their upstream connections stay on one thread: no wake-up crosses threads on the request
+    /// path, and what they count and record is the thread's own.
     ///
     /// Every thread accepts, but connections are dealt round-robin: the n-th accepted goes to
     /// thread n mod `threads`, handed over if another thread took it from the socket. Left to
@@ -71,8 +72,7 @@ impl Listener {
     pub fn serve(
         self,
         threads: usize,
-        make_proxy: impl Fn() -> anyhow::Result<Arc<Proxy>>,
-        capture: Arc<Capture>,
+        make_proxy: impl Fn(usize) -> anyhow::Result<Arc<Proxy>>,
         stop: CancellationToken,
         drain: Duration,
     ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
@@ -90,15 +90,15 @@ impl Listener {
                 .tcp
                 .try_clone()
                 .context("cannot share the listening socket")?;
-            let proxy = make_proxy()?;
+            let proxy = make_proxy(i)?;
             let one = OneThread {
                 index: i,
                 deal: deal.clone(),
                 handed,
                 tls: self.tls.clone(),
                 header_read_timeout: self.header_read_timeout,
+                capture: proxy.capture().clone(),
                 proxy,
-                capture: capture.clone(),
                 stop: stop.clone(),
                 drain,
             };
@@ -194,9 +194,7 @@ impl OneThread {
         tokio::spawn(head_timer::sweep(head_timer::tick(header_read_timeout)));
         // Serves one connection on this thread, under the graceful shutdown.
         let serve_one = |stream: TcpStream, client: SocketAddr| {
-            if let Some(n) = proxy.metrics().connections.get(index) {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
+            (proxy.counts().connections).fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let proxy = proxy.clone();
             let capture = capture.clone();

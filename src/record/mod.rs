@@ -303,16 +303,19 @@ impl Recorder {
             }
             _ => None,
         };
-        let capture = Arc::new(exchange::Capture::new(
+        let captures = exchange::Capture::per_thread(
             sink,
             redactor,
             clock,
             config.clone(),
             metrics.clone(),
             spool.as_ref().map(|(s, _)| s.clone()),
-        ));
-        let make_proxy =
-            || forward::Proxy::new(config.clone(), capture.clone(), metrics.clone()).map(Arc::new);
+            config.threads,
+        );
+        let make_proxy = |thread: usize| {
+            let capture = captures[thread % captures.len()].clone();
+            forward::Proxy::new(config.clone(), capture, metrics.clone()).map(Arc::new)
+        };
 
         let admin_task = self
             .admin
@@ -320,7 +323,6 @@ impl Recorder {
         let proxies = self.listener.serve(
             config.threads,
             make_proxy,
-            capture.clone(),
             stop.clone(),
             config.drain_timeout,
         )?;
@@ -334,8 +336,8 @@ impl Recorder {
         if let Some(t) = admin_task {
             t.abort();
         }
-        let exchanges = capture.exchanges();
-        drop(capture);
+        let exchanges = metrics.recorded();
+        drop(captures);
         if let Some((_, thread)) = spool {
             tokio::task::spawn_blocking(move || thread.finish())
                 .await
