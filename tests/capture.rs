@@ -296,3 +296,88 @@ fn a_tape_being_written_can_be_read_up_to_its_last_flushed_frame() {
     let (_, stats) = read_one(&path).unwrap();
     assert!(stats.files[0].closed);
 }
+
+/// Producers with lanes of their own (the proxy's threads) feed one tape: every record is
+/// written once, and no frame's watermark passes an exchange still in flight on any lane.
+#[test]
+fn lanes_of_their_own_feed_one_tape_and_the_watermark_waits_for_every_lane() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.tape");
+    let options = WriterOptions {
+        frame_bytes: 2048,
+        ..WriterOptions::default()
+    };
+    let writer = TapeWriter::create(&path, header(), options).unwrap();
+    // Tape time well past every record's start.
+    let start: Nanos = 10_000_000_000_000;
+    let clock = Arc::new(AtomicU64::new(start));
+    let tape_clock = clock.clone();
+    let (root, thread) = capture::spawn_tracking(
+        writer,
+        CaptureLimits::default(),
+        Arc::new(move || tape_clock.load(Ordering::Relaxed)),
+    );
+    let lanes = root.lanes(2);
+    // The second lane has an exchange in flight (10 s of it) while the first offers records.
+    let held = start;
+    lanes[1].exchange_started(held);
+    clock.store(start + 10_000_000_000, Ordering::Relaxed);
+    let records = exchanges(1000, 13);
+    for r in &records[..500] {
+        assert!(lanes[0].offer(r.clone()));
+    }
+    let counters = root.counters().clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counters.written.load(Ordering::Relaxed) < 500 {
+        assert!(Instant::now() < deadline, "the writer took the records");
+        std::thread::yield_now();
+    }
+    // The writer has set a watermark since: the frames it wrote meanwhile stop at the held one.
+    let written = loop {
+        let bytes = std::fs::read(&path).unwrap();
+        let marks = frame_watermarks(&bytes);
+        if marks.iter().any(|&m| m > 0) {
+            break marks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "frames with a watermark reach the file"
+        );
+        std::thread::yield_now();
+    };
+    assert!(
+        written.iter().all(|&m| m <= held),
+        "{written:?} passed {held}"
+    );
+    // It settles: the watermark moves on.
+    lanes[1].exchange_abandoned(held);
+    for (i, r) in records[500..].iter().enumerate() {
+        assert!(lanes[i % 2].offer(r.clone()));
+    }
+    drop(lanes);
+    drop(root);
+    let summary = thread.finish().unwrap();
+    assert_eq!((summary.records, summary.dropped), (1000, 0));
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(*frame_watermarks(&bytes).last().unwrap() > held);
+    let (back, _) = read_one(&path).unwrap();
+    let mut ids: Vec<u64> = back
+        .iter()
+        .map(|r| match r {
+            Record::Exchange(e) => e.id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    ids.sort();
+    let mut offered: Vec<u64> = records
+        .iter()
+        .map(|r| match r {
+            Record::Exchange(e) => e.id,
+            _ => unreachable!(),
+        })
+        .collect();
+    offered.sort();
+    assert_eq!(ids, offered, "every record written once");
+}

@@ -112,10 +112,10 @@ impl Capture {
     ) -> Vec<Arc<Capture>> {
         let redactor = Arc::new(redactor);
         let threads = threads.max(1);
-        (0..threads)
-            .map(|thread| {
+        (sink.lanes(threads).into_iter().enumerate())
+            .map(|(thread, sink)| {
                 Arc::new(Capture {
-                    sink: sink.clone(),
+                    sink,
                     redactor: redactor.clone(),
                     clock,
                     config: config.clone(),

@@ -12,10 +12,16 @@
 //! thread. The proxy uses this for what costs most in a record and is not needed to forward:
 //! redacting and classifying the heads' fields (a third of recording an exchange), which then
 //! leaves the request's path for the writer's core.
+//!
+//! Producers that offer at the same time each take a lane of their own ([`CaptureSink::lanes`]:
+//! a queue, its byte count, its exchanges in flight, with a share of the budget), and the
+//! writer drains them all. A single queue and count written by every proxy thread passed their
+//! cache lines from core to core on every record, which cost more than the instructions of
+//! queueing it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -149,9 +155,8 @@ impl InFlight {
 }
 
 /// Counters shared by the producers, the writer thread and whoever reports on them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CaptureCounters {
-    queued_bytes: AtomicUsize,
     /// Drops not yet noted in the tape.
     pending_drops: AtomicU64,
     pending_drop_bytes: AtomicU64,
@@ -162,29 +167,44 @@ pub struct CaptureCounters {
     /// Failed writes (each loses one frame).
     pub write_errors: AtomicU64,
     closing: AtomicBool,
+    /// Whether lanes track the exchanges in flight (the writer then sets the watermark).
+    tracking: bool,
+    limits: CaptureLimits,
+    lanes: Mutex<Lanes>,
+}
+
+/// The writer's end of a lane's queue: a record, or one to finish, and its size.
+type LaneEnd = Receiver<(Queued, usize)>;
+
+/// Every lane, and those the writer has yet to take up.
+#[derive(Debug, Default)]
+struct Lanes {
+    all: Vec<Arc<Lane>>,
+    new: Vec<(LaneEnd, Arc<Lane>)>,
+}
+
+/// One way into the writer: a queue, the bytes waiting in it, the exchanges its producer has in
+/// flight. A proxy thread has a lane of its own ([`CaptureSink::lanes`]): offering a record
+/// then writes to nothing another proxy thread writes to, where one queue and one count for
+/// all had the threads pass their cache lines back and forth on every record.
+#[derive(Debug)]
+struct Lane {
+    queued_bytes: AtomicUsize,
+    /// This lane's share of the byte budget.
+    max_bytes: usize,
     in_flight: Option<InFlight>,
 }
 
-impl CaptureCounters {
-    /// Bytes of records waiting for the writer (about: [`Record::approx_size`]). Near the
-    /// queue's byte budget the writer is falling behind, and records are about to be dropped.
-    pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed)
-    }
-
-    /// A record of `size` bytes (the exchange started at `start`, if one) will not reach the
-    /// tape: counted, and noted in the tape by the writer's next `Dropped` record.
-    fn count_drop(&self, start: Option<Nanos>, size: usize) {
-        if let Some(start) = start {
-            self.exchange_settled(start);
+impl Lane {
+    fn new(max_bytes: usize, tracking: bool) -> Lane {
+        Lane {
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
+            in_flight: tracking.then(InFlight::new),
         }
-        self.pending_drops.fetch_add(1, Ordering::Relaxed);
-        self.pending_drop_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// An exchange announced as started was written or dropped.
+    /// An exchange announced as started on this lane was written or dropped.
     fn exchange_settled(&self, start: Nanos) {
         if let Some(f) = &self.in_flight {
             f.settled(start);
@@ -192,15 +212,65 @@ impl CaptureCounters {
     }
 }
 
-/// The producer side. Cheap to clone; every clone feeds the same tape.
+impl CaptureCounters {
+    /// Bytes of records waiting for the writer (about: [`Record::approx_size`]). Near the
+    /// queue's byte budget the writer is falling behind, and records are about to be dropped.
+    pub fn queued_bytes(&self) -> usize {
+        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        (lanes.all.iter())
+            .map(|l| l.queued_bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// A record of `size` bytes from `lane` (the exchange started at `start`, if one) will not
+    /// reach the tape: counted, and noted in the tape by the writer's next `Dropped` record.
+    fn count_drop(&self, lane: &Lane, start: Option<Nanos>, size: usize) {
+        if let Some(start) = start {
+            lane.exchange_settled(start);
+        }
+        self.pending_drops.fetch_add(1, Ordering::Relaxed);
+        self.pending_drop_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A new lane of `records` and `bytes`, for the writer to take up; its producer's end.
+    fn add_lane(&self, records: usize, bytes: usize) -> (SyncSender<(Queued, usize)>, Arc<Lane>) {
+        let (tx, rx) = sync_channel(records.max(1));
+        let lane = Arc::new(Lane::new(bytes, self.tracking));
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes.all.push(lane.clone());
+        lanes.new.push((rx, lane.clone()));
+        (tx, lane)
+    }
+}
+
+/// The producer side. Cheap to clone; every clone feeds the same tape, through the same lane.
 #[derive(Clone)]
 pub struct CaptureSink {
     tx: SyncSender<(Queued, usize)>,
+    lane: Arc<Lane>,
     counters: Arc<CaptureCounters>,
-    max_bytes: usize,
 }
 
 impl CaptureSink {
+    /// `n` sinks into the same tape, each through a lane of its own with an `n`-th of the
+    /// queue's budget, for producers that offer records at the same time (the proxy's threads).
+    pub fn lanes(&self, n: usize) -> Vec<CaptureSink> {
+        let n = n.max(1);
+        let limits = self.counters.limits;
+        (0..n)
+            .map(|_| {
+                let (tx, lane) = self.counters.add_lane(limits.records / n, limits.bytes / n);
+                CaptureSink {
+                    tx,
+                    lane,
+                    counters: self.counters.clone(),
+                }
+            })
+            .collect()
+    }
+
     /// Queues `record` for the tape, or drops and counts it when the queue is full. Never waits.
     /// Returns whether it was queued.
     pub fn offer(&self, record: Record) -> bool {
@@ -215,18 +285,20 @@ impl CaptureSink {
     }
 
     fn queue(&self, queued: Queued, size: usize) -> bool {
-        let c = &self.counters;
-        let before = c.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if before + size > self.max_bytes {
-            c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            c.count_drop(queued.exchange_start(), size);
+        let lane = &self.lane;
+        let before = lane.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > lane.max_bytes {
+            lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.counters
+                .count_drop(lane, queued.exchange_start(), size);
             return false;
         }
         match self.tx.try_send((queued, size)) {
             Ok(()) => true,
             Err(TrySendError::Full((queued, _))) | Err(TrySendError::Disconnected((queued, _))) => {
-                c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                c.count_drop(queued.exchange_start(), size);
+                lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.counters
+                    .count_drop(lane, queued.exchange_start(), size);
                 false
             }
         }
@@ -235,14 +307,14 @@ impl CaptureSink {
     /// An exchange starting at `start` is under way; its record will be offered, or it must be
     /// given up with [`CaptureSink::exchange_abandoned`]. Lets the writer set the watermark.
     pub fn exchange_started(&self, start: Nanos) {
-        if let Some(f) = &self.counters.in_flight {
+        if let Some(f) = &self.lane.in_flight {
             f.started(start);
         }
     }
 
     /// An exchange announced with [`CaptureSink::exchange_started`] will have no record.
     pub fn exchange_abandoned(&self, start: Nanos) {
-        self.counters.exchange_settled(start);
+        self.lane.exchange_settled(start);
     }
 
     pub fn counters(&self) -> &Arc<CaptureCounters> {
@@ -291,30 +363,37 @@ fn spawn_with(
     limits: CaptureLimits,
     clock: Option<Arc<dyn Fn() -> Nanos + Send + Sync>>,
 ) -> (CaptureSink, CaptureThread) {
-    let (tx, rx) = sync_channel(limits.records);
     let counters = Arc::new(CaptureCounters {
-        in_flight: clock.is_some().then(InFlight::new),
-        ..CaptureCounters::default()
+        pending_drops: AtomicU64::new(0),
+        pending_drop_bytes: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        write_errors: AtomicU64::new(0),
+        closing: AtomicBool::new(false),
+        tracking: clock.is_some(),
+        limits,
+        lanes: Mutex::new(Lanes::default()),
     });
+    let (tx, lane) = counters.add_lane(limits.records, limits.bytes);
     let thread_counters = counters.clone();
     let handle = std::thread::Builder::new()
         .name("tape-writer".into())
-        .spawn(move || drain(writer, rx, &thread_counters, clock))
+        .spawn(move || drain(writer, &thread_counters, clock))
         .expect("the OS lets us start a thread");
     (
         CaptureSink {
             tx,
+            lane,
             counters: counters.clone(),
-            max_bytes: limits.bytes,
         },
         CaptureThread { handle, counters },
     )
 }
 
-/// The record `queued` (of `size` bytes) is or becomes. A producer's `finish` that panics
-/// costs its record (counted as dropped), not the writer thread and with it the rest of the
-/// capture.
-fn finished(queued: Queued, size: usize, c: &CaptureCounters) -> Option<Record> {
+/// The record `queued` (of `size` bytes, from `lane`) is or becomes. A producer's `finish`
+/// that panics costs its record (counted as dropped), not the writer thread and with it the
+/// rest of the capture.
+fn finished(queued: Queued, size: usize, lane: &Lane, c: &CaptureCounters) -> Option<Record> {
     let start = queued.exchange_start();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queued.into_record())) {
         Ok(record) => Some(record),
@@ -322,53 +401,80 @@ fn finished(queued: Queued, size: usize, c: &CaptureCounters) -> Option<Record> 
             tracing::error!(
                 "a capture record could not be finished (a bug): dropped, capture goes on"
             );
-            c.count_drop(start, size);
+            c.count_drop(lane, start, size);
             None
         }
     }
 }
 
+/// The lanes the writer drains: a lane whose producers are all gone has no receiver left.
+type Taken = Vec<(Option<LaneEnd>, Arc<Lane>)>;
+
+/// Takes up to `most` records off the lanes into `writer`: how many it took, and the first
+/// write error.
+fn take(
+    lanes: &mut Taken,
+    most: usize,
+    writer: &mut TapeWriter,
+    c: &CaptureCounters,
+) -> (usize, Result<(), TapeError>) {
+    let mut taken = 0;
+    for (rx, lane) in lanes.iter_mut() {
+        let Some(queue) = rx else { continue };
+        while taken < most {
+            match queue.try_recv() {
+                Ok((queued, size)) => {
+                    taken += 1;
+                    lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                    let Some(record) = finished(queued, size, lane, c) else {
+                        continue;
+                    };
+                    c.written.fetch_add(1, Ordering::Relaxed);
+                    let result = writer.write(&record);
+                    // Settled only once in the writer's frame: the watermark never passes a
+                    // record still in the queue.
+                    if let Record::Exchange(e) = &record {
+                        lane.exchange_settled(e.timing.start);
+                    }
+                    if result.is_err() {
+                        return (taken, result);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    *rx = None;
+                    break;
+                }
+            }
+        }
+    }
+    (taken, Ok(()))
+}
+
 fn drain(
     mut writer: TapeWriter,
-    rx: Receiver<(Queued, usize)>,
     c: &CaptureCounters,
     clock: Option<Arc<dyn Fn() -> Nanos + Send + Sync>>,
 ) -> Result<WriteSummary, TapeError> {
     let epoch = writer.header().epoch_unix_ns;
     let now = || (super::now_unix_ns() - epoch).max(0) as Nanos;
     let mut failing = false;
+    let mut lanes: Taken = Vec::new();
+    // The lanes added since the last look; whether every producer is gone.
+    let take_up = |lanes: &mut Taken| {
+        let mut all = c.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes.extend(all.new.drain(..).map(|(rx, lane)| (Some(rx), lane)));
+        lanes.iter().all(|(rx, _)| rx.is_none())
+    };
     // The writer wakes on its own every few milliseconds and takes what has queued, rather
     // than being woken per record: a producer's `offer` then never has to wake a thread (a
     // system call), and the writer costs a few hundred wake-ups a second at any rate.
     let nap = Duration::from_millis(5);
     loop {
-        let mut result = Ok(());
-        let mut disconnected = false;
-        let mut taken = 0;
-        while result.is_ok() && taken < 4096 {
-            match rx.try_recv() {
-                Ok((queued, size)) => {
-                    taken += 1;
-                    c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                    let Some(record) = finished(queued, size, c) else {
-                        continue;
-                    };
-                    c.written.fetch_add(1, Ordering::Relaxed);
-                    result = writer.write(&record);
-                    // Settled only once in the writer's frame: the watermark never passes a
-                    // record still in the queue.
-                    if let Record::Exchange(e) = &record {
-                        c.exchange_settled(e.timing.start);
-                    }
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-            }
-        }
-        if disconnected {
+        take_up(&mut lanes);
+        let (taken, mut result) = take(&mut lanes, 4096, &mut writer, c);
+        // Every lane emptied and closed, and none added since: no producer is left.
+        if take_up(&mut lanes) {
             break;
         }
         if taken == 0 && !c.closing.load(Ordering::Relaxed) {
@@ -379,8 +485,15 @@ fn drain(
             let bytes = c.pending_drop_bytes.swap(0, Ordering::Relaxed);
             result = writer.note_dropped(drops, bytes, now());
         }
-        if let (Some(f), Some(clock)) = (&c.in_flight, &clock) {
-            writer.set_watermark(f.watermark(clock()));
+        if let Some(clock) = &clock {
+            // The time first, then the lanes: a lane added after this look has nothing in
+            // flight that started before `now`.
+            let now = clock();
+            take_up(&mut lanes);
+            let marks = lanes.iter().filter_map(|(_, l)| l.in_flight.as_ref());
+            if let Some(mark) = marks.map(|f| f.watermark(now)).min() {
+                writer.set_watermark(mark);
+            }
         }
         if result.is_ok() {
             result = writer.tick();
@@ -418,13 +531,8 @@ fn drain(
         }
         if c.closing.load(Ordering::Relaxed) {
             // Drain what is queued, then close.
-            while let Ok((queued, size)) = rx.try_recv() {
-                c.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                if let Some(record) = finished(queued, size, c) {
-                    c.written.fetch_add(1, Ordering::Relaxed);
-                    let _ = writer.write(&record);
-                }
-            }
+            take_up(&mut lanes);
+            while let (1.., _) = take(&mut lanes, usize::MAX, &mut writer, c) {}
             break;
         }
     }
