@@ -138,7 +138,9 @@ impl SeenKey {
     }
 }
 
-/// Replaces credentials by [`Redaction`]s. See the module docs.
+/// Replaces credentials by [`Redaction`]s. See the module docs. A clone is the same redactor
+/// (the same key and id): it redacts alike, and is for a thread to hold its own reference to.
+#[derive(Clone)]
 pub struct Redactor {
     key: [u8; 32],
     /// This redactor among the process's (its fingerprints are its key's).

@@ -381,3 +381,54 @@ fn lanes_of_their_own_feed_one_tape_and_the_watermark_waits_for_every_lane() {
     offered.sort();
     assert_eq!(ids, offered, "every record written once");
 }
+
+/// A lane's share of the byte budget does not cap a record's size: one bigger than the share
+/// takes room from the overflow common to all lanes, and gives it back once written. One bigger
+/// than the whole budget is dropped.
+#[test]
+fn a_record_bigger_than_its_lanes_share_still_fits_the_queue() {
+    use loadtape::tape::{Body, Stored};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.tape");
+    let (root, thread) = with_byte_budget(&path, 64 << 10);
+    let lanes = root.lanes(4);
+    let with_body = |record: &Record, len: usize| {
+        let mut record = record.clone();
+        let Record::Exchange(e) = &mut record else {
+            unreachable!()
+        };
+        e.response.as_mut().unwrap().body = Body {
+            len: len as u64,
+            sha256: None,
+            stored: Stored::Prefix(vec![7; len]),
+            complete: true,
+        };
+        record
+    };
+    let records = exchanges(2, 14);
+    // A quarter of 64 KiB is 16 KiB: 40 KiB is past the share, within the budget.
+    let big = with_body(&records[0], 40 << 10);
+    assert!(lanes[0].offer(big.clone()));
+    let too_big = with_body(&records[1], 100 << 10);
+    assert!(!lanes[1].offer(too_big));
+    let counters = root.counters().clone();
+    drop((lanes, root));
+    let summary = thread.finish().unwrap();
+    assert_eq!(
+        (summary.records, summary.dropped),
+        (2, 1),
+        "the exchange and a Dropped note"
+    );
+    assert_eq!(counters.queued_bytes(), 0, "the overflow was given back");
+    let (back, _) = read_one(&path).unwrap();
+    let (Record::Exchange(read), Record::Exchange(offered)) = (&back[0], &big) else {
+        panic!("the exchange comes first");
+    };
+    assert_eq!(read.id, offered.id);
+    let kept = &read.response.as_ref().unwrap().body.stored;
+    assert!(
+        *kept == Stored::Prefix(vec![7; 40 << 10]),
+        "its body is kept whole"
+    );
+    assert_eq!(dropped_in(&back), 1);
+}

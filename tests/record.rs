@@ -1691,3 +1691,47 @@ async fn sampling_keeps_its_fraction_and_ids_stay_unique_across_threads() {
     assert_eq!(used.len(), 2, "both clients' requests were sampled");
     assert!(used.iter().all(|c| opened.contains(c)));
 }
+
+/// With `--bodies full`, an exchange whose body was spooled reaches the tape through the spool
+/// thread, after its blob: it must still settle on the lane it was announced on, or the frames'
+/// watermark would stop at it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_exchanges_keep_the_watermark_moving() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tape");
+    let mut cfg = config(up.addr, &out);
+    cfg.bodies = loadtape::record::BodyCapture::Full;
+    let rec = start(cfg).await;
+    // 1.5 s of responses too big to keep inline: every one spooled, its blob stored.
+    curl(&[
+        "--rate",
+        "50/s",
+        "-o",
+        "/dev/null",
+        &format!("http://{}/bytes/100000?n=[1-75]", rec.addr),
+    ])
+    .await;
+    rec.stop().await;
+    let file = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "tape"))
+        .unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(assert_watermarks_hold(&bytes) > 0);
+    let (records, stats) = read_one(&out).unwrap();
+    let exchanges = exchanges_in(&records);
+    assert_eq!(exchanges.len(), 75);
+    assert!(exchanges
+        .iter()
+        .all(|e| matches!(e.response.as_ref().unwrap().body.stored, Stored::Full(_))));
+    assert_eq!(stats.out_of_order, 0);
+    // The first exchange settled: the last watermark passed it, 1.5 s of traffic later.
+    let last = *frame_watermarks(&bytes).last().unwrap();
+    assert!(
+        last > exchanges[0].timing.start,
+        "the watermark stayed at {last}, before the first exchange ({})",
+        exchanges[0].timing.start
+    );
+}

@@ -164,7 +164,7 @@ impl Metrics {
         );
         counter(
             "loadtape_tape_queue_bytes",
-            "Bytes of records waiting for the tape writer; a proxy thread's records are dropped when its share of the queue budget (64 MiB) is full.",
+            "Bytes of records waiting for the tape writer; records are dropped when the queue's byte budget is spent.",
             "gauge",
             self.tape.queued_bytes() as u64,
         );

@@ -10,10 +10,10 @@
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
 //! an exchange and nothing the forwarding needs, so it leaves the request's path. Fields from
 //! hyper's map are redacted at once, and so are an exchange's whose bodies were spooled
-//! (`--bodies full`: the spool, not the writer, takes it). The writer remembers the last few
-//! heads it redacted ([`redacted_recalled`]): a client sends the same fields request after
-//! request, and finding them again is a byte comparison where redacting them was most of the
-//! writer's work.
+//! (`--bodies full`: the spool, not the writer, takes it). The thread that redacts heads (the
+//! writer's, or for those a proxy thread's) remembers the last few it redacted
+//! ([`redacted_recalled`]): a client sends the same fields request after request, and finding
+//! them again is a byte comparison where redacting them was most of the writer's work.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -110,13 +110,13 @@ impl Capture {
         spool: Option<Arc<Spool>>,
         threads: usize,
     ) -> Vec<Arc<Capture>> {
-        let redactor = Arc::new(redactor);
         let threads = threads.max(1);
         (sink.lanes(threads).into_iter().enumerate())
             .map(|(thread, sink)| {
                 Arc::new(Capture {
                     sink,
-                    redactor: redactor.clone(),
+                    // Its own reference count: the records of each thread take one.
+                    redactor: Arc::new(redactor.clone()),
                     clock,
                     config: config.clone(),
                     metrics: metrics.clone(),
@@ -518,7 +518,7 @@ impl Pending {
                 // After its blobs, which the spool writes as they come: redacted here.
                 raw.redact_into(&mut exchange, &capture.redactor);
                 // If the spool is swamped, with its prefixes instead.
-                if let Err(exchange) = spool.exchange(exchange, ids) {
+                if let Err(exchange) = spool.exchange(exchange, ids, &capture.sink) {
                     capture.sink.offer(Record::Exchange(exchange));
                 }
             }
@@ -560,8 +560,8 @@ impl Heads {
 const RECENT_HEADS: usize = 8;
 const RECENT_HEAD_LONGEST: usize = 16 << 10;
 
-/// The heads last redacted on this thread (the tape writer's), with what they became; the
-/// most recently used first.
+/// The heads last redacted on this thread (the tape writer's, mostly), with what they became;
+/// the most recently used first.
 struct RecentHeads {
     redactor: u64,
     heads: Vec<(RawFields, Headers)>,

@@ -292,13 +292,9 @@ impl Recorder {
         let spool = match config.bodies {
             BodyCapture::Full => {
                 let dir = spool_dir(&config.out);
-                let (spool, thread) = spool::Spool::start(
-                    dir.clone(),
-                    sink.clone(),
-                    config.spool_budget,
-                    config.max_body,
-                )
-                .with_context(|| format!("cannot spool bodies in {}", dir.display()))?;
+                let (spool, thread) =
+                    spool::Spool::start(dir.clone(), config.spool_budget, config.max_body)
+                        .with_context(|| format!("cannot spool bodies in {}", dir.display()))?;
                 Some((spool, thread))
             }
             _ => None,

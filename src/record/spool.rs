@@ -27,8 +27,10 @@ enum Message {
     Chunk(u64, Bytes),
     End(u64),
     Abort(u64),
-    /// An exchange whose bodies with these ids were spooled (request, response).
-    Exchange(Box<Exchange>, [Option<u64>; 2]),
+    /// An exchange whose bodies with these ids were spooled (request, response), and the lane
+    /// its records take to the tape: the one its exchange was announced on, so that its blobs
+    /// stay ahead of it and it settles where it started.
+    Exchange(Box<Exchange>, [Option<u64>; 2], CaptureSink),
     Stop,
 }
 
@@ -51,10 +53,10 @@ pub struct SpoolBody {
 }
 
 impl Spool {
-    /// Starts the spool thread, spooling into `dir` and handing blobs and exchanges to `sink`.
+    /// Starts the spool thread, spooling into `dir` and handing blobs and exchanges to the
+    /// sink each exchange comes with.
     pub fn start(
         dir: PathBuf,
-        sink: CaptureSink,
         budget: u64,
         max_body: u64,
     ) -> std::io::Result<(Arc<Spool>, SpoolThread)> {
@@ -70,7 +72,7 @@ impl Spool {
         });
         let handle = std::thread::Builder::new()
             .name("body-spool".into())
-            .spawn(move || run(dir, rx, sink, held))?;
+            .spawn(move || run(dir, rx, held))?;
         Ok((spool, SpoolThread { tx, handle }))
     }
 
@@ -84,20 +86,21 @@ impl Spool {
         }
     }
 
-    /// Hands a finished exchange over; it reaches the tape after its spooled bodies' blobs.
-    /// Returns it back when the spool cannot take it (its queue is full).
+    /// Hands a finished exchange over; it reaches the tape through `sink` after its spooled
+    /// bodies' blobs. Returns it back when the spool cannot take it (its queue is full).
     pub fn exchange(
         &self,
         exchange: Exchange,
         bodies: [Option<u64>; 2],
+        sink: &CaptureSink,
     ) -> Result<(), Box<Exchange>> {
         match self
             .tx
-            .try_send(Message::Exchange(Box::new(exchange), bodies))
+            .try_send(Message::Exchange(Box::new(exchange), bodies, sink.clone()))
         {
             Ok(()) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Full(Message::Exchange(e, _)))
-            | Err(std::sync::mpsc::TrySendError::Disconnected(Message::Exchange(e, _))) => Err(e),
+            Err(std::sync::mpsc::TrySendError::Full(Message::Exchange(e, ..)))
+            | Err(std::sync::mpsc::TrySendError::Disconnected(Message::Exchange(e, ..))) => Err(e),
             Err(_) => unreachable!("the message sent is an exchange"),
         }
     }
@@ -169,7 +172,7 @@ struct Spooled {
     ended: bool,
 }
 
-fn run(dir: PathBuf, rx: Receiver<Message>, sink: CaptureSink, held: Arc<AtomicU64>) {
+fn run(dir: PathBuf, rx: Receiver<Message>, held: Arc<AtomicU64>) {
     let mut bodies: HashMap<u64, Spooled> = HashMap::new();
     let forget = |bodies: &mut HashMap<u64, Spooled>, id: u64| {
         if let Some(b) = bodies.remove(&id) {
@@ -203,7 +206,7 @@ fn run(dir: PathBuf, rx: Receiver<Message>, sink: CaptureSink, held: Arc<AtomicU
                 }
             }
             Message::Abort(id) => forget(&mut bodies, id),
-            Message::Exchange(mut exchange, ids) => {
+            Message::Exchange(mut exchange, ids, sink) => {
                 // A blob carries its exchange's start, so that readers, which order by start,
                 // still meet it first.
                 let at = exchange.timing.start;

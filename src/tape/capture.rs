@@ -62,7 +62,10 @@ impl Queued {
     }
 }
 
-/// Bounds of the capture queue.
+/// Bounds of the capture queue. Lanes ([`CaptureSink::lanes`]) share them out: each has its
+/// share of the records and bytes, and a record that would take a lane past its byte share may
+/// still take room from an overflow of `bytes` common to all (a body bigger than a share, one
+/// thread busier than the others), so at most twice `bytes` wait in memory.
 #[derive(Debug, Clone, Copy)]
 pub struct CaptureLimits {
     pub records: usize,
@@ -167,14 +170,24 @@ pub struct CaptureCounters {
     /// Failed writes (each loses one frame).
     pub write_errors: AtomicU64,
     closing: AtomicBool,
+    /// Bytes queued beyond their lanes' shares, at most `limits.bytes`.
+    overflow: AtomicUsize,
     /// Whether lanes track the exchanges in flight (the writer then sets the watermark).
     tracking: bool,
     limits: CaptureLimits,
     lanes: Mutex<Lanes>,
 }
 
-/// The writer's end of a lane's queue: a record, or one to finish, and its size.
-type LaneEnd = Receiver<(Queued, usize)>;
+/// What a lane carries: a record, or one to finish; its size; whether its bytes were taken
+/// from the overflow rather than the lane's share.
+struct Parcel {
+    queued: Queued,
+    size: usize,
+    overflow: bool,
+}
+
+/// The writer's end of a lane's queue.
+type LaneEnd = Receiver<Parcel>;
 
 /// Every lane, and those the writer has yet to take up.
 #[derive(Debug, Default)]
@@ -219,7 +232,17 @@ impl CaptureCounters {
         let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         (lanes.all.iter())
             .map(|l| l.queued_bytes.load(Ordering::Relaxed))
-            .sum()
+            .sum::<usize>()
+            + self.overflow.load(Ordering::Relaxed)
+    }
+
+    /// Gives back the bytes of a record leaving `lane`'s queue.
+    fn dequeued(&self, lane: &Lane, size: usize, overflow: bool) {
+        if overflow {
+            self.overflow.fetch_sub(size, Ordering::Relaxed);
+        } else {
+            lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        }
     }
 
     /// A record of `size` bytes from `lane` (the exchange started at `start`, if one) will not
@@ -235,7 +258,7 @@ impl CaptureCounters {
     }
 
     /// A new lane of `records` and `bytes`, for the writer to take up; its producer's end.
-    fn add_lane(&self, records: usize, bytes: usize) -> (SyncSender<(Queued, usize)>, Arc<Lane>) {
+    fn add_lane(&self, records: usize, bytes: usize) -> (SyncSender<Parcel>, Arc<Lane>) {
         let (tx, rx) = sync_channel(records.max(1));
         let lane = Arc::new(Lane::new(bytes, self.tracking));
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
@@ -248,7 +271,7 @@ impl CaptureCounters {
 /// The producer side. Cheap to clone; every clone feeds the same tape, through the same lane.
 #[derive(Clone)]
 pub struct CaptureSink {
-    tx: SyncSender<(Queued, usize)>,
+    tx: SyncSender<Parcel>,
     lane: Arc<Lane>,
     counters: Arc<CaptureCounters>,
 }
@@ -285,20 +308,28 @@ impl CaptureSink {
     }
 
     fn queue(&self, queued: Queued, size: usize) -> bool {
-        let lane = &self.lane;
+        let (lane, c) = (&self.lane, &self.counters);
         let before = lane.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if before + size > lane.max_bytes {
+        let overflow = before + size > lane.max_bytes;
+        if overflow {
+            // Past this lane's share: from the room common to all lanes, if any is left.
             lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.counters
-                .count_drop(lane, queued.exchange_start(), size);
-            return false;
+            if c.overflow.fetch_add(size, Ordering::Relaxed) + size > c.limits.bytes {
+                c.overflow.fetch_sub(size, Ordering::Relaxed);
+                c.count_drop(lane, queued.exchange_start(), size);
+                return false;
+            }
         }
-        match self.tx.try_send((queued, size)) {
+        let parcel = Parcel {
+            queued,
+            size,
+            overflow,
+        };
+        match self.tx.try_send(parcel) {
             Ok(()) => true,
-            Err(TrySendError::Full((queued, _))) | Err(TrySendError::Disconnected((queued, _))) => {
-                lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.counters
-                    .count_drop(lane, queued.exchange_start(), size);
+            Err(TrySendError::Full(parcel)) | Err(TrySendError::Disconnected(parcel)) => {
+                c.dequeued(lane, size, overflow);
+                c.count_drop(lane, parcel.queued.exchange_start(), size);
                 false
             }
         }
@@ -370,6 +401,7 @@ fn spawn_with(
         written: AtomicU64::new(0),
         write_errors: AtomicU64::new(0),
         closing: AtomicBool::new(false),
+        overflow: AtomicUsize::new(0),
         tracking: clock.is_some(),
         limits,
         lanes: Mutex::new(Lanes::default()),
@@ -410,22 +442,30 @@ fn finished(queued: Queued, size: usize, lane: &Lane, c: &CaptureCounters) -> Op
 /// The lanes the writer drains: a lane whose producers are all gone has no receiver left.
 type Taken = Vec<(Option<LaneEnd>, Arc<Lane>)>;
 
-/// Takes up to `most` records off the lanes into `writer`: how many it took, and the first
-/// write error.
+/// Takes up to `most` records off the lanes into `writer`, starting with lane `first` (in
+/// turn, so that a writer falling behind does not leave the same lanes to fill and drop): how
+/// many it took, and the first write error.
 fn take(
     lanes: &mut Taken,
+    first: usize,
     most: usize,
     writer: &mut TapeWriter,
     c: &CaptureCounters,
 ) -> (usize, Result<(), TapeError>) {
     let mut taken = 0;
-    for (rx, lane) in lanes.iter_mut() {
+    let n = lanes.len();
+    for i in 0..n {
+        let (rx, lane) = &mut lanes[(first + i) % n];
         let Some(queue) = rx else { continue };
         while taken < most {
             match queue.try_recv() {
-                Ok((queued, size)) => {
+                Ok(Parcel {
+                    queued,
+                    size,
+                    overflow,
+                }) => {
                     taken += 1;
-                    lane.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                    c.dequeued(lane, size, overflow);
                     let Some(record) = finished(queued, size, lane, c) else {
                         continue;
                     };
@@ -470,9 +510,11 @@ fn drain(
     // than being woken per record: a producer's `offer` then never has to wake a thread (a
     // system call), and the writer costs a few hundred wake-ups a second at any rate.
     let nap = Duration::from_millis(5);
+    let mut turn = 0;
     loop {
         take_up(&mut lanes);
-        let (taken, mut result) = take(&mut lanes, 4096, &mut writer, c);
+        turn += 1;
+        let (taken, mut result) = take(&mut lanes, turn, 4096, &mut writer, c);
         // Every lane emptied and closed, and none added since: no producer is left.
         if take_up(&mut lanes) {
             break;
@@ -532,7 +574,7 @@ fn drain(
         if c.closing.load(Ordering::Relaxed) {
             // Drain what is queued, then close.
             take_up(&mut lanes);
-            while let (1.., _) = take(&mut lanes, usize::MAX, &mut writer, c) {}
+            while let (1.., _) = take(&mut lanes, 0, usize::MAX, &mut writer, c) {}
             break;
         }
     }
