@@ -1007,23 +1007,23 @@ async fn requests_on_one_http2_connection_get_their_stream_ids() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_tapes_carry_frame_watermarks_that_hold() {
+/// 75 requests for `path` (a curl URL pattern) at 50 a second through a recorder made with
+/// `with` into `out`: 1.5 s of traffic, so frames flush (every second) with the watermark
+/// trailing by 100 ms. Returns the tape file's frame watermarks, checked to hold, and its
+/// exchanges, checked to be all there and in order.
+async fn steady_traffic(
+    with: impl FnOnce(&mut loadtape::record::RecordConfig),
+    out: &std::path::Path,
+    path: &str,
+) -> (Vec<u64>, Vec<loadtape::tape::Exchange>) {
     let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("tape");
-    let rec = start(config(up.addr, &out)).await;
-    // 1.5 s of traffic: frames flush every second, and the watermark trails by 100 ms.
-    curl(&[
-        "--rate",
-        "50/s",
-        "-o",
-        "/dev/null",
-        &format!("http://{}/json?n=[1-75]", rec.addr),
-    ])
-    .await;
+    let mut cfg = config(up.addr, out);
+    with(&mut cfg);
+    let rec = start(cfg).await;
+    let url = format!("http://{}{path}", rec.addr);
+    curl(&["--rate", "50/s", "-o", "/dev/null", &url]).await;
     rec.stop().await;
-    let file = std::fs::read_dir(&out)
+    let file = std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "tape"))
@@ -1034,9 +1034,17 @@ async fn proxy_tapes_carry_frame_watermarks_that_hold() {
         "no frame says which exchanges are all written: {:?}",
         frame_watermarks(&bytes)
     );
-    let (records, stats) = read_one(&out).unwrap();
-    assert_eq!(exchanges_in(&records).len(), 75);
+    let (records, stats) = read_one(out).unwrap();
     assert_eq!(stats.out_of_order, 0);
+    let exchanges: Vec<_> = exchanges_in(&records).into_iter().cloned().collect();
+    assert_eq!(exchanges.len(), 75);
+    (frame_watermarks(&bytes), exchanges)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_tapes_carry_frame_watermarks_that_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    steady_traffic(|_| {}, &dir.path().join("tape"), "/json?n=[1-75]").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1697,38 +1705,17 @@ async fn sampling_keeps_its_fraction_and_ids_stay_unique_across_threads() {
 /// watermark would stop at it for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spooled_exchanges_keep_the_watermark_moving() {
-    let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
+    // Responses too big to keep inline: every one spooled, its blob stored.
+    let full =
+        |c: &mut loadtape::record::RecordConfig| c.bodies = loadtape::record::BodyCapture::Full;
     let out = dir.path().join("tape");
-    let mut cfg = config(up.addr, &out);
-    cfg.bodies = loadtape::record::BodyCapture::Full;
-    let rec = start(cfg).await;
-    // 1.5 s of responses too big to keep inline: every one spooled, its blob stored.
-    curl(&[
-        "--rate",
-        "50/s",
-        "-o",
-        "/dev/null",
-        &format!("http://{}/bytes/100000?n=[1-75]", rec.addr),
-    ])
-    .await;
-    rec.stop().await;
-    let file = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "tape"))
-        .unwrap();
-    let bytes = std::fs::read(&file).unwrap();
-    assert!(assert_watermarks_hold(&bytes) > 0);
-    let (records, stats) = read_one(&out).unwrap();
-    let exchanges = exchanges_in(&records);
-    assert_eq!(exchanges.len(), 75);
+    let (watermarks, exchanges) = steady_traffic(full, &out, "/bytes/100000?n=[1-75]").await;
     assert!(exchanges
         .iter()
         .all(|e| matches!(e.response.as_ref().unwrap().body.stored, Stored::Full(_))));
-    assert_eq!(stats.out_of_order, 0);
     // The first exchange settled: the last watermark passed it, 1.5 s of traffic later.
-    let last = *frame_watermarks(&bytes).last().unwrap();
+    let last = *watermarks.last().unwrap();
     assert!(
         last > exchanges[0].timing.start,
         "the watermark stayed at {last}, before the first exchange ({})",
