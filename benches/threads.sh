@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# CPU per request of each of loadtape record's threads (the proxy threads, the tape writer),
+# capture on and off in alternating rounds under wrk: where the capture's CPU goes, which an
+# instruction count does not show (a cache line passed between cores costs time, not
+# instructions). It found the shared counters and queue that cost the proxy threads 2-3 µs per
+# request with capture on (README, "The recording proxy").
+#
+#   bash benches/threads.sh            # ROUNDS=2 DURATION=8s
+#
+# Needs nginx and wrk (Debian packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-8s}
+
+source benches/common.sh
+need nginx "apt-get install nginx"
+need wrk "apt-get install wrk"
+
+setup
+nginx_conf origin 18000 18000 "location / { root $work/www; }" "worker_processes 1;"
+nginx -c "$work/origin.conf" -g 'daemon off;' > /dev/null 2>&1 &
+pids+=($!)
+
+# ticks PID: "name ticks" (user + system) for each of PID's threads.
+ticks() {
+  for task in /proc/"$1"/task/*; do
+    echo "$(cat "$task/comm") $(awk '{print $14 + $15}' "$task/stat")"
+  done
+}
+hz=$(getconf CLK_TCK)
+
+for round in $(seq "$ROUNDS"); do
+  for mode in on off; do
+    extra=()
+    [ "$mode" = off ] && extra=(--sample 0)
+    LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 \
+      --out "$work/$mode$round" "${extra[@]}" > /dev/null 2>&1 &
+    recorder=$!
+    pids+=("$recorder")
+    for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:18002/data" && break; sleep 0.1; done
+    wrk -t2 -c64 -d2s "${auth[@]}" "http://127.0.0.1:18002/data" > /dev/null
+    before=$(ticks "$recorder")
+    out=$(wrk -t2 -c64 -d"$DURATION" "${auth[@]}" "http://127.0.0.1:18002/data")
+    after=$(ticks "$recorder")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    echo "round $round, capture $mode: $(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s"
+    python3 - "$requests" "$hz" <<PYEOF
+import sys
+n, hz = int(sys.argv[1]), int(sys.argv[2])
+def parse(text):
+    d = {}
+    for line in text.strip().splitlines():
+        name, t = line.rsplit(" ", 1)
+        d[name] = d.get(name, 0) + int(t)
+    return d
+b, a = parse("""$before"""), parse("""$after""")
+for name in sorted(a):
+    if name.startswith(("proxy-", "tape-writer")):
+        print(f"  {name:12} {(a[name] - b.get(name, 0)) / hz * 1e6 / n:6.2f} us/request")
+PYEOF
+    kill -INT "$recorder"
+    wait "$recorder" || true
+  done
+done
