@@ -309,7 +309,7 @@ impl Recorder {
             config.threads,
         );
         let make_proxy = |thread: usize| {
-            let capture = captures[thread % captures.len()].clone();
+            let capture = captures[thread].clone();
             forward::Proxy::new(config.clone(), capture, metrics.clone()).map(Arc::new)
         };
 

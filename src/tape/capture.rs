@@ -511,8 +511,8 @@ fn drain(
     // system call), and the writer costs a few hundred wake-ups a second at any rate.
     let nap = Duration::from_millis(5);
     let mut turn = 0;
+    take_up(&mut lanes);
     loop {
-        take_up(&mut lanes);
         turn += 1;
         let (taken, mut result) = take(&mut lanes, turn, 4096, &mut writer, c);
         // Every lane emptied and closed, and none added since: no producer is left.

@@ -556,12 +556,11 @@ fn decode_body_field(
     // not hash what it keeps whole), worked out once per body the frame keeps.
     let sha256 = match (sha256, &stored) {
         (None, Stored::Prefix(p)) if len > 0 && p.len() as u64 == len => {
-            let known = cache.bodies[0].and_then(|b| b.sha256).filter(|_| cached);
-            let digest = known.unwrap_or_else(|| <sha2::Sha256 as sha2::Digest>::digest(p).into());
-            if let (true, Some(b)) = (cached, cache.bodies[0].as_mut()) {
-                b.sha256 = Some(digest);
-            }
-            Some(digest)
+            let digest = || <sha2::Sha256 as sha2::Digest>::digest(p).into();
+            Some(match cache.bodies[0].as_mut().filter(|_| cached) {
+                Some(slot) => *slot.sha256.get_or_insert_with(digest),
+                None => digest(),
+            })
         }
         (sha256, _) => sha256,
     };
