@@ -115,7 +115,7 @@ struct Retarget {
 }
 
 impl Unfinished for Retarget {
-    fn finish(self: Box<Self>) -> Record {
+    fn finish(self: Box<Self>, _: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
         let name = std::thread::current().name().map(str::to_string);
         self.finished_on.send(name).unwrap();
         finished(self.record)
@@ -173,6 +173,64 @@ fn unfinished_records_are_finished_on_the_writers_thread_in_their_place() {
     assert!(threads.iter().all(|t| t.as_deref() == Some("tape-writer")));
 }
 
+/// An exchange finished with what its lane was made with: the lane's name, put in its target.
+struct Named(Record);
+
+impl Unfinished for Named {
+    fn finish(self: Box<Self>, with: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
+        let name = with.and_then(|w| w.downcast_ref::<String>()).unwrap();
+        let mut record = self.0;
+        if let Record::Exchange(e) = &mut record {
+            e.request.target = format!("/{name}{}", e.request.target);
+        }
+        record
+    }
+
+    fn approx_size(&self) -> usize {
+        100
+    }
+
+    fn exchange_start(&self) -> Option<Nanos> {
+        Some(self.0.start())
+    }
+}
+
+#[test]
+fn each_lanes_unfinished_records_are_finished_with_what_that_lane_was_made_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
+    let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
+    let names = ["left", "right"].map(String::from);
+    let finishers = (names.iter())
+        .map(|n| Some(std::sync::Arc::new(n.clone()) as capture::Finisher))
+        .collect();
+    let lanes = sink.lanes_with(finishers);
+    drop(sink);
+    let records = exchanges(200, 17);
+    for (i, r) in records.iter().enumerate() {
+        assert!(lanes[i % 2].offer_unfinished(Box::new(Named(r.clone()))));
+    }
+    drop(lanes);
+    thread.finish().unwrap();
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    let mut targets: Vec<_> = (back.iter())
+        .filter_map(|r| match r {
+            Record::Exchange(e) => Some((e.id, e.request.target.clone())),
+            _ => None,
+        })
+        .collect();
+    targets.sort();
+    let mut expected: Vec<_> = (records.iter().enumerate())
+        .filter_map(|(i, r)| match r {
+            Record::Exchange(e) => Some((e.id, format!("/{}{}", names[i % 2], e.request.target))),
+            _ => None,
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(targets.len(), 200);
+    assert_eq!(targets, expected);
+}
+
 #[test]
 fn unfinished_records_count_against_the_byte_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,7 +257,7 @@ fn unfinished_records_count_against_the_byte_budget() {
 struct Broken(Nanos);
 
 impl Unfinished for Broken {
-    fn finish(self: Box<Self>) -> Record {
+    fn finish(self: Box<Self>, _: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
         panic!("a bug in finishing a record");
     }
 

@@ -25,7 +25,7 @@ use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
 use crate::redact::{is_token_endpoint, Redactor};
-use crate::tape::capture::{CaptureSink, Unfinished};
+use crate::tape::capture::{CaptureSink, Finisher, Unfinished};
 use crate::tape::{
     Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers,
     HttpVersion, Method, Nanos, Record, Request, Response, Scheme, Stored, Timing, TlsInfo,
@@ -84,6 +84,74 @@ pub struct Connection {
     pub exchanges: AtomicU64,
     /// HTTP/2 requests seen on this connection.
     h2_requests: std::sync::atomic::AtomicU32,
+    /// The last request and response heads copied for the capture on this connection.
+    copied: [LastCopy; 2],
+}
+
+/// The last head of one kind (requests or responses) copied for the capture on a connection.
+/// A client sends the same fields request after request (its `User-Agent`, its bearer token),
+/// and a server answers with the same until its `Date` ticks: the next head with the same
+/// fields shares that copy rather than making its own, and the redaction the tape writer's
+/// thread makes of it once ([`CopiedHead`]). A comparison of bytes the proxy's thread has just
+/// read replaces a copy, and the writer's work on the head, that the writer's core would then
+/// read and free: memory that passes between cores, where recording costs most.
+#[derive(Default)]
+struct LastCopy(std::sync::Mutex<Option<Arc<CopiedHead>>>);
+
+/// The largest head a connection remembers: it holds its copy as long as it is open.
+const LAST_COPY_LONGEST: usize = 8 << 10;
+
+impl LastCopy {
+    /// A copy of `raw`: the last one made here if it holds the same fields, else a new one.
+    fn of(&self, raw: &RawFields) -> Arc<CopiedHead> {
+        let Ok(mut last) = self.0.lock() else {
+            return CopiedHead::of(raw);
+        };
+        if let Some(same) = last.as_ref().filter(|l| l.fields.same_fields(raw)) {
+            return same.clone();
+        }
+        let copy = CopiedHead::of(raw);
+        *last = (copy.size <= LAST_COPY_LONGEST).then(|| copy.clone());
+        copy
+    }
+}
+
+/// A head's fields copied for the capture, shared by the records of the heads with the same
+/// fields ([`LastCopy`]), and what they became once redacted.
+///
+/// Aligned to a cache line of its own, away from the reference counts before it, which both
+/// the proxy's thread and the writer's write: reading the fields to compare them would
+/// otherwise wait for the line the writer's core just took.
+#[repr(align(64))]
+struct CopiedHead {
+    fields: RawFields,
+    /// `fields.approx_size()`.
+    size: usize,
+    /// The fields redacted, with the id of the redactor that did it: made once, on the tape
+    /// writer's thread, for every record that shares this copy.
+    redacted: std::sync::OnceLock<(u64, Headers)>,
+}
+
+impl CopiedHead {
+    fn of(raw: &RawFields) -> Arc<CopiedHead> {
+        Arc::new(CopiedHead {
+            fields: raw.copied(),
+            size: raw.approx_size(),
+            redacted: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The fields redacted by `redactor`: as this copy was already, else worked out (or
+    /// recalled from another copy of the same fields, [`redacted_recalled`]) and kept.
+    fn redacted(self: &Arc<Self>, redactor: &Redactor) -> Headers {
+        let (id, headers) =
+            (self.redacted).get_or_init(|| (redactor.id(), redacted_recalled(redactor, self)));
+        if *id == redactor.id() {
+            headers.clone()
+        } else {
+            redacted(redactor, Fields::Raw(&self.fields))
+        }
+    }
 }
 
 impl Connection {
@@ -111,24 +179,33 @@ impl Capture {
         threads: usize,
     ) -> Vec<Arc<Capture>> {
         let threads = threads.max(1);
-        (sink.lanes(threads).into_iter().enumerate())
-            .map(|(thread, sink)| {
-                Arc::new(Capture {
-                    sink,
-                    // Its own reference count: the records of each thread take one.
-                    redactor: Arc::new(redactor.clone()),
-                    clock,
-                    config: config.clone(),
-                    metrics: metrics.clone(),
-                    thread,
-                    threads: threads as u64,
-                    exchanges_begun: AtomicU64::new(0),
-                    connections_opened: AtomicU64::new(0),
-                    sampled: AtomicU64::new(0),
-                    spool: spool.clone(),
-                })
+        // Each its own, so that no reference count is shared; the writer's thread finishes
+        // each lane's records with its thread's ([`Unredacted`]).
+        let redactors: Vec<_> = (0..threads).map(|_| Arc::new(redactor.clone())).collect();
+        let finishers = (redactors.iter())
+            .map(|r| Some(r.clone() as Finisher))
+            .collect();
+        (sink
+            .lanes_with(finishers)
+            .into_iter()
+            .zip(redactors)
+            .enumerate())
+        .map(|(thread, (sink, redactor))| {
+            Arc::new(Capture {
+                sink,
+                redactor,
+                clock,
+                config: config.clone(),
+                metrics: metrics.clone(),
+                thread,
+                threads: threads as u64,
+                exchanges_begun: AtomicU64::new(0),
+                connections_opened: AtomicU64::new(0),
+                sampled: AtomicU64::new(0),
+                spool: spool.clone(),
             })
-            .collect()
+        })
+        .collect()
     }
 
     /// The proxy thread this capture serves.
@@ -179,6 +256,7 @@ impl Capture {
             scheme,
             exchanges: AtomicU64::new(0),
             h2_requests: std::sync::atomic::AtomicU32::new(0),
+            copied: Default::default(),
         })
     }
 
@@ -227,7 +305,7 @@ impl Capture {
         start: Nanos,
     ) -> Arc<Pending> {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
-        let (headers, raw) = self.head_fields(fields);
+        let (headers, raw) = self.head_fields(fields, &connection.copied[0]);
         let authority = authority
             .and_then(|a| a.to_str().ok())
             .unwrap_or_default()
@@ -253,7 +331,7 @@ impl Capture {
         Arc::new(Pending {
             capture: self.clone(),
             id: self.id(self.exchanges_begun.fetch_add(1, Ordering::Relaxed)),
-            connection: connection.id,
+            connection: connection.clone(),
             stream,
             client: connection.client,
             start,
@@ -269,11 +347,16 @@ impl Capture {
     }
 
     /// A head's fields as the record takes them: hyper's map redacted now; the fields the
-    /// recorder read itself copied as they are, for the writer's thread (module docs).
-    fn head_fields(&self, fields: Fields<'_>) -> (Headers, Option<RawFields>) {
+    /// recorder read itself copied as they are (or as `last` copied them), for the writer's
+    /// thread (module docs).
+    fn head_fields(
+        &self,
+        fields: Fields<'_>,
+        last: &LastCopy,
+    ) -> (Headers, Option<Arc<CopiedHead>>) {
         match fields {
             Fields::Map(_) => (redacted(&self.redactor, fields), None),
-            Fields::Raw(raw) => (Headers::new(), Some(raw.copied())),
+            Fields::Raw(raw) => (Headers::new(), Some(last.of(raw))),
         }
     }
 
@@ -340,7 +423,7 @@ enum ResponsePart {
         version: HttpVersion,
         headers: Headers,
         /// The fields as read, when `headers` is still to be made from them.
-        raw: Option<RawFields>,
+        raw: Option<Arc<CopiedHead>>,
         at: Nanos,
         keep_body: bool,
     },
@@ -377,13 +460,13 @@ impl<T> Slot<T> {
 pub struct Pending {
     capture: Arc<Capture>,
     id: u64,
-    connection: u64,
+    connection: Arc<Connection>,
     stream: u32,
     client: SocketAddr,
     start: Nanos,
     token_endpoint: bool,
     /// With the fields as read, when its headers are still to be made from them.
-    request: Slot<(Request, Option<RawFields>)>,
+    request: Slot<(Request, Option<Arc<CopiedHead>>)>,
     request_keep: usize,
     request_body: Slot<(BodySummary, Nanos)>,
     response: Slot<ResponsePart>,
@@ -416,7 +499,7 @@ impl Pending {
         fields: Fields<'_>,
     ) -> BodyDone {
         let capture = &self.capture;
-        let (headers, raw) = capture.head_fields(fields);
+        let (headers, raw) = capture.head_fields(fields, &self.connection.copied[1]);
         self.response.put(ResponsePart::Head {
             status: status.as_u16(),
             version: version_of(version),
@@ -493,7 +576,7 @@ impl Pending {
         };
         let mut exchange = Exchange {
             id: self.id,
-            connection: self.connection,
+            connection: self.connection.id,
             stream: self.stream,
             client: Some(self.client),
             timing: Timing {
@@ -525,11 +608,9 @@ impl Pending {
             _ if raw.is_empty() => capture.offer(exchange),
             _ => {
                 capture.count_recorded();
-                capture.sink.offer_unfinished(Box::new(Unredacted {
-                    exchange: Box::new(exchange),
-                    raw,
-                    redactor: capture.redactor.clone(),
-                }));
+                capture
+                    .sink
+                    .offer_unfinished(Box::new(Unredacted { exchange, raw }));
             }
         }
     }
@@ -537,8 +618,8 @@ impl Pending {
 
 /// The fields of an exchange's heads as read, still to be redacted into its record.
 struct Heads {
-    request: Option<RawFields>,
-    response: Option<RawFields>,
+    request: Option<Arc<CopiedHead>>,
+    response: Option<Arc<CopiedHead>>,
 }
 
 impl Heads {
@@ -547,11 +628,11 @@ impl Heads {
     }
 
     fn redact_into(self, exchange: &mut Exchange, redactor: &Redactor) {
-        if let Some(raw) = self.request {
-            exchange.request.headers = redacted_recalled(redactor, raw);
+        if let Some(copy) = self.request {
+            exchange.request.headers = copy.redacted(redactor);
         }
-        if let (Some(raw), Ok(response)) = (self.response, exchange.response.as_mut()) {
-            response.headers = redacted_recalled(redactor, raw);
+        if let (Some(copy), Ok(response)) = (self.response, exchange.response.as_mut()) {
+            response.headers = copy.redacted(redactor);
         }
     }
 }
@@ -564,7 +645,7 @@ const RECENT_HEAD_LONGEST: usize = 16 << 10;
 /// the most recently used first.
 struct RecentHeads {
     redactor: u64,
-    heads: Vec<(RawFields, Headers)>,
+    heads: Vec<(Arc<CopiedHead>, Headers)>,
 }
 
 thread_local! {
@@ -574,14 +655,16 @@ thread_local! {
 }
 
 /// [`redacted`] for a head the recorder read, remembering the last [`RECENT_HEADS`]: a client
-/// sends the same fields request after request (its `User-Agent`, `Accept`, the same bearer
-/// token) and a server answers with the same fields until its `Date` ticks, so most heads were
-/// redacted a moment ago. Looking one up is a byte comparison; redacting it anew classifies
-/// and checks every field, and was a third of the writer's work on each exchange. Like the
-/// redactor's own cache of credentials, this holds credentials in memory, never on the tape.
-fn redacted_recalled(redactor: &Redactor, raw: RawFields) -> Headers {
-    if raw.approx_size() > RECENT_HEAD_LONGEST {
-        return redacted(redactor, Fields::Raw(&raw));
+/// sends the same fields on each of its connections (its `User-Agent`, `Accept`, the same
+/// bearer token), and a server answers every client with the same fields until its `Date`
+/// ticks, so a head new to its connection ([`LastCopy`]) was often redacted a moment ago for
+/// another. Looking one up is a byte comparison; redacting it anew classifies and checks every
+/// field, and was a third of the writer's work on each exchange. Like the redactor's own cache
+/// of credentials, this holds credentials in memory, never on the tape.
+fn redacted_recalled(redactor: &Redactor, copy: &Arc<CopiedHead>) -> Headers {
+    let raw = &copy.fields;
+    if copy.size > RECENT_HEAD_LONGEST {
+        return redacted(redactor, Fields::Raw(raw));
     }
     RECENT.with(|recent| {
         let mut recent = recent.borrow_mut();
@@ -589,38 +672,40 @@ fn redacted_recalled(redactor: &Redactor, raw: RawFields) -> Headers {
             recent.redactor = redactor.id();
             recent.heads.clear();
         }
-        if let Some(i) = recent.heads.iter().position(|(r, _)| r.same_fields(&raw)) {
+        let same = |(c, _): &(Arc<CopiedHead>, Headers)| c.fields.same_fields(raw);
+        if let Some(i) = recent.heads.iter().position(same) {
             recent.heads[..=i].rotate_right(1);
             return recent.heads[0].1.clone();
         }
-        let headers = redacted(redactor, Fields::Raw(&raw));
+        let headers = redacted(redactor, Fields::Raw(raw));
         recent.heads.truncate(RECENT_HEADS - 1);
-        recent.heads.insert(0, (raw, headers.clone()));
+        recent.heads.insert(0, (copy.clone(), headers.clone()));
         headers
     })
 }
 
-/// An exchange whose heads are redacted on the tape writer's thread (module docs). Until then
-/// its credentials are in memory as the traffic's own buffers hold them, never on the tape.
+/// An exchange whose heads are redacted on the tape writer's thread (module docs), by the
+/// redactor of the lane it came through. Until then its credentials are in memory as the
+/// traffic's own buffers hold them, never on the tape.
 struct Unredacted {
-    exchange: Box<Exchange>,
+    /// In place, not boxed: the record's box is made on the writer's thread, where it is freed.
+    exchange: Exchange,
     raw: Heads,
-    redactor: Arc<Redactor>,
 }
 
 impl Unfinished for Unredacted {
-    fn finish(self: Box<Self>) -> Record {
-        let Unredacted {
-            mut exchange,
-            raw,
-            redactor,
-        } = *self;
-        raw.redact_into(&mut exchange, &redactor);
-        Record::Exchange(exchange)
+    fn finish(self: Box<Self>, with: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
+        let Unredacted { mut exchange, raw } = *self;
+        // A lane of a capture's always has its redactor (`Capture::per_thread`); were one
+        // missing, the panic costs this record (counted as dropped), never its credentials.
+        let redactor = (with.and_then(|w| w.downcast_ref::<Redactor>()))
+            .expect("a capture's lane carries its thread's redactor");
+        raw.redact_into(&mut exchange, redactor);
+        Record::Exchange(Box::new(exchange))
     }
 
     fn approx_size(&self) -> usize {
-        let head = |r: &Option<RawFields>| r.as_ref().map_or(0, RawFields::approx_size);
+        let head = |c: &Option<Arc<CopiedHead>>| c.as_ref().map_or(0, |c| c.size);
         self.exchange.approx_size() + head(&self.raw.request) + head(&self.raw.response)
     }
 
@@ -704,39 +789,81 @@ mod tests {
         }
     }
 
+    fn fields(path: &str, token: &str) -> RawFields {
+        read_for_tests(
+            format!("GET {path} HTTP/1.1\r\nHost: quay\r\nAuthorization: Bearer {token}\r\nUser-Agent: docker/27\r\n\r\n")
+                .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_connection_shares_its_last_copy_with_heads_of_the_same_fields_only() {
+        let last = LastCopy::default();
+        let first = last.of(&fields("/v2/", "tok-1"));
+        // Another request line, the same fields: the same copy.
+        let again = last.of(&fields("/v2/org/app/manifests/1", "tok-1"));
+        assert!(Arc::ptr_eq(&first, &again));
+        // Fields that differ: a copy of their own, which the next head then shares.
+        let other = last.of(&fields("/v2/", "tok-2"));
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert!(other.fields.same_fields(&fields("/", "tok-2")));
+        assert!(Arc::ptr_eq(&other, &last.of(&fields("/", "tok-2"))));
+        // Too large to keep for the connection's life: copied, never remembered.
+        let huge = "t".repeat(LAST_COPY_LONGEST);
+        let a = last.of(&fields("/", &huge));
+        let b = last.of(&fields("/", &huge));
+        assert!(!Arc::ptr_eq(&a, &b) && a.fields.same_fields(&b.fields));
+    }
+
+    #[test]
+    fn a_shared_copy_is_redacted_once_per_redactor_and_as_a_fresh_redaction_would_be() {
+        let redactor = Redactor::default();
+        let copy = CopiedHead::of(&fields("/v2/", "tok-1"));
+        let fresh = redacted(&redactor, Fields::Raw(&fields("/", "tok-1")));
+        assert_eq!(copy.redacted(&redactor), fresh);
+        assert!(copy
+            .redacted
+            .get()
+            .is_some_and(|(id, _)| *id == redactor.id()));
+        assert_eq!(copy.redacted(&redactor), fresh);
+        // Another redactor (another key) gets its own redaction, not the one kept.
+        let second = Redactor::default();
+        let theirs = copy.redacted(&second);
+        assert_eq!(
+            theirs,
+            redacted(&second, Fields::Raw(&fields("/", "tok-1")))
+        );
+        assert_ne!(token_of(&theirs).fingerprint, token_of(&fresh).fingerprint);
+    }
+
     #[test]
     fn recalled_heads_are_redacted_as_a_fresh_redaction_would_be() {
-        let head = |path: &str, token: &str| {
-            read_for_tests(
-                format!("GET {path} HTTP/1.1\r\nHost: quay\r\nAuthorization: Bearer {token}\r\nUser-Agent: docker/27\r\n\r\n")
-                    .as_bytes(),
-            )
-        };
+        let head = |path: &str, token: &str| CopiedHead::of(&fields(path, token));
         let redactor = Redactor::default();
-        let fresh = |raw: &RawFields| redacted(&redactor, Fields::Raw(raw));
-        let first = redacted_recalled(&redactor, head("/v2/", "tok-1"));
+        let fresh = |copy: &Arc<CopiedHead>| redacted(&redactor, Fields::Raw(&copy.fields));
+        let first = redacted_recalled(&redactor, &head("/v2/", "tok-1"));
         assert_eq!(first, fresh(&head("/v2/", "tok-1")));
         // The same fields under another path: recalled, and the same as redacting anew.
-        let again = redacted_recalled(&redactor, head("/v2/org/app/blobs/x", "tok-1"));
+        let again = redacted_recalled(&redactor, &head("/v2/org/app/blobs/x", "tok-1"));
         assert!(again == first && again == fresh(&head("/", "tok-1")));
         // Another token: its own fingerprint, not the remembered one.
-        let other = redacted_recalled(&redactor, head("/v2/", "tok-2"));
+        let other = redacted_recalled(&redactor, &head("/v2/", "tok-2"));
         assert_eq!(other, fresh(&head("/v2/", "tok-2")));
         assert_ne!(token_of(&other).fingerprint, token_of(&first).fingerprint);
         // More heads than are remembered, then the first again.
         for i in 0..RECENT_HEADS * 2 {
             let token = format!("tok-{i}");
-            let h = redacted_recalled(&redactor, head("/v2/", &token));
+            let h = redacted_recalled(&redactor, &head("/v2/", &token));
             assert_eq!(h, fresh(&head("/v2/", &token)));
         }
-        assert_eq!(redacted_recalled(&redactor, head("/v2/", "tok-1")), first);
+        assert_eq!(redacted_recalled(&redactor, &head("/v2/", "tok-1")), first);
         assert_eq!(token_of(&first), token_of(&fresh(&head("/", "tok-1"))));
         // Another redactor (another key): nothing recalled from the first one's heads.
         let second = Redactor::default();
-        let theirs = redacted_recalled(&second, head("/v2/", "tok-1"));
+        let theirs = redacted_recalled(&second, &head("/v2/", "tok-1"));
         assert_eq!(
             theirs,
-            redacted(&second, Fields::Raw(&head("/v2/", "tok-1")))
+            redacted(&second, Fields::Raw(&fields("/v2/", "tok-1")))
         );
         assert_ne!(token_of(&theirs).fingerprint, token_of(&first).fingerprint);
     }

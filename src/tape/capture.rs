@@ -19,6 +19,7 @@
 //! cache lines from core to core on every record, which cost more than the instructions of
 //! queueing it.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -31,13 +32,19 @@ use super::writer::{TapeWriter, WriteSummary};
 
 /// A record whose last work is done on the writer's thread, just before it is written.
 pub trait Unfinished: Send {
-    /// The record, finished.
-    fn finish(self: Box<Self>) -> Record;
+    /// The record, finished; `with` is what its lane was made with ([`Finisher`]), if anything.
+    fn finish(self: Box<Self>, with: Option<&(dyn Any + Send + Sync)>) -> Record;
     /// About how many bytes it holds, counted against [`CaptureLimits::bytes`].
     fn approx_size(&self) -> usize;
     /// The start of the exchange it will be, for the frame watermark.
     fn exchange_start(&self) -> Option<Nanos>;
 }
+
+/// What a lane's producer leaves the writer's thread for finishing its [`Unfinished`] records
+/// (the proxy's: its thread's redactor), given once with the lane ([`CaptureSink::lanes_with`])
+/// rather than with every record: a reference count both threads write would pass its cache
+/// line between their cores on every record.
+pub type Finisher = Arc<dyn Any + Send + Sync>;
 
 /// What the queue carries: a record, or one to finish.
 enum Queued {
@@ -46,10 +53,10 @@ enum Queued {
 }
 
 impl Queued {
-    fn into_record(self) -> Record {
+    fn into_record(self, with: Option<&Finisher>) -> Record {
         match self {
             Queued::Ready(record) => record,
-            Queued::Unfinished(parts) => parts.finish(),
+            Queued::Unfinished(parts) => parts.finish(with.map(|w| &**w)),
         }
     }
 
@@ -206,14 +213,16 @@ struct Lane {
     /// This lane's share of the byte budget.
     max_bytes: usize,
     in_flight: Option<InFlight>,
+    finisher: Option<Finisher>,
 }
 
 impl Lane {
-    fn new(max_bytes: usize, tracking: bool) -> Lane {
+    fn new(max_bytes: usize, tracking: bool, finisher: Option<Finisher>) -> Lane {
         Lane {
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
             in_flight: tracking.then(InFlight::new),
+            finisher,
         }
     }
 
@@ -258,9 +267,14 @@ impl CaptureCounters {
     }
 
     /// A new lane of `records` and `bytes`, for the writer to take up; its producer's end.
-    fn add_lane(&self, records: usize, bytes: usize) -> (SyncSender<Parcel>, Arc<Lane>) {
+    fn add_lane(
+        &self,
+        records: usize,
+        bytes: usize,
+        finisher: Option<Finisher>,
+    ) -> (SyncSender<Parcel>, Arc<Lane>) {
         let (tx, rx) = sync_channel(records.max(1));
-        let lane = Arc::new(Lane::new(bytes, self.tracking));
+        let lane = Arc::new(Lane::new(bytes, self.tracking, finisher));
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         lanes.all.push(lane.clone());
         lanes.new.push((rx, lane.clone()));
@@ -280,11 +294,18 @@ impl CaptureSink {
     /// `n` sinks into the same tape, each through a lane of its own with an `n`-th of the
     /// queue's budget, for producers that offer records at the same time (the proxy's threads).
     pub fn lanes(&self, n: usize) -> Vec<CaptureSink> {
-        let n = n.max(1);
+        self.lanes_with(vec![None; n.max(1)])
+    }
+
+    /// [`CaptureSink::lanes`], one for each of `finishers`, the writer's thread finishing each
+    /// lane's [`Unfinished`] records with its own.
+    pub fn lanes_with(&self, finishers: Vec<Option<Finisher>>) -> Vec<CaptureSink> {
+        let n = finishers.len().max(1);
         let limits = self.counters.limits;
-        (0..n)
-            .map(|_| {
-                let (tx, lane) = self.counters.add_lane(limits.records / n, limits.bytes / n);
+        (finishers.into_iter())
+            .map(|finisher| {
+                let (tx, lane) =
+                    (self.counters).add_lane(limits.records / n, limits.bytes / n, finisher);
                 CaptureSink {
                     tx,
                     lane,
@@ -406,7 +427,7 @@ fn spawn_with(
         limits,
         lanes: Mutex::new(Lanes::default()),
     });
-    let (tx, lane) = counters.add_lane(limits.records, limits.bytes);
+    let (tx, lane) = counters.add_lane(limits.records, limits.bytes, None);
     let thread_counters = counters.clone();
     let handle = std::thread::Builder::new()
         .name("tape-writer".into())
@@ -427,7 +448,8 @@ fn spawn_with(
 /// rest of the capture.
 fn finished(queued: Queued, size: usize, lane: &Lane, c: &CaptureCounters) -> Option<Record> {
     let start = queued.exchange_start();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queued.into_record())) {
+    let finish = || queued.into_record(lane.finisher.as_ref());
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)) {
         Ok(record) => Some(record),
         Err(_) => {
             tracing::error!(
