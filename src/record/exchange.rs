@@ -10,10 +10,12 @@
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
 //! an exchange and nothing the forwarding needs, so it leaves the request's path. Fields from
 //! hyper's map are redacted at once, and so are an exchange's whose bodies were spooled
-//! (`--bodies full`: the spool, not the writer, takes it). The thread that redacts heads (the
-//! writer's, or for those a proxy thread's) remembers the last few it redacted
-//! ([`redacted_recalled`]): a client sends the same fields request after request, and finding
-//! them again is a byte comparison where redacting them was most of the writer's work.
+//! (`--bodies full`: the spool, not the writer, takes it). A client sends the same fields
+//! request after request: a connection shares its last copy of a head with the next head of
+//! the same fields, and the copy keeps its redaction once made ([`LastCopy`]), so the copy, the
+//! redaction and the memory the writer's core would read are made once; and the thread that
+//! redacts heads remembers the last few it redacted ([`redacted_recalled`]), for the first head
+//! of a connection whose client's others it has seen.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
