@@ -100,7 +100,10 @@ pub struct Connection {
 #[derive(Default)]
 struct LastCopy(std::sync::Mutex<Option<Arc<CopiedHead>>>);
 
-/// The largest head a connection remembers: it holds its copy as long as it is open.
+/// The largest head a connection remembers: it holds its copy, and the copy's redaction, as
+/// long as it is open (about twice this, for each of its two kinds, at most). Like the
+/// connection's own buffers, that copy holds the client's credentials in memory, never on a
+/// tape.
 const LAST_COPY_LONGEST: usize = 8 << 10;
 
 impl LastCopy {
