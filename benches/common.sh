@@ -8,6 +8,8 @@
 #                        writes $work/NAME.conf: nginx on PORT with SERVER as its server block,
 #                        `origin` the nginx on ORIGIN_PORT (kept connections), MAIN top-level
 #                        directives
+#   start_origin         an nginx origin (one worker) serving $work/www on port 18000, in the
+#                        background, ready when it returns
 #   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
 #   "${auth[@]}"         the arguments that make wrk or oha send `Authorization: Bearer` with a
 #                        JWT shaped as Quay's (829 bytes: RS256, an access claim, a 256-byte
@@ -55,6 +57,13 @@ http {
   server { listen 127.0.0.1:$2; $4 }
 }
 EOF
+}
+
+start_origin() {
+  nginx_conf origin 18000 18000 "location / { root $work/www; }" "worker_processes 1;"
+  nginx -c "$work/origin.conf" -g 'daemon off;' > /dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18000/data && break; sleep 0.1; done
 }
 
 # Configured as a reverse proxy in front of Quay is (and as loadtape forwards by default): the

@@ -28,10 +28,7 @@ need wrk "apt-get install wrk"
 need perf "apt-get install linux-perf"
 
 setup
-nginx_conf origin 18000 18000 "location / { root $work/www; }" "worker_processes 1;"
-nginx -c "$work/origin.conf" -g 'daemon off;' > /dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18000/data && break; sleep 0.1; done
+start_origin
 
 # run NAME BINARY MODE: the recorder under wrk for DURATION s, sampled for DURATION-1 s after a
 # second of warm-up; leaves NAME.data (perf) and NAME.rps in $work.

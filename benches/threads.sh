@@ -19,9 +19,7 @@ need nginx "apt-get install nginx"
 need wrk "apt-get install wrk"
 
 setup
-nginx_conf origin 18000 18000 "location / { root $work/www; }" "worker_processes 1;"
-nginx -c "$work/origin.conf" -g 'daemon off;' > /dev/null 2>&1 &
-pids+=($!)
+start_origin
 
 # ticks PID: "name ticks" (user + system) for each of PID's threads.
 ticks() {

@@ -116,7 +116,7 @@ impl LastCopy {
             return same.clone();
         }
         let copy = CopiedHead::of(raw);
-        *last = (copy.size <= LAST_COPY_LONGEST).then(|| copy.clone());
+        *last = (raw.approx_size() <= LAST_COPY_LONGEST).then(|| copy.clone());
         copy
     }
 }
@@ -130,8 +130,6 @@ impl LastCopy {
 #[repr(align(64))]
 struct CopiedHead {
     fields: RawFields,
-    /// `fields.approx_size()`.
-    size: usize,
     /// The fields redacted, with the id of the redactor that did it: made once, on the tape
     /// writer's thread, for every record that shares this copy.
     redacted: std::sync::OnceLock<(u64, Headers)>,
@@ -141,7 +139,6 @@ impl CopiedHead {
     fn of(raw: &RawFields) -> Arc<CopiedHead> {
         Arc::new(CopiedHead {
             fields: raw.copied(),
-            size: raw.approx_size(),
             redacted: std::sync::OnceLock::new(),
         })
     }
@@ -338,7 +335,6 @@ impl Capture {
             id: self.id(self.exchanges_begun.fetch_add(1, Ordering::Relaxed)),
             connection: connection.clone(),
             stream,
-            client: connection.client,
             start,
             token_endpoint,
             request: Slot::with((request, raw)),
@@ -467,7 +463,6 @@ pub struct Pending {
     id: u64,
     connection: Arc<Connection>,
     stream: u32,
-    client: SocketAddr,
     start: Nanos,
     token_endpoint: bool,
     /// With the fields as read, when its headers are still to be made from them.
@@ -583,7 +578,7 @@ impl Pending {
             id: self.id,
             connection: self.connection.id,
             stream: self.stream,
-            client: Some(self.client),
+            client: Some(self.connection.client),
             timing: Timing {
                 start: self.start,
                 request_done: req_done.saturating_sub(self.start),
@@ -668,7 +663,7 @@ thread_local! {
 /// of credentials, this holds credentials in memory, never on the tape.
 fn redacted_recalled(redactor: &Redactor, copy: &Arc<CopiedHead>) -> Headers {
     let raw = &copy.fields;
-    if copy.size > RECENT_HEAD_LONGEST {
+    if raw.approx_size() > RECENT_HEAD_LONGEST {
         return redacted(redactor, Fields::Raw(raw));
     }
     RECENT.with(|recent| {
@@ -710,7 +705,7 @@ impl Unfinished for Unredacted {
     }
 
     fn approx_size(&self) -> usize {
-        let head = |c: &Option<Arc<CopiedHead>>| c.as_ref().map_or(0, |c| c.size);
+        let head = |c: &Option<Arc<CopiedHead>>| c.as_ref().map_or(0, |c| c.fields.approx_size());
         self.exchange.approx_size() + head(&self.raw.request) + head(&self.raw.response)
     }
 
