@@ -130,29 +130,51 @@ impl LastCopy {
 #[repr(align(64))]
 struct CopiedHead {
     fields: RawFields,
-    /// The fields redacted, with the id of the redactor that did it: made once, on the tape
-    /// writer's thread, for every record that shares this copy.
-    redacted: std::sync::OnceLock<(u64, Headers)>,
+    redacted: KeptRedaction,
 }
+
+/// The fields of a [`CopiedHead`] redacted, with the id of the redactor that did it: made once,
+/// on the tape writer's thread, and lent to each record that shares the copy while it is
+/// written ([`Unredacted`]), rather than copied into each and freed. Taken and given back by
+/// the writer's thread alone (and by a proxy thread for a spooled exchange's, which then makes
+/// its own while the writer has it): the lock is not contended, and on a line of its own, it
+/// stays in the writer's core while the proxy's reads the fields.
+#[repr(align(64))]
+#[derive(Default)]
+struct KeptRedaction(std::sync::Mutex<Option<(u64, Headers)>>);
 
 impl CopiedHead {
     fn of(raw: &RawFields) -> Arc<CopiedHead> {
         Arc::new(CopiedHead {
             fields: raw.copied(),
-            redacted: std::sync::OnceLock::new(),
+            redacted: KeptRedaction::default(),
         })
     }
 
-    /// The fields redacted by `redactor`: as this copy was already, else worked out (or
-    /// recalled from another copy of the same fields, [`redacted_recalled`]) and kept.
-    fn redacted(self: &Arc<Self>, redactor: &Redactor) -> Headers {
-        let (id, headers) =
-            (self.redacted).get_or_init(|| (redactor.id(), redacted_recalled(redactor, self)));
-        if *id == redactor.id() {
-            headers.clone()
-        } else {
-            redacted(redactor, Fields::Raw(&self.fields))
+    /// The fields redacted by `redactor`, to give back once written ([`CopiedHead::give_back`]):
+    /// as this copy keeps them, else worked out (or recalled from another copy of the same
+    /// fields, [`redacted_recalled`]).
+    fn lend(self: &Arc<Self>, redactor: &Redactor) -> Headers {
+        let kept = (self.redacted.0.lock()).ok().and_then(|mut k| k.take());
+        match kept {
+            Some((id, headers)) if id == redactor.id() => headers,
+            _ => redacted_recalled(redactor, self),
         }
+    }
+
+    /// Keeps `headers`, lent by [`CopiedHead::lend`], for the next record of these fields.
+    fn give_back(&self, redactor: &Redactor, headers: Headers) {
+        if let Ok(mut kept) = self.redacted.0.lock() {
+            *kept = Some((redactor.id(), headers));
+        }
+    }
+
+    /// The fields redacted by `redactor`, a copy of its own.
+    fn redacted(self: &Arc<Self>, redactor: &Redactor) -> Headers {
+        let lent = self.lend(redactor);
+        let copy = lent.clone();
+        self.give_back(redactor, lent);
+        copy
     }
 }
 
@@ -486,17 +508,28 @@ impl Pending {
         self.token_endpoint
     }
 
+    /// The request has no body: it was whole with its head.
+    pub fn request_bodiless(&self) {
+        let whole = BodySummary {
+            complete: true,
+            ..BodySummary::default()
+        };
+        self.request_body.put((whole, self.start));
+        self.part_done();
+    }
+
     /// The request body's tap.
     pub fn request_tap(self: &Arc<Self>) -> BodyDone {
         BodyDone(self.clone(), Side::Request)
     }
 
-    /// The upstream answered with this head; the response body's tap follows.
+    /// The upstream answered with this head, read at `at`; the response body's tap follows.
     pub fn response_head(
         self: &Arc<Self>,
         status: http::StatusCode,
         version: http::Version,
         fields: Fields<'_>,
+        at: Nanos,
     ) -> BodyDone {
         let capture = &self.capture;
         let (headers, raw) = capture.head_fields(fields, &self.connection.copied[1]);
@@ -505,7 +538,7 @@ impl Pending {
             version: version_of(version),
             headers,
             raw,
-            at: capture.clock.now(),
+            at,
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
         });
         BodyDone(self.clone(), Side::Response)
@@ -693,15 +726,64 @@ struct Unredacted {
     raw: Heads,
 }
 
+thread_local! {
+    /// The box of the last exchange [`Unredacted`] wrote on this thread (the tape writer's),
+    /// for the next: one box for all rather than one made and freed for each.
+    static SPARE: std::cell::Cell<Option<Box<Exchange>>> = const { std::cell::Cell::new(None) };
+}
+
+impl Unredacted {
+    /// The redactor a lane of a capture's always carries (`Capture::per_thread`). Were one
+    /// missing, the panic costs this record (counted as dropped), never its credentials.
+    fn redactor(with: Option<&(dyn std::any::Any + Send + Sync)>) -> &Redactor {
+        (with.and_then(|w| w.downcast_ref::<Redactor>()))
+            .expect("a capture's lane carries its thread's redactor")
+    }
+}
+
 impl Unfinished for Unredacted {
     fn finish(self: Box<Self>, with: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
         let Unredacted { mut exchange, raw } = *self;
-        // A lane of a capture's always has its redactor (`Capture::per_thread`); were one
-        // missing, the panic costs this record (counted as dropped), never its credentials.
-        let redactor = (with.and_then(|w| w.downcast_ref::<Redactor>()))
-            .expect("a capture's lane carries its thread's redactor");
-        raw.redact_into(&mut exchange, redactor);
+        raw.redact_into(&mut exchange, Self::redactor(with));
         Record::Exchange(Box::new(exchange))
+    }
+
+    /// Writes the exchange with its heads' redactions lent by their copies, and gives them
+    /// back: a connection's records share them ([`LastCopy`]).
+    fn finish_into(
+        self: Box<Self>,
+        with: Option<&(dyn std::any::Any + Send + Sync)>,
+        write: &mut dyn FnMut(&Record),
+    ) {
+        let redactor = Self::redactor(with);
+        let Unredacted { exchange, raw } = *self;
+        let mut boxed = match SPARE.take() {
+            Some(mut spare) => {
+                *spare = exchange;
+                spare
+            }
+            None => Box::new(exchange),
+        };
+        if let Some(copy) = &raw.request {
+            boxed.request.headers = copy.lend(redactor);
+        }
+        let response = raw.response.as_ref().zip(boxed.response.as_mut().ok());
+        if let Some((copy, response)) = response {
+            response.headers = copy.lend(redactor);
+        }
+        let record = Record::Exchange(boxed);
+        write(&record);
+        let Record::Exchange(mut boxed) = record else {
+            unreachable!("made an exchange above")
+        };
+        if let Some(copy) = &raw.request {
+            copy.give_back(redactor, std::mem::take(&mut boxed.request.headers));
+        }
+        let response = raw.response.as_ref().zip(boxed.response.as_mut().ok());
+        if let Some((copy, response)) = response {
+            copy.give_back(redactor, std::mem::take(&mut response.headers));
+        }
+        SPARE.set(Some(boxed));
     }
 
     fn approx_size(&self) -> usize {
@@ -821,10 +903,8 @@ mod tests {
         let copy = CopiedHead::of(&fields("/v2/", "tok-1"));
         let fresh = redacted(&redactor, Fields::Raw(&fields("/", "tok-1")));
         assert_eq!(copy.redacted(&redactor), fresh);
-        assert!(copy
-            .redacted
-            .get()
-            .is_some_and(|(id, _)| *id == redactor.id()));
+        let kept = |copy: &CopiedHead| copy.redacted.0.lock().unwrap().clone();
+        assert!(kept(&copy).is_some_and(|(id, _)| id == redactor.id()));
         assert_eq!(copy.redacted(&redactor), fresh);
         // Another redactor (another key) gets its own redaction, not the one kept.
         let second = Redactor::default();
@@ -834,6 +914,104 @@ mod tests {
             redacted(&second, Fields::Raw(&fields("/", "tok-1")))
         );
         assert_ne!(token_of(&theirs).fingerprint, token_of(&fresh).fingerprint);
+    }
+
+    #[test]
+    fn a_shared_copy_lends_the_redaction_it_keeps_and_makes_one_while_it_is_lent() {
+        let redactor = Redactor::default();
+        let copy = CopiedHead::of(&fields("/v2/", "tok-1"));
+        let fresh = redacted(&redactor, Fields::Raw(&fields("/", "tok-1")));
+        let lent = copy.lend(&redactor);
+        assert_eq!(lent, fresh);
+        // Lent out: whoever else asks gets one made for them, the same.
+        assert_eq!(copy.lend(&redactor), fresh);
+        // What is given back is what is lent next, not made again.
+        let mut marked = lent.clone();
+        marked.push("x-marked", "1");
+        copy.give_back(&redactor, marked.clone());
+        assert_eq!(copy.lend(&redactor), marked);
+        // Kept by one redactor, it is never lent to another.
+        copy.give_back(&redactor, marked);
+        let second = Redactor::default();
+        assert_eq!(
+            copy.lend(&second),
+            redacted(&second, Fields::Raw(&fields("/", "tok-1")))
+        );
+    }
+
+    fn unredacted(id: u64, request: &Arc<CopiedHead>, response: &Arc<CopiedHead>) -> Unredacted {
+        let exchange = Exchange {
+            id,
+            connection: 1,
+            stream: 0,
+            client: None,
+            timing: Timing {
+                start: id * 1000,
+                request_done: 1,
+                response_head: Some(2),
+                response_done: 3,
+            },
+            request: Request {
+                method: Method::parse("GET"),
+                scheme: Scheme::Http,
+                authority: "quay".into(),
+                target: "/v2/".into(),
+                version: HttpVersion::Http11,
+                headers: Headers::new(),
+                body: Body::empty(),
+            },
+            response: Ok(Response {
+                status: 200,
+                version: HttpVersion::Http11,
+                headers: Headers::new(),
+                body: Body::empty(),
+            }),
+            issued_secrets: Vec::new(),
+            upgraded: false,
+        };
+        Unredacted {
+            exchange,
+            raw: Heads {
+                request: Some(request.clone()),
+                response: Some(response.clone()),
+            },
+        }
+    }
+
+    #[test]
+    fn unredacted_exchanges_are_written_redacted_and_their_copies_keep_the_redactions() {
+        let redactor = Arc::new(Redactor::default());
+        let with = Some(&*redactor as &(dyn std::any::Any + Send + Sync));
+        let request = CopiedHead::of(&fields("/v2/", "tok-1"));
+        let response = CopiedHead::of(&read_for_tests(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nSet-Cookie: s=1\r\n\r\n",
+        ));
+        let fresh_request = redacted(&redactor, Fields::Raw(&request.fields));
+        let fresh_response = redacted(&redactor, Fields::Raw(&response.fields));
+        let mut written = Vec::new();
+        for id in 1..=3 {
+            Box::new(unredacted(id, &request, &response))
+                .finish_into(with, &mut |r| written.push(r.clone()));
+            for copy in [&request, &response] {
+                let kept = copy.redacted.0.lock().unwrap().clone();
+                assert!(kept.is_some_and(|(id, _)| id == redactor.id()));
+            }
+        }
+        let finished = Box::new(unredacted(4, &request, &response)).finish(with);
+        written.push(finished);
+        assert_eq!(written.len(), 4);
+        for (i, record) in written.iter().enumerate() {
+            let Record::Exchange(e) = record else {
+                panic!("not an exchange")
+            };
+            assert_eq!(e.id, i as u64 + 1);
+            assert_eq!(e.request.headers, fresh_request);
+            assert_eq!(e.response.as_ref().unwrap().headers, fresh_response);
+        }
+        assert!(matches!(
+            fresh_response.get("set-cookie"),
+            Some(HeaderValue::Redacted(_))
+        ));
     }
 
     #[test]

@@ -34,6 +34,17 @@ use super::writer::{TapeWriter, WriteSummary};
 pub trait Unfinished: Send {
     /// The record, finished; `with` is what its lane was made with ([`Finisher`]), if anything.
     fn finish(self: Box<Self>, with: Option<&(dyn Any + Send + Sync)>) -> Record;
+    /// Finishes the record and hands it to `write`, once. What the record only borrows for
+    /// its writing it takes back afterwards: the proxy's records lend the redactions of the
+    /// heads they share with their connection's others, rather than a copy each, made and
+    /// freed on the writer's thread for every record. By default, [`Unfinished::finish`].
+    fn finish_into(
+        self: Box<Self>,
+        with: Option<&(dyn Any + Send + Sync)>,
+        write: &mut dyn FnMut(&Record),
+    ) {
+        write(&self.finish(with));
+    }
     /// About how many bytes it holds, counted against [`CaptureLimits::bytes`].
     fn approx_size(&self) -> usize;
     /// The start of the exchange it will be, for the frame watermark.
@@ -53,10 +64,10 @@ enum Queued {
 }
 
 impl Queued {
-    fn into_record(self, with: Option<&Finisher>) -> Record {
+    fn write_into(self, with: Option<&Finisher>, write: &mut dyn FnMut(&Record)) {
         match self {
-            Queued::Ready(record) => record,
-            Queued::Unfinished(parts) => parts.finish(with.map(|w| &**w)),
+            Queued::Ready(record) => write(&record),
+            Queued::Unfinished(parts) => parts.finish_into(with.map(|w| &**w), write),
         }
     }
 
@@ -443,21 +454,27 @@ fn spawn_with(
     )
 }
 
-/// The record `queued` (of `size` bytes, from `lane`) is or becomes. A producer's `finish`
-/// that panics costs its record (counted as dropped), not the writer thread and with it the
-/// rest of the capture.
-fn finished(queued: Queued, size: usize, lane: &Lane, c: &CaptureCounters) -> Option<Record> {
+/// Hands the record `queued` (of `size` bytes, from `lane`) is or becomes to `write`. A
+/// producer's `finish` that panics before its record is written costs that record (counted as
+/// dropped), not the writer thread and with it the rest of the capture.
+fn write_finished(
+    queued: Queued,
+    size: usize,
+    lane: &Lane,
+    c: &CaptureCounters,
+    write: &mut dyn FnMut(&Record),
+) {
     let start = queued.exchange_start();
-    let finish = || queued.into_record(lane.finisher.as_ref());
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)) {
-        Ok(record) => Some(record),
-        Err(_) => {
-            tracing::error!(
-                "a capture record could not be finished (a bug): dropped, capture goes on"
-            );
-            c.count_drop(lane, start, size);
-            None
-        }
+    let mut written = false;
+    let finish = || {
+        queued.write_into(lane.finisher.as_ref(), &mut |record| {
+            written = true;
+            write(record)
+        })
+    };
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)).is_err() && !written {
+        tracing::error!("a capture record could not be finished (a bug): dropped, capture goes on");
+        c.count_drop(lane, start, size);
     }
 }
 
@@ -488,16 +505,16 @@ fn take(
                 }) => {
                     taken += 1;
                     c.dequeued(lane, size, overflow);
-                    let Some(record) = finished(queued, size, lane, c) else {
-                        continue;
-                    };
-                    c.written.fetch_add(1, Ordering::Relaxed);
-                    let result = writer.write(&record);
-                    // Settled only once in the writer's frame: the watermark never passes a
-                    // record still in the queue.
-                    if let Record::Exchange(e) = &record {
-                        lane.exchange_settled(e.timing.start);
-                    }
+                    let mut result = Ok(());
+                    write_finished(queued, size, lane, c, &mut |record| {
+                        c.written.fetch_add(1, Ordering::Relaxed);
+                        result = writer.write(record);
+                        // Settled only once in the writer's frame: the watermark never passes
+                        // a record still in the queue.
+                        if let Record::Exchange(e) = record {
+                            lane.exchange_settled(e.timing.start);
+                        }
+                    });
                     if result.is_err() {
                         return (taken, result);
                     }
