@@ -34,7 +34,7 @@ use super::h1::InBody;
 use super::tap::TapBody;
 use super::upstream::{self, Dedicated, DirectBody, SendError};
 use super::RecordConfig;
-use crate::tape::FailureKind;
+use crate::tape::{FailureKind, Nanos};
 
 /// A body on its way through the proxy.
 // One per body, moved once into hyper: boxing the tap would cost an allocation per body.
@@ -281,7 +281,8 @@ impl Proxy {
             let protocol = request.headers().get(header::UPGRADE).cloned();
             (hyper::upgrade::on(&mut request), protocol)
         });
-        let start = self.capture.clock().now();
+        let started = std::time::Instant::now();
+        let start = self.capture.clock().at(started);
         let m = self.counts();
         m.requests.fetch_add(1, Ordering::Relaxed);
         m.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -383,6 +384,11 @@ impl Proxy {
         };
         parts.version = http::Version::HTTP_11;
         let body = match &pending {
+            // Nothing to measure: done with its head (and a clock read the fewer).
+            Some(p) if body.is_end_stream() => {
+                p.request_bodiless();
+                ProxyBody::Plain(body)
+            }
             Some(p) => ProxyBody::Tapped(TapBody::spooling(
                 body,
                 p.request_keep(),
@@ -396,9 +402,12 @@ impl Proxy {
         let timeout = self.config.upstream_timeout;
         // `None`: no response head within the timeout.
         let sent = match direct {
-            Some(address) => upstream::send(&dedicated, address, upstream, outgoing, timeout)
-                .await
-                .map(|r| r.map(Answer::Direct)),
+            Some(address) => {
+                let deadline = upstream::deadline(started, timeout);
+                upstream::send(&dedicated, address, upstream, outgoing, deadline)
+                    .await
+                    .map(|r| r.map(Answer::Direct))
+            }
             None => tokio::time::timeout(timeout, self.client.request(upstream))
                 .await
                 .ok()
@@ -442,7 +451,7 @@ impl Proxy {
         };
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some((client_side, _)) = upgrade {
-                return Ok(self.switch(client_side, response, pending.as_ref()));
+                return Ok(self.switch(client_side, response, pending.as_ref(), upstream_at));
             }
         }
         let pending = pending.as_ref();
@@ -451,7 +460,12 @@ impl Proxy {
                 let (mut parts, body) = r.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = InBody::Hyper(body);
-                let body = match self.recorded(pending, &parts, Fields::Map(&parts.headers)) {
+                let body = match self.recorded(
+                    pending,
+                    &parts,
+                    Fields::Map(&parts.headers),
+                    upstream_at,
+                ) {
                     Some((done, keep, spool)) => {
                         ProxyBody::Tapped(TapBody::spooling(body, keep, spool, done))
                     }
@@ -466,7 +480,7 @@ impl Proxy {
                 let fields = body
                     .fields()
                     .map_or(Fields::Map(&parts.headers), Fields::Raw);
-                let body = match self.recorded(pending, &parts, fields) {
+                let body = match self.recorded(pending, &parts, fields, upstream_at) {
                     Some((done, keep, spool)) => {
                         ProxyBody::TappedDirect(TapBody::spooling(body, keep, spool, done))
                     }
@@ -491,9 +505,10 @@ impl Proxy {
         pending: Option<&Arc<super::exchange::Pending>>,
         parts: &http::response::Parts,
         fields: Fields<'_>,
+        at: Nanos,
     ) -> Option<(BodyDone, usize, Option<Arc<super::spool::Spool>>)> {
         let p = pending?;
-        let done = p.response_head(parts.status, parts.version, fields);
+        let done = p.response_head(parts.status, parts.version, fields, at);
         let keep = self
             .capture
             .keep_for(fields.content_type(), p.token_endpoint());
@@ -508,6 +523,7 @@ impl Proxy {
         client_side: hyper::upgrade::OnUpgrade,
         response: Answer,
         pending: Option<&Arc<super::exchange::Pending>>,
+        at: Nanos,
     ) -> Response<ProxyBody> {
         self.counts().count_status(101);
         // Noted before the 101's tap ends, which completes the exchange's record.
@@ -520,8 +536,8 @@ impl Proxy {
                 let (parts, body) = r.into_parts();
                 if let Some(p) = pending {
                     // A 101 has no body: its tap ends at once.
-                    let done =
-                        p.response_head(parts.status, parts.version, Fields::Map(&parts.headers));
+                    let fields = Fields::Map(&parts.headers);
+                    let done = p.response_head(parts.status, parts.version, fields, at);
                     drop(TapBody::new(body, 0, done));
                 }
                 (parts, Switch::Pooled(upstream_side))
@@ -534,8 +550,8 @@ impl Proxy {
                     parts.headers = fields.to_map();
                 }
                 if let Some(p) = pending {
-                    let done =
-                        p.response_head(parts.status, parts.version, Fields::Map(&parts.headers));
+                    let fields = Fields::Map(&parts.headers);
+                    let done = p.response_head(parts.status, parts.version, fields, at);
                     drop(TapBody::new(body, 0, done));
                 }
                 (parts, Switch::Direct(switched.and_then(|s| s.take())))

@@ -187,7 +187,12 @@ pub struct Clock {
 
 impl Clock {
     pub fn now(&self) -> Nanos {
-        self.start.elapsed().as_nanos() as Nanos
+        self.at(Instant::now())
+    }
+
+    /// The tape time of `instant`: one reading of the clock serves the tape and a deadline.
+    pub fn at(&self, instant: Instant) -> Nanos {
+        instant.saturating_duration_since(self.start).as_nanos() as Nanos
     }
 }
 

@@ -152,21 +152,23 @@ impl Switched {
     }
 }
 
+/// `timeout` after `from`; decades away for a timeout too large to add (someone meaning
+/// "never").
+pub fn deadline(from: std::time::Instant, timeout: Duration) -> Instant {
+    let from = Instant::from_std(from);
+    (from.checked_add(timeout)).unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 86_400))
+}
+
 /// Sends `request` on `dedicated`'s connection to `upstream` (`host:port`), opening one if it
-/// has none or the one it had closed. `None` when no response head came within `timeout`.
+/// has none or the one it had closed. `None` when no response head came by `deadline`.
 pub async fn send(
     dedicated: &Arc<Dedicated>,
     upstream: &str,
     request: http::Request<ProxyBody>,
     outgoing: Option<Outgoing>,
-    timeout: Duration,
+    deadline: Instant,
 ) -> Option<Result<http::Response<DirectBody>, SendError>> {
     let Held { conn, timer } = dedicated.take();
-    let now = Instant::now();
-    // A timeout too large to add (someone meaning "never"): a deadline decades away.
-    let deadline = now
-        .checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
     let mut timer = match timer {
         Some(mut t) => {
             t.as_mut().reset(deadline);
