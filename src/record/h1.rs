@@ -45,6 +45,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::rt::Timer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -90,7 +91,7 @@ pub struct Serving {
 /// The reading side of a client connection, and what was read off it but not yet taken. While
 /// a request's body is being read, its [`RequestBody`] holds it.
 struct ReadSide {
-    io: ReadHalf<ClientIo>,
+    io: ReadIo,
     buf: BytesMut,
 }
 
@@ -105,7 +106,7 @@ struct Shared {
     /// The writing side, lent while a request that expects `100 Continue` is handled: the body
     /// sends it when first wanted, as hyper's server did (a request answered without its body,
     /// a local 400 or 502 say, never invites it).
-    write: Option<WriteHalf<ClientIo>>,
+    write: Option<WriteIo>,
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -121,7 +122,7 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
     } = serving;
     // TLS holds what is written until flushed; TCP sends it at once.
     let tls = matches!(io, ClientIo::Tls(_));
-    let (read, write) = tokio::io::split(io);
+    let (read, write) = split(io);
     // Held by the loop but while a body that owes a `100 Continue` has it (see `Shared`).
     let mut writer = Some(write);
     let mut side = Some(ReadSide {
@@ -181,7 +182,7 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
             Parsed::Head(head) => head,
             Parsed::HandOff => {
                 let ReadSide { io, buf } = side.take().expect("held");
-                return Served::HandOff(io.unsplit(writer.take().expect(HELD)), buf.freeze());
+                return Served::HandOff(unsplit(io, writer.take().expect(HELD)), buf.freeze());
             }
             Parsed::Refused(status, why) => {
                 refuse(writer.as_mut().expect(HELD), &mut out, status, &why).await;
@@ -419,7 +420,7 @@ fn too_large(why: String) -> Parsed {
 /// can only end with the connection). An error when the client cannot be written to, or the
 /// body failed (the client learns it from the close).
 async fn respond(
-    write: &mut WriteHalf<ClientIo>,
+    write: &mut WriteIo,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
     head_request: bool,
@@ -537,7 +538,7 @@ async fn respond(
 
 /// Writes what waits in `out`, emptying it; on TLS, flushes too (it holds written bytes until
 /// flushed).
-async fn send(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, tls: bool) -> io::Result<()> {
+async fn send(write: &mut WriteIo, out: &mut Vec<u8>, tls: bool) -> io::Result<()> {
     if !out.is_empty() {
         write.write_all(out).await?;
         out.clear();
@@ -549,7 +550,7 @@ async fn send(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, tls: bool) -> 
 }
 
 /// Answers a request this side will not pass on, then closes.
-async fn refuse(write: &mut WriteHalf<ClientIo>, out: &mut Vec<u8>, status: StatusCode, why: &str) {
+async fn refuse(write: &mut WriteIo, out: &mut Vec<u8>, status: StatusCode, why: &str) {
     tracing::debug!("refused a request: {why}");
     let text = format!("loadtape: {why}\n");
     out.clear();
@@ -755,6 +756,103 @@ impl Body for InBody {
             InBody::Hyper(b) => b.size_hint(),
             InBody::Own(b) => b.size_hint(),
             InBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A client connection's reading side: a TCP stream's halves share it without a lock (a read
+/// and a write each took and released one, three times a request), TLS, whose state both
+/// change, behind tokio's.
+enum ReadIo {
+    Plain(OwnedReadHalf),
+    Shared(ReadHalf<ClientIo>),
+}
+
+/// A client connection's writing side (see [`ReadIo`]). A TCP stream's shuts the connection's
+/// sending direction down when dropped: the loop drops it only as the connection ends.
+enum WriteIo {
+    Plain(OwnedWriteHalf),
+    Shared(WriteHalf<ClientIo>),
+}
+
+fn split(io: ClientIo) -> (ReadIo, WriteIo) {
+    match io {
+        ClientIo::Plain(stream) => {
+            let (read, write) = stream.into_split();
+            (ReadIo::Plain(read), WriteIo::Plain(write))
+        }
+        tls => {
+            let (read, write) = tokio::io::split(tls);
+            (ReadIo::Shared(read), WriteIo::Shared(write))
+        }
+    }
+}
+
+/// The connection [`split`] made `read` and `write` of.
+fn unsplit(read: ReadIo, write: WriteIo) -> ClientIo {
+    match (read, write) {
+        (ReadIo::Plain(read), WriteIo::Plain(write)) => {
+            ClientIo::Plain(read.reunite(write).expect("the halves of one stream"))
+        }
+        (ReadIo::Shared(read), WriteIo::Shared(write)) => read.unsplit(write),
+        _ => unreachable!("the halves of one connection are of one kind"),
+    }
+}
+
+impl AsyncRead for ReadIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadIo::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            ReadIo::Shared(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteIo::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            WriteIo::Shared(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteIo::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteIo::Shared(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WriteIo::Plain(w) => w.is_write_vectored(),
+            WriteIo::Shared(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteIo::Plain(w) => Pin::new(w).poll_flush(cx),
+            WriteIo::Shared(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteIo::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            WriteIo::Shared(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
