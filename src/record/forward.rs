@@ -397,21 +397,26 @@ impl Proxy {
             )),
             None => ProxyBody::Plain(body),
         };
-        let upstream = Request::from_parts(parts, body);
-
         let timeout = self.config.upstream_timeout;
         // `None`: no response head within the timeout.
         let sent = match direct {
+            // Lent, not moved: a request's parts and body passed down by value were copied at
+            // every level of the futures that send it.
             Some(address) => {
                 let deadline = upstream::deadline(started, timeout);
-                upstream::send(&dedicated, address, upstream, outgoing, deadline)
+                let mut body = Some(body);
+                let outgoing = outgoing.as_ref();
+                upstream::send(&dedicated, address, &parts, &mut body, outgoing, deadline)
                     .await
                     .map(|r| r.map(Answer::Direct))
             }
-            None => tokio::time::timeout(timeout, self.client.request(upstream))
-                .await
-                .ok()
-                .map(|r| r.map(Answer::Pooled).map_err(SendError::Pooled)),
+            None => {
+                let upstream = Request::from_parts(parts, body);
+                tokio::time::timeout(timeout, self.client.request(upstream))
+                    .await
+                    .ok()
+                    .map(|r| r.map(Answer::Pooled).map_err(SendError::Pooled))
+            }
         };
         let upstream_at = self.capture.clock().now();
         m.upstream_latency

@@ -159,13 +159,15 @@ pub fn deadline(from: std::time::Instant, timeout: Duration) -> Instant {
     (from.checked_add(timeout)).unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 86_400))
 }
 
-/// Sends `request` on `dedicated`'s connection to `upstream` (`host:port`), opening one if it
-/// has none or the one it had closed. `None` when no response head came by `deadline`.
+/// Sends the request of `parts` and `body` (taken from its option as it is sent) on
+/// `dedicated`'s connection to `upstream` (`host:port`), opening one if it has none or the one
+/// it had closed. `None` when no response head came by `deadline`.
 pub async fn send(
     dedicated: &Arc<Dedicated>,
     upstream: &str,
-    request: http::Request<ProxyBody>,
-    outgoing: Option<Outgoing>,
+    parts: &http::request::Parts,
+    body: &mut Option<ProxyBody>,
+    outgoing: Option<&Outgoing>,
     deadline: Instant,
 ) -> Option<Result<http::Response<DirectBody>, SendError>> {
     let Held { conn, timer } = dedicated.take();
@@ -178,7 +180,7 @@ pub async fn send(
     };
     let sent = tokio::select! {
         biased;
-        sent = exchange(conn, upstream, request, outgoing.as_ref(), dedicated) => Some(sent),
+        sent = exchange(conn, upstream, parts, body, outgoing, dedicated) => Some(sent),
         _ = timer.as_mut() => None,
     };
     dedicated.put(Held {
@@ -193,12 +195,12 @@ pub async fn send(
 async fn exchange(
     mut conn: Option<Box<Conn>>,
     upstream: &str,
-    request: http::Request<ProxyBody>,
+    parts: &http::request::Parts,
+    body: &mut Option<ProxyBody>,
     outgoing: Option<&Outgoing>,
     dedicated: &Arc<Dedicated>,
 ) -> Result<http::Response<DirectBody>, SendError> {
-    let (parts, body) = request.into_parts();
-    let bodiless = body.is_end_stream();
+    let bodiless = !body.as_ref().is_some_and(|b| !b.is_end_stream());
     // Safe to send twice even if the first copy was acted on (Go's rule): a registry's
     // bodiless PUT completes an upload and a DELETE removes a manifest, and a second copy of
     // either after the first took effect answers 404.
@@ -206,14 +208,13 @@ async fn exchange(
     if conn.as_ref().is_some_and(|c| c.closed_by_upstream()) {
         conn = None;
     }
-    let mut body = Some(body);
     loop {
         let reused = conn.is_some();
         let mut c = match conn.take() {
             Some(c) => c,
             None => Conn::open(upstream).await?,
         };
-        match c.round_trip(&parts, outgoing, body.take()).await {
+        match c.round_trip(parts, outgoing, body.take()).await {
             Ok(head) => return Ok(c.into_response(head, &parts.method, dedicated)),
             Err(Failed {
                 error,
