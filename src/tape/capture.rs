@@ -150,10 +150,15 @@ impl InFlight {
 
     /// Its record is written (or will never be).
     pub fn settled(&self, start: Nanos) {
+        self.settled_many(start, 1);
+    }
+
+    /// `n` records of things started in the bucket of `start` are written.
+    fn settled_many(&self, start: Nanos, n: u64) {
         // Never below zero: something not announced settles to nothing.
-        let _ = self
-            .slot(start)
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        let _ = (self.slot(start)).fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
+            Some(k.saturating_sub(n))
+        });
     }
 
     /// The watermark at tape time `now`: the start of the oldest bucket with an exchange in
@@ -241,6 +246,55 @@ impl Lane {
     fn exchange_settled(&self, start: Nanos) {
         if let Some(f) = &self.in_flight {
             f.settled(start);
+        }
+    }
+}
+
+/// What the writer took off a lane in one pass, given back to the lane's counts once at the
+/// pass's end rather than record by record: the producer writes those counts too, and each
+/// write from the other side passed their cache line between the two cores. Given back late,
+/// a lane's queue looks fuller for a moment (a record may be dropped a moment early in an
+/// overload) and its exchanges are in flight a moment longer (the watermark, set after the
+/// pass, waits no longer for it).
+#[derive(Default)]
+struct Taking {
+    bytes: usize,
+    overflow: usize,
+    /// Exchanges written, of starts in one bucket: (a start in it, how many).
+    settled: Option<(Nanos, u64)>,
+}
+
+impl Taking {
+    fn dequeued(&mut self, size: usize, overflow: bool) {
+        if overflow {
+            self.overflow += size;
+        } else {
+            self.bytes += size;
+        }
+    }
+
+    fn settled(&mut self, lane: &Lane, start: Nanos) {
+        match &mut self.settled {
+            Some((s, n)) if *s >> BUCKET_SHIFT == start >> BUCKET_SHIFT => *n += 1,
+            run => {
+                if let (Some((s, n)), Some(f)) = (run.take(), &lane.in_flight) {
+                    f.settled_many(s, n);
+                }
+                *run = Some((start, 1));
+            }
+        }
+    }
+
+    /// Gives it all back.
+    fn give_back(self, lane: &Lane, c: &CaptureCounters) {
+        if self.bytes > 0 {
+            c.dequeued(lane, self.bytes, false);
+        }
+        if self.overflow > 0 {
+            c.dequeued(lane, self.overflow, true);
+        }
+        if let (Some((s, n)), Some(f)) = (self.settled, &lane.in_flight) {
+            f.settled_many(s, n);
         }
     }
 }
@@ -496,7 +550,9 @@ fn take(
     for i in 0..n {
         let (rx, lane) = &mut lanes[(first + i) % n];
         let Some(queue) = rx else { continue };
-        while taken < most {
+        let mut taking = Taking::default();
+        let mut result = Ok(());
+        while taken < most && result.is_ok() {
             match queue.try_recv() {
                 Ok(Parcel {
                     queued,
@@ -504,20 +560,16 @@ fn take(
                     overflow,
                 }) => {
                     taken += 1;
-                    c.dequeued(lane, size, overflow);
-                    let mut result = Ok(());
+                    taking.dequeued(size, overflow);
                     write_finished(queued, size, lane, c, &mut |record| {
                         c.written.fetch_add(1, Ordering::Relaxed);
                         result = writer.write(record);
                         // Settled only once in the writer's frame: the watermark never passes
                         // a record still in the queue.
                         if let Record::Exchange(e) = record {
-                            lane.exchange_settled(e.timing.start);
+                            taking.settled(lane, e.timing.start);
                         }
                     });
-                    if result.is_err() {
-                        return (taken, result);
-                    }
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -525,6 +577,10 @@ fn take(
                     break;
                 }
             }
+        }
+        taking.give_back(lane, c);
+        if result.is_err() {
+            return (taken, result);
         }
     }
     (taken, Ok(()))
