@@ -225,32 +225,47 @@ pub async fn serve(io: ClientIo, serving: Serving) -> Served {
         };
         let request = Request::from_parts(parts, body);
         let stream = connection.stream_of(version);
-        let Ok(response) = proxy
-            .clone()
-            .handle(
-                request,
-                Some(fields),
-                connection.clone(),
-                stream,
-                dedicated.clone(),
+        // The response lives in this block and is dropped where it lies as the block ends
+        // (moved, it would be copied whole): its body ends its exchange's record, and gives
+        // the upstream connection back.
+        let responded = {
+            let Ok(mut response) = proxy
+                .clone()
+                .handle(
+                    request,
+                    Some(fields),
+                    connection.clone(),
+                    stream,
+                    dedicated.clone(),
+                )
+                .await;
+            if writer.is_none() {
+                // Back from the body it was lent to (which may live on, in hyper's client).
+                writer = home.lock().ok().and_then(|mut shared| shared.write.take());
+            }
+            let Some(write) = writer.as_mut() else {
+                return Served::Closed(Err("a poisoned lock".into()));
+            };
+            // A switch nobody asked for (those asked for went to hyper) ends the connection,
+            // as hyper ended it.
+            let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let keep = keep_alive && !switched && !stop.is_cancelled();
+            respond(
+                write,
+                &mut out,
+                &mut response,
+                head_request,
+                version,
+                keep,
+                tls,
             )
-            .await;
-        if writer.is_none() {
-            // Back from the body it was lent to (which may live on, in hyper's client).
-            writer = home.lock().ok().and_then(|mut shared| shared.write.take());
-        }
-        let Some(write) = writer.as_mut() else {
-            return Served::Closed(Err("a poisoned lock".into()));
+            .await
         };
-        // A switch nobody asked for (those asked for went to hyper) ends the connection, as
-        // hyper ended it.
-        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let keep = keep_alive && !switched && !stop.is_cancelled();
-        let kept = match respond(write, &mut out, response, head_request, version, keep, tls).await
-        {
+        let kept = match responded {
             Ok(kept) => kept,
             Err(e) => return Served::Closed(Err(e)),
         };
+        let write = writer.as_mut().expect(HELD);
         let mut unread = false;
         if has_body {
             // Whole only if the body was read to its end.
@@ -422,20 +437,21 @@ fn too_large(why: String) -> Parsed {
 async fn respond(
     write: &mut WriteIo,
     out: &mut Vec<u8>,
-    response: Response<ProxyBody>,
+    response: &mut Response<ProxyBody>,
     head_request: bool,
     version: Version,
     mut keep: bool,
     tls: bool,
 ) -> Result<bool, String> {
-    let (parts, mut body) = response.into_parts();
+    // Lent, not moved: a response moved into this future was copied whole once more.
+    let status = response.status();
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let status = parts.status.as_u16();
+    let status = status.as_u16();
     let bodiless = head_request || (100..200).contains(&status) || status == 204 || status == 304;
     // A body's length is written as the body says it (the upstream's own framing was read
     // off its connection); a bodiless answer keeps the upstream's, which describes the body
@@ -451,12 +467,12 @@ async fn respond(
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     };
-    match body.take_fields() {
+    match response.body_mut().take_fields() {
         Some(raw) => raw.iter().for_each(|(name, value)| field(name, value)),
-        None => (&parts.headers)
-            .into_iter()
+        None => (response.headers().iter())
             .for_each(|(name, value)| field(name.as_str().as_bytes(), value.as_bytes())),
     }
+    let body = response.body_mut();
     if !dated {
         push_date(out);
     }
@@ -487,7 +503,7 @@ async fn respond(
     while !bodiless && !body.is_end_stream() {
         // A piece ready at once goes out with what is waiting; otherwise that goes first.
         let ready =
-            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
         let frame = match ready {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
