@@ -3,8 +3,8 @@
 //! An exchange is finished by two parties that run on different tasks: the request body's tap
 //! (polled by the upstream connection) and the response side (the response body's tap, or the
 //! handler when the upstream failed). Each leaves its part in a [`Pending`] and counts down; the
-//! last one builds the [`Exchange`] and offers it to the tape. The count is atomic; each part
-//! sits in a slot written once and taken once, so its lock is never contended.
+//! last one builds the [`Exchange`] and offers it to the tape. The count is atomic; the parts
+//! sit behind one lock ([`Parts`]) that each party takes once, so it is never contended.
 //!
 //! Heads the recorder read itself ([`RawFields`]) are kept as read, in a copy, and redacted and
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
@@ -359,11 +359,11 @@ impl Capture {
             stream,
             start,
             token_endpoint,
-            request: Slot::with((request, raw)),
+            parts: std::sync::Mutex::new(Parts {
+                request: Some((request, raw)),
+                ..Parts::default()
+            }),
             request_keep: keep,
-            request_body: Slot::default(),
-            response: Slot::default(),
-            response_body: Slot::default(),
             remaining: AtomicU8::new(2),
             upgraded: std::sync::atomic::AtomicBool::new(false),
         })
@@ -453,30 +453,17 @@ enum ResponsePart {
     Failed(UpstreamFailure),
 }
 
-/// A part of an exchange, left by one task and taken by the one that builds the record. The
-/// lock is never contended: each slot is written once, then read once by the last party.
-struct Slot<T>(std::sync::Mutex<Option<T>>);
-
-impl<T> Default for Slot<T> {
-    fn default() -> Self {
-        Slot(std::sync::Mutex::new(None))
-    }
-}
-
-impl<T> Slot<T> {
-    fn with(value: T) -> Self {
-        Slot(std::sync::Mutex::new(Some(value)))
-    }
-
-    fn put(&self, value: T) {
-        if let Ok(mut slot) = self.0.lock() {
-            slot.get_or_insert(value);
-        }
-    }
-
-    fn take(&self) -> Option<T> {
-        self.0.lock().ok()?.take()
-    }
+/// The parts of an exchange as they come: each left once by the task that has it (the
+/// request's when it arrives, then its body's tap; the response's head, then its body's tap)
+/// and all taken at once by the last. One lock for all, taken once by each party and never
+/// contended: a lock per part took and released four, a few times over.
+#[derive(Default)]
+struct Parts {
+    /// With the fields as read, when its headers are still to be made from them.
+    request: Option<(Request, Option<Arc<CopiedHead>>)>,
+    request_body: Option<(BodySummary, Nanos)>,
+    response: Option<ResponsePart>,
+    response_body: Option<(BodySummary, Nanos)>,
 }
 
 /// An exchange under way. See the module docs.
@@ -487,12 +474,8 @@ pub struct Pending {
     stream: u32,
     start: Nanos,
     token_endpoint: bool,
-    /// With the fields as read, when its headers are still to be made from them.
-    request: Slot<(Request, Option<Arc<CopiedHead>>)>,
     request_keep: usize,
-    request_body: Slot<(BodySummary, Nanos)>,
-    response: Slot<ResponsePart>,
-    response_body: Slot<(BodySummary, Nanos)>,
+    parts: std::sync::Mutex<Parts>,
     /// Parts still to come: the request body, and the response (with its body).
     remaining: AtomicU8,
     /// The connection switched protocols after this exchange (WebSocket).
@@ -514,7 +497,9 @@ impl Pending {
             complete: true,
             ..BodySummary::default()
         };
-        self.request_body.put((whole, self.start));
+        self.put(|p| {
+            p.request_body.get_or_insert((whole, self.start));
+        });
         self.part_done();
     }
 
@@ -533,13 +518,16 @@ impl Pending {
     ) -> BodyDone {
         let capture = &self.capture;
         let (headers, raw) = capture.head_fields(fields, &self.connection.copied[1]);
-        self.response.put(ResponsePart::Head {
+        let head = ResponsePart::Head {
             status: status.as_u16(),
             version: version_of(version),
             headers,
             raw,
             at,
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
+        };
+        self.put(|p| {
+            p.response.get_or_insert(head);
         });
         BodyDone(self.clone(), Side::Response)
     }
@@ -552,10 +540,19 @@ impl Pending {
     /// The upstream gave no response.
     pub fn failed(&self, kind: FailureKind, detail: String) {
         let at = self.capture.clock.now();
-        self.response
-            .put(ResponsePart::Failed(UpstreamFailure { kind, detail }));
-        self.response_body.put((BodySummary::default(), at));
+        self.put(|p| {
+            p.response
+                .get_or_insert(ResponsePart::Failed(UpstreamFailure { kind, detail }));
+            p.response_body.get_or_insert((BodySummary::default(), at));
+        });
         self.part_done();
+    }
+
+    /// Leaves a part (the first left of each kind stays).
+    fn put(&self, leave: impl FnOnce(&mut Parts)) {
+        if let Ok(mut parts) = self.parts.lock() {
+            leave(&mut parts);
+        }
     }
 
     fn part_done(&self) {
@@ -565,19 +562,21 @@ impl Pending {
     }
 
     fn build(&self) {
-        let Some((mut request, request_raw)) = self.request.take() else {
+        let parts =
+            (self.parts.lock()).map_or_else(|_| Parts::default(), |mut p| std::mem::take(&mut *p));
+        let Some((mut request, request_raw)) = parts.request else {
             self.capture.sink.exchange_abandoned(self.start);
             return;
         };
-        let (req_body, req_done) = self.request_body.take().unwrap_or_default();
+        let (req_body, req_done) = parts.request_body.unwrap_or_default();
         let mut spooled = [req_body.spooled, None];
         request.body = body_of(
             req_body,
             self.capture.config.bodies != BodyCapture::None && !self.token_endpoint,
         );
-        let (resp_body, resp_done) = self.response_body.take().unwrap_or_default();
+        let (resp_body, resp_done) = parts.response_body.unwrap_or_default();
         let mut response_raw = None;
-        let (response, response_head, issued) = match self.response.take() {
+        let (response, response_head, issued) = match parts.response {
             Some(ResponsePart::Head {
                 status,
                 version,
@@ -841,10 +840,12 @@ impl TapDone for BodyDone {
     fn body_done(&self, summary: BodySummary) {
         let pending = &self.0;
         let part = (summary, pending.capture.clock.now());
-        match self.1 {
-            Side::Request => pending.request_body.put(part),
-            Side::Response => pending.response_body.put(part),
-        }
+        pending.put(|p| {
+            match self.1 {
+                Side::Request => p.request_body.get_or_insert(part),
+                Side::Response => p.response_body.get_or_insert(part),
+            };
+        });
         pending.part_done();
     }
 }
