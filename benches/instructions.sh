@@ -14,7 +14,7 @@
 #
 # Every request carries a Quay-shaped bearer JWT, as registry clients' do (BEARER=0: none).
 #
-# Needs nginx, valgrind (Debian packages) and oha (`cargo install oha`). Profiles are left in
+# Needs nginx, valgrind (Debian packages) and oha (`cargo install --locked oha`). Profiles are left in
 # $OUT (default target/instructions): `callgrind_annotate --inclusive=yes FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ OUT=${OUT:-target/instructions}
 source benches/common.sh
 need nginx "apt-get install nginx"
 need valgrind "apt-get install valgrind"
-need oha "cargo install oha"
+need oha "cargo install --locked oha"
 
 setup
 mkdir -p "$OUT"

@@ -19,7 +19,7 @@
 #
 #   bash benches/proxy.sh            # ROUNDS=5 DURATION=10s CONNS=64 by default
 #
-# Needs nginx and wrk (Debian packages) and oha (`cargo install oha`).
+# Needs nginx and wrk (Debian packages) and oha (`cargo install --locked oha`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ SOAK=${SOAK:-0}
 source benches/common.sh
 need nginx "apt-get install nginx"
 need wrk "apt-get install wrk"
-need oha "cargo install oha"
+need oha "cargo install --locked oha"
 
 setup
 

@@ -15,7 +15,7 @@
 #   MEMORY=10000000 bash benches/replay.sh # also replays 10 M requests, sampling resident memory
 #
 # Needs nginx, wrk and h2load (Debian packages nginx, wrk, nghttp2-client) and oha
-# (`cargo install oha`).
+# (`cargo install --locked oha`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ source benches/common.sh
 need nginx "apt-get install nginx"
 need wrk "apt-get install wrk"
 need h2load "apt-get install nghttp2-client"
-need oha "cargo install oha"
+need oha "cargo install --locked oha"
 need jq "apt-get install jq"
 
 setup
