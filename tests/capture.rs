@@ -300,6 +300,57 @@ fn a_record_that_cannot_be_finished_is_counted_dropped_and_capture_goes_on() {
     assert_eq!(dropped_in(&back), 10, "the tape says how many were lost");
 }
 
+/// A producer whose record is written, then fails as it takes back what it lent.
+struct BrokenAfter(Record);
+
+impl Unfinished for BrokenAfter {
+    fn finish(self: Box<Self>, _: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
+        self.0
+    }
+
+    fn finish_into(
+        self: Box<Self>,
+        _: Option<&(dyn std::any::Any + Send + Sync)>,
+        write: &mut dyn FnMut(&Record),
+    ) {
+        write(&self.0);
+        panic!("a bug in taking back what the record lent");
+    }
+
+    fn approx_size(&self) -> usize {
+        100
+    }
+
+    fn exchange_start(&self) -> Option<Nanos> {
+        Some(self.0.start())
+    }
+}
+
+#[test]
+fn a_record_that_fails_once_written_is_on_the_tape_once_and_not_counted_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = writer_at(&dir.path().join("t.tape"));
+    let (sink, thread) = capture::spawn(writer, CaptureLimits::default());
+    let records = exchanges(50, 17);
+    for (i, r) in records.iter().enumerate() {
+        if i % 5 == 0 {
+            assert!(sink.offer_unfinished(Box::new(BrokenAfter(r.clone()))));
+        } else {
+            assert!(sink.offer(r.clone()));
+        }
+    }
+    let counters = sink.counters().clone();
+    drop(sink);
+    let summary = thread.finish().expect("the writer thread survives");
+    assert_eq!(summary.dropped, 0);
+    assert_eq!(
+        counters.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let (back, _) = read_one(&dir.path().join("t.tape")).unwrap();
+    assert_eq!(back, records);
+}
+
 #[test]
 fn a_byte_budget_bounds_the_queue_too() {
     let dir = tempfile::tempdir().unwrap();

@@ -782,6 +782,11 @@ impl Unfinished for Unredacted {
         if let Some((copy, response)) = response {
             copy.give_back(redactor, std::mem::take(&mut response.headers));
         }
+        // Only the box is kept: what the record held is freed now, as it was written.
+        boxed.request.body = Body::empty();
+        if let Ok(response) = boxed.response.as_mut() {
+            response.body = Body::empty();
+        }
         SPARE.set(Some(boxed));
     }
 

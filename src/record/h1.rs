@@ -785,7 +785,9 @@ enum ReadIo {
 }
 
 /// A client connection's writing side (see [`ReadIo`]). A TCP stream's shuts the connection's
-/// sending direction down when dropped: the loop drops it only as the connection ends.
+/// sending direction down when dropped (tokio's waited for both halves to go): the loop drops
+/// it only as the connection ends, which, when the client's side failed mid-request, may be
+/// while a request body is still being read for the upstream.
 enum WriteIo {
     Plain(OwnedWriteHalf),
     Shared(WriteHalf<ClientIo>),

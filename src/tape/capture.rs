@@ -112,8 +112,9 @@ const WATERMARK_MARGIN: Nanos = 100_000_000;
 
 /// Exchanges started but not yet written, counted per bucket of their start. The writer's
 /// watermark is the start of the oldest bucket with one in flight: every exchange that started
-/// before it is on the tape. Atomic counters, no lock: a started exchange costs one increment,
-/// a written (or dropped) one a decrement.
+/// before it is on the tape. Atomic counters, no lock: a started exchange costs one increment;
+/// the written ones are taken off in one decrement per bucket for each pass of the writer
+/// over a lane (a dropped one at once).
 ///
 /// The replay's results writer uses one too: requests are counted at dispatch by their intended
 /// instant and settled once their result is written.
@@ -250,22 +251,29 @@ impl Lane {
     }
 }
 
-/// What the writer took off a lane in one pass, given back to the lane's counts once at the
-/// pass's end rather than record by record: the producer writes those counts too, and each
+/// What the writer took off a lane in one pass, given back to the lane's counts at the pass's
+/// end (and every [`TAKING_MOST`] records of a long one) rather than record by record: the producer writes those counts too, and each
 /// write from the other side passed their cache line between the two cores. Given back late,
 /// a lane's queue looks fuller for a moment (a record may be dropped a moment early in an
 /// overload) and its exchanges are in flight a moment longer (the watermark, set after the
 /// pass, waits no longer for it).
 #[derive(Default)]
 struct Taking {
+    /// Records taken since the last give-back.
+    records: usize,
     bytes: usize,
     overflow: usize,
     /// Exchanges written, of starts in one bucket: (a start in it, how many).
     settled: Option<(Nanos, u64)>,
 }
 
+/// The most records [`Taking`] holds before giving back: a pass that drains a busy lane to the
+/// end (the last, as the capture closes) must not make that lane look full meanwhile.
+const TAKING_MOST: usize = 256;
+
 impl Taking {
     fn dequeued(&mut self, size: usize, overflow: bool) {
+        self.records += 1;
         if overflow {
             self.overflow += size;
         } else {
@@ -510,7 +518,9 @@ fn spawn_with(
 
 /// Hands the record `queued` (of `size` bytes, from `lane`) is or becomes to `write`. A
 /// producer's `finish` that panics before its record is written costs that record (counted as
-/// dropped), not the writer thread and with it the rest of the capture.
+/// dropped), not the writer thread and with it the rest of the capture; one that panics after
+/// (giving back what it lent) costs nothing but the log line. A panic in `write` itself, the
+/// writer's own, is not the producer's: it goes on up, as it would without the producer.
 fn write_finished(
     queued: Queued,
     size: usize,
@@ -519,16 +529,26 @@ fn write_finished(
     write: &mut dyn FnMut(&Record),
 ) {
     let start = queued.exchange_start();
-    let mut written = false;
+    let (mut written, mut writing) = (false, false);
     let finish = || {
         queued.write_into(lane.finisher.as_ref(), &mut |record| {
-            written = true;
-            write(record)
+            writing = true;
+            write(record);
+            (writing, written) = (false, true);
         })
     };
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)).is_err() && !written {
-        tracing::error!("a capture record could not be finished (a bug): dropped, capture goes on");
-        c.count_drop(lane, start, size);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)) {
+        Ok(()) => {}
+        Err(panic) if writing => std::panic::resume_unwind(panic),
+        Err(_) if written => {
+            tracing::error!("a capture record panicked once written (a bug): capture goes on");
+        }
+        Err(_) => {
+            tracing::error!(
+                "a capture record could not be finished (a bug): dropped, capture goes on"
+            );
+            c.count_drop(lane, start, size);
+        }
     }
 }
 
@@ -570,6 +590,9 @@ fn take(
                             taking.settled(lane, e.timing.start);
                         }
                     });
+                    if taking.records >= TAKING_MOST {
+                        std::mem::take(&mut taking).give_back(lane, c);
+                    }
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {

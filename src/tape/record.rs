@@ -157,7 +157,8 @@ impl Exchange {
 pub struct Timing {
     /// The request head was received from the client.
     pub start: Nanos,
-    /// The request body was received whole (offset from `start`).
+    /// The request body was received whole (offset from `start`); 0 when the request had no
+    /// body (it was whole with its head), as the proxy records it from the eighth session on.
     pub request_done: u64,
     /// The upstream's response head arrived (offset from `start`); `None` when it never did.
     pub response_head: Option<u64>,
