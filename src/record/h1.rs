@@ -47,6 +47,7 @@ use hyper::rt::Timer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use super::exchange::Connection;
@@ -779,29 +780,23 @@ impl Body for InBody {
 /// A client connection's reading side: a TCP stream's halves share it without a lock (a read
 /// and a write each took and released one, three times a request), TLS, whose state both
 /// change, behind tokio's.
-enum ReadIo {
-    Plain(OwnedReadHalf),
-    Shared(ReadHalf<ClientIo>),
-}
+type ReadIo = Either<OwnedReadHalf, ReadHalf<ClientIo>>;
 
 /// A client connection's writing side (see [`ReadIo`]). A TCP stream's shuts the connection's
 /// sending direction down when dropped (tokio's waited for both halves to go): the loop drops
 /// it only as the connection ends, which, when the client's side failed mid-request, may be
 /// while a request body is still being read for the upstream.
-enum WriteIo {
-    Plain(OwnedWriteHalf),
-    Shared(WriteHalf<ClientIo>),
-}
+type WriteIo = Either<OwnedWriteHalf, WriteHalf<ClientIo>>;
 
 fn split(io: ClientIo) -> (ReadIo, WriteIo) {
     match io {
         ClientIo::Plain(stream) => {
             let (read, write) = stream.into_split();
-            (ReadIo::Plain(read), WriteIo::Plain(write))
+            (Either::Left(read), Either::Left(write))
         }
         tls => {
             let (read, write) = tokio::io::split(tls);
-            (ReadIo::Shared(read), WriteIo::Shared(write))
+            (Either::Right(read), Either::Right(write))
         }
     }
 }
@@ -809,69 +804,11 @@ fn split(io: ClientIo) -> (ReadIo, WriteIo) {
 /// The connection [`split`] made `read` and `write` of.
 fn unsplit(read: ReadIo, write: WriteIo) -> ClientIo {
     match (read, write) {
-        (ReadIo::Plain(read), WriteIo::Plain(write)) => {
+        (Either::Left(read), Either::Left(write)) => {
             ClientIo::Plain(read.reunite(write).expect("the halves of one stream"))
         }
-        (ReadIo::Shared(read), WriteIo::Shared(write)) => read.unsplit(write),
+        (Either::Right(read), Either::Right(write)) => read.unsplit(write),
         _ => unreachable!("the halves of one connection are of one kind"),
-    }
-}
-
-impl AsyncRead for ReadIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadIo::Plain(r) => Pin::new(r).poll_read(cx, buf),
-            ReadIo::Shared(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for WriteIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteIo::Plain(w) => Pin::new(w).poll_write(cx, buf),
-            WriteIo::Shared(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteIo::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            WriteIo::Shared(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteIo::Plain(w) => w.is_write_vectored(),
-            WriteIo::Shared(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteIo::Plain(w) => Pin::new(w).poll_flush(cx),
-            WriteIo::Shared(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteIo::Plain(w) => Pin::new(w).poll_shutdown(cx),
-            WriteIo::Shared(w) => Pin::new(w).poll_shutdown(cx),
-        }
     }
 }
 
