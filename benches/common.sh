@@ -10,6 +10,8 @@
 #                        directives
 #   start_origin         an nginx origin (one worker) serving $work/www on port 18000, in the
 #                        background, ready when it returns
+#   wait_for PORT        returns once http://127.0.0.1:PORT/data answers; stops the script when
+#                        nothing does within a minute
 #   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
 #   "${auth[@]}"         the arguments that make wrk or oha send `Authorization: Bearer` with a
 #                        JWT shaped as Quay's (829 bytes: RS256, an access claim, a 256-byte
@@ -37,6 +39,9 @@ setup() {
   cargo build --release --quiet
   loadtape=target/release/loadtape
   work=$(mktemp -d)
+  # nginx's workers run as nobody: mktemp's 0700 left them a 403 for the file to serve, which
+  # every bench measured until wait_for (curl -f) refused it.
+  chmod 755 "$work"
   pids=()
   trap cleanup EXIT
   mkdir -p "$work/www"
@@ -63,7 +68,13 @@ start_origin() {
   nginx_conf origin 18000 18000 "location / { root $work/www; }" "worker_processes 1;"
   nginx -c "$work/origin.conf" -g 'daemon off;' > /dev/null 2>&1 &
   pids+=($!)
-  for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18000/data && break; sleep 0.1; done
+  wait_for 18000
+}
+
+wait_for() {
+  for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/data" && return; sleep 0.2; done
+  echo "benches/$(basename "$0"): nothing answers on port $1" >&2
+  exit 1
 }
 
 # Configured as a reverse proxy in front of Quay is (and as loadtape forwards by default): the

@@ -37,11 +37,6 @@ pids+=($!)
 # As benches/proxy.sh configures it ($NGINX_PROXY, from common.sh).
 nginx_conf proxy 18101 18100 "$NGINX_PROXY" "$single"
 
-wait_for() {
-  for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/data" && return; sleep 0.2; done
-  echo "nothing answers on port $1" >&2
-  exit 1
-}
 wait_for 18100
 
 # measure NAME PORT STOP-SIGNAL COMMAND...: instructions per request of COMMAND under callgrind.

@@ -33,7 +33,7 @@ LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18003 --upstream http://12
 pids+=($!)
 off=$!
 for port in 18001 18002 18003; do
-  for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/data" && break; sleep 0.1; done
+  wait_for "$port"
 done
 
 events=()

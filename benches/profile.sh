@@ -38,7 +38,7 @@ run() {
   LOADTAPE_LOG=warn "$2" record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 \
     --out "$work/tape-$1" "${extra[@]}" > /dev/null 2>&1 &
   recorder=$!
-  for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18002/data && break; sleep 0.1; done
+  wait_for 18002
   wrk -t2 -c64 -d3s "${auth[@]}" http://127.0.0.1:18002/data > /dev/null
   wrk -t2 -c64 -d"${DURATION}s" "${auth[@]}" http://127.0.0.1:18002/data > "$work/$1.wrk" &
   local driver=$!

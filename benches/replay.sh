@@ -47,13 +47,13 @@ http {
 EOF
 nginx -c "$work/origin.conf" -g 'daemon off;' &
 pids+=($!)
-for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18100/data && break; sleep 0.1; done
+wait_for 18100
 origin=http://127.0.0.1:18100
 
 # The tape: 3 seconds of wrk through the recorder.
 LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18101 --upstream $origin --out "$work/tape" &
 rec=$!
-for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:18101/data && break; sleep 0.1; done
+wait_for 18101
 wrk -t2 -c32 -d3s http://127.0.0.1:18101/data >/dev/null
 kill -TERM $rec
 wait $rec || true

@@ -37,7 +37,7 @@ for round in $(seq "$ROUNDS"); do
       --out "$work/$mode$round" "${extra[@]}" > /dev/null 2>&1 &
     recorder=$!
     pids+=("$recorder")
-    for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:18002/data" && break; sleep 0.1; done
+    wait_for 18002
     wrk -t2 -c64 -d2s "${auth[@]}" "http://127.0.0.1:18002/data" > /dev/null
     before=$(ticks "$recorder")
     out=$(wrk -t2 -c64 -d"$DURATION" "${auth[@]}" "http://127.0.0.1:18002/data")

@@ -659,13 +659,25 @@ impl Heads {
         self.request.is_none() && self.response.is_none()
     }
 
-    fn redact_into(self, exchange: &mut Exchange, redactor: &Redactor) {
-        if let Some(copy) = self.request {
-            exchange.request.headers = copy.redacted(redactor);
+    fn redact_into(&self, exchange: &mut Exchange, redactor: &Redactor) {
+        for (copy, headers) in self.with_headers(exchange) {
+            *headers = copy.redacted(redactor);
         }
-        if let (Some(copy), Ok(response)) = (self.response, exchange.response.as_mut()) {
-            response.headers = copy.redacted(redactor);
-        }
+    }
+
+    /// Each head's copy, with the headers of `exchange` it becomes (a failed exchange's
+    /// response has none).
+    fn with_headers<'a>(
+        &'a self,
+        exchange: &'a mut Exchange,
+    ) -> impl Iterator<Item = (&'a Arc<CopiedHead>, &'a mut Headers)> {
+        let response = exchange.response.as_mut().ok().map(|r| &mut r.headers);
+        [
+            (self.request.as_ref(), Some(&mut exchange.request.headers)),
+            (self.response.as_ref(), response),
+        ]
+        .into_iter()
+        .filter_map(|(copy, headers)| Some((copy?, headers?)))
     }
 }
 
@@ -763,24 +775,16 @@ impl Unfinished for Unredacted {
             }
             None => Box::new(exchange),
         };
-        if let Some(copy) = &raw.request {
-            boxed.request.headers = copy.lend(redactor);
-        }
-        let response = raw.response.as_ref().zip(boxed.response.as_mut().ok());
-        if let Some((copy, response)) = response {
-            response.headers = copy.lend(redactor);
+        for (copy, headers) in raw.with_headers(&mut boxed) {
+            *headers = copy.lend(redactor);
         }
         let record = Record::Exchange(boxed);
         write(&record);
         let Record::Exchange(mut boxed) = record else {
             unreachable!("made an exchange above")
         };
-        if let Some(copy) = &raw.request {
-            copy.give_back(redactor, std::mem::take(&mut boxed.request.headers));
-        }
-        let response = raw.response.as_ref().zip(boxed.response.as_mut().ok());
-        if let Some((copy, response)) = response {
-            copy.give_back(redactor, std::mem::take(&mut response.headers));
+        for (copy, headers) in raw.with_headers(&mut boxed) {
+            copy.give_back(redactor, std::mem::take(headers));
         }
         // Only the box is kept: what the record held is freed now, as it was written.
         boxed.request.body = Body::empty();

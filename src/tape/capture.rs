@@ -252,8 +252,9 @@ impl Lane {
 }
 
 /// What the writer took off a lane in one pass, given back to the lane's counts at the pass's
-/// end (and every [`TAKING_MOST`] records of a long one) rather than record by record: the producer writes those counts too, and each
-/// write from the other side passed their cache line between the two cores. Given back late,
+/// end (and every [`TAKING_MOST`] records of a long one) rather than record by record: the
+/// producer writes those counts too, and each write from the other side passed their cache
+/// line between the two cores. Given back late,
 /// a lane's queue looks fuller for a moment (a record may be dropped a moment early in an
 /// overload) and its exchanges are in flight a moment longer (the watermark, set after the
 /// pass, waits no longer for it).
@@ -284,12 +285,7 @@ impl Taking {
     fn settled(&mut self, lane: &Lane, start: Nanos) {
         match &mut self.settled {
             Some((s, n)) if *s >> BUCKET_SHIFT == start >> BUCKET_SHIFT => *n += 1,
-            run => {
-                if let (Some((s, n)), Some(f)) = (run.take(), &lane.in_flight) {
-                    f.settled_many(s, n);
-                }
-                *run = Some((start, 1));
-            }
+            run => Taking::settle(lane, run.replace((start, 1))),
         }
     }
 
@@ -301,8 +297,13 @@ impl Taking {
         if self.overflow > 0 {
             c.dequeued(lane, self.overflow, true);
         }
-        if let (Some((s, n)), Some(f)) = (self.settled, &lane.in_flight) {
-            f.settled_many(s, n);
+        Taking::settle(lane, self.settled);
+    }
+
+    /// Takes a run of exchanges written off the lane's in flight.
+    fn settle(lane: &Lane, run: Option<(Nanos, u64)>) {
+        if let (Some((start, n)), Some(f)) = (run, &lane.in_flight) {
+            f.settled_many(start, n);
         }
     }
 }

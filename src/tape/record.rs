@@ -158,7 +158,8 @@ pub struct Timing {
     /// The request head was received from the client.
     pub start: Nanos,
     /// The request body was received whole (offset from `start`); 0 when the request had no
-    /// body (it was whole with its head), as the proxy records it from the eighth session on.
+    /// body (it was whole with its head; tapes from before 2026-11-27 may hold the moment
+    /// the proxy let go of the empty body instead, a few microseconds later).
     pub request_done: u64,
     /// The upstream's response head arrived (offset from `start`); `None` when it never did.
     pub response_head: Option<u64>,
