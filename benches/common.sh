@@ -12,6 +12,8 @@
 #                        background, ready when it returns
 #   wait_for PORT        returns once http://127.0.0.1:PORT/data answers; stops the script when
 #                        nothing does within a minute
+#   checked_wrk ARGS...  runs wrk and prints its report; stops the script when a response was not
+#                        2xx/3xx or a socket failed (a bench of error pages measures nothing)
 #   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
 #   "${auth[@]}"         the arguments that make wrk or oha send `Authorization: Bearer` with a
 #                        JWT shaped as Quay's (829 bytes: RS256, an access claim, a 256-byte
@@ -75,6 +77,17 @@ wait_for() {
   for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/data" && return; sleep 0.2; done
   echo "benches/$(basename "$0"): nothing answers on port $1" >&2
   exit 1
+}
+
+checked_wrk() {
+  local out
+  out=$(wrk "$@")
+  if grep -qE 'Non-2xx or 3xx responses|Socket errors' <<<"$out"; then
+    printf '%s\n' "$out" >&2
+    echo "benches/$(basename "$0"): wrk $* had failed requests (above); the figures would be of errors" >&2
+    exit 1
+  fi
+  printf '%s\n' "$out"
 }
 
 # Configured as a reverse proxy in front of Quay is (and as loadtape forwards by default): the

@@ -54,7 +54,7 @@ for port in 18001 18002 18003; do
   perf stat -x, -e raw_syscalls:sys_enter "${events[@]}" -p "$targets" -o "$work/stat" -- \
     sleep "$DURATION" > /dev/null 2>&1 &
   counting=$!
-  wrk -t2 -c64 -d"${DURATION}s" "${auth[@]}" "http://127.0.0.1:$port/data" > "$work/wrk"
+  checked_wrk -t2 -c64 -d"${DURATION}s" "${auth[@]}" "http://127.0.0.1:$port/data" > "$work/wrk"
   wait "$counting" || true
   requests=$(awk '/requests in/ {print $1}' "$work/wrk")
   echo "${names[$port]}: $requests requests; per request:"

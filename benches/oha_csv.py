@@ -34,7 +34,9 @@ def load(path):
     with open(path) as f:
         next(f)
         for line in f:
-            start, _dns, _dial, first_byte, duration, _bytes, _status = line.split(",")
+            start, _dns, _dial, first_byte, duration, _bytes, status = line.split(",")
+            if not 200 <= int(status) < 400:
+                sys.exit(f"{path}: a request answered {status.strip()}: the figures would be of errors")
             rows.append((float(start), float(first_byte) * 1e3, float(duration) * 1e3))
     if not rows:
         sys.exit(f"{path}: no successful requests (is the proxy up?)")

@@ -40,7 +40,7 @@ run() {
   recorder=$!
   wait_for 18002
   wrk -t2 -c64 -d3s "${auth[@]}" http://127.0.0.1:18002/data > /dev/null
-  wrk -t2 -c64 -d"${DURATION}s" "${auth[@]}" http://127.0.0.1:18002/data > "$work/$1.wrk" &
+  checked_wrk -t2 -c64 -d"${DURATION}s" "${auth[@]}" http://127.0.0.1:18002/data > "$work/$1.wrk" &
   local driver=$!
   sleep 1
   perf record -q -e cpu-clock -F 2999 -p "$recorder" -o "$work/$1.data" -- sleep $((DURATION - 1)) \

@@ -18,6 +18,7 @@
 # the CPU a proxy spends per request is what decides its share and varies far less.
 #
 #   bash benches/proxy.sh            # ROUNDS=5 DURATION=10s CONNS=64 by default
+#   OPEN=0 bash benches/proxy.sh     # the saturated rounds only (no open loop, no soak)
 #
 # Needs nginx and wrk (Debian packages) and oha (`cargo install --locked oha`).
 set -euo pipefail
@@ -28,6 +29,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 SOAK=${SOAK:-0}
+OPEN=${OPEN:-1}
 
 source benches/common.sh
 need nginx "apt-get install nginx"
@@ -78,7 +80,7 @@ results="$work/results"
 for round in $(seq "$ROUNDS"); do
   for port in 18000 18001 18002 18003; do
     before=$(ticks $port)
-    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${auth[@]}" "http://127.0.0.1:$port/data")
+    out=$(checked_wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${auth[@]}" "http://127.0.0.1:$port/data")
     after=$(ticks $port)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -119,6 +121,7 @@ print(f"  CPU per request, loadtape capture off / nginx proxy: {statistics.media
 open(sys.argv[1] + ".half", "w").write(str(int(med["18001"] / 2)))
 EOF
 
+[ "$OPEN" = 1 ] || exit 0
 rate=$(cat "$results.half")
 echo
 echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-correction, $ROUNDS alternating rounds of $DURATION:"
