@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::admin::Metrics;
-use super::fields::RawFields;
+use super::fields::{RawFields, Signature};
 use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
@@ -94,11 +94,13 @@ pub struct Connection {
 /// A client sends the same fields request after request (its `User-Agent`, its bearer token),
 /// and a server answers with the same until its `Date` ticks: the next head with the same
 /// fields shares that copy rather than making its own, and the redaction the tape writer's
-/// thread makes of it once ([`CopiedHead`]). A comparison of bytes the proxy's thread has just
-/// read replaces a copy, and the writer's work on the head, that the writer's core would then
-/// read and free: memory that passes between cores, where recording costs most.
+/// thread makes of it once ([`CopiedHead`]). A digest of bytes the proxy's thread has just read
+/// replaces a copy, and the writer's work on the head, that the writer's core would then read
+/// and free: memory that passes between cores, where recording costs most. The head is told
+/// from the copy by its [`Signature`], kept beside it, not by the copy's bytes, which have left
+/// the core's caches by the connection's next request.
 #[derive(Default)]
-struct LastCopy(std::sync::Mutex<Option<Arc<CopiedHead>>>);
+struct LastCopy(std::sync::Mutex<Option<(Signature, Arc<CopiedHead>)>>);
 
 /// The largest head a connection remembers: it holds its copy, and the copy's redaction, as
 /// long as it is open (about twice this, for each of its two kinds, at most). Like the
@@ -107,16 +109,18 @@ struct LastCopy(std::sync::Mutex<Option<Arc<CopiedHead>>>);
 const LAST_COPY_LONGEST: usize = 8 << 10;
 
 impl LastCopy {
-    /// A copy of `raw`: the last one made here if it holds the same fields, else a new one.
+    /// A copy of `raw`: the last one made here if it holds the same fields (the same
+    /// [`Signature`]), else a new one.
     fn of(&self, raw: &RawFields) -> Arc<CopiedHead> {
         let Ok(mut last) = self.0.lock() else {
             return CopiedHead::of(raw);
         };
-        if let Some(same) = last.as_ref().filter(|l| l.fields.same_fields(raw)) {
+        let signature = raw.signature();
+        if let Some((_, same)) = last.as_ref().filter(|(s, _)| *s == signature) {
             return same.clone();
         }
         let copy = CopiedHead::of(raw);
-        *last = (raw.approx_size() <= LAST_COPY_LONGEST).then(|| copy.clone());
+        *last = (raw.approx_size() <= LAST_COPY_LONGEST).then(|| (signature, copy.clone()));
         copy
     }
 }

@@ -8,6 +8,9 @@
 //! tape writer's thread), and made a `HeaderMap` only when hyper is who takes them: an HTTP/2
 //! client's response, a pooled upstream client's request, a connection handed over.
 
+use std::hash::Hasher;
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -15,6 +18,39 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 pub struct RawFields {
     head: Bytes,
     spans: Vec<Span>,
+}
+
+/// A digest, keyed, of a head's fields: their bytes from the first field to the last, where
+/// each lies among them (what [`RawFields::same_fields`] compares), and their length and count.
+///
+/// It lets a connection tell its next head of the same fields from the copy it kept of the last
+/// one (`record::exchange::LastCopy`) without reading that copy: by the next request on the
+/// connection, the copy has left the core's caches, and reading its kilobyte back cost more
+/// than the rest of recording the head, while the new head's bytes, just read, hash in cache.
+/// The key is random per process and never leaves its memory ([`SIGNATURE_KEY`]), so
+/// heads cannot be made to share a digest by anyone who does not know it; by chance, two heads
+/// of the same length and count share it once in 2^64. Were they to, the record of the second
+/// would name the fields of the first, as its connection sent them a request earlier and as
+/// redacted as any: never a credential in clear.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Signature {
+    digest: u64,
+    len: u32,
+    count: u32,
+}
+
+/// The key of every [`Signature`] this process makes, from the OS's random source (foldhash's
+/// own `RandomState` seeds itself from addresses and a counter, which is not enough here).
+static SIGNATURE_KEY: LazyLock<(u64, foldhash::SharedSeed)> = LazyLock::new(|| {
+    let mut key = [0u8; 16];
+    getrandom::fill(&mut key).expect("the OS provides random bytes for the fields' signatures");
+    let [a, b] = [&key[..8], &key[8..]].map(|k| u64::from_le_bytes(k.try_into().unwrap()));
+    (a, foldhash::SharedSeed::from_u64(b))
+});
+
+fn signature_hasher() -> foldhash::quality::FoldHasher<'static> {
+    let (seed, shared) = &*SIGNATURE_KEY;
+    foldhash::quality::FoldHasher::with_seed(*seed, shared)
 }
 
 /// Where a field lies in its head.
@@ -118,6 +154,31 @@ impl RawFields {
                 | (s.hop ^ t.hop) as u32
         });
         misplaced == 0 && self.head[a] == other.head[b]
+    }
+
+    /// What tells these fields from others without the bytes at hand: a digest of what
+    /// [`RawFields::same_fields`] compares, keyed. See [`Signature`].
+    pub fn signature(&self) -> Signature {
+        let Some(extent) = self.extent() else {
+            return Signature::default();
+        };
+        let base = extent.start as u32;
+        let bytes = &self.head[extent];
+        let mut h = signature_hasher();
+        h.write(bytes);
+        for s in &self.spans {
+            h.write_u128(
+                u128::from(s.name - base)
+                    | u128::from(s.name_len) << 32
+                    | u128::from(s.value - base) << 64
+                    | u128::from(s.value_len | u32::from(s.hop) << 31) << 96,
+            );
+        }
+        Signature {
+            digest: h.finish(),
+            len: bytes.len() as u32,
+            count: self.spans.len() as u32,
+        }
     }
 
     /// Where the fields lie in the head, from the first field's name to the last one's end.
@@ -266,6 +327,17 @@ mod tests {
 
     #[test]
     fn the_same_fields_are_told_apart_from_fields_that_differ_in_any_way() {
+        // Compared, and by their signatures: both tell the same.
+        fn same(a: &RawFields, b: &RawFields) -> bool {
+            let same = a.same_fields(b);
+            assert_eq!(
+                same,
+                a.signature() == b.signature(),
+                "signatures differ from bytes"
+            );
+            assert_eq!(same, b.same_fields(a));
+            same
+        }
         let fields = "Host: registry\r\nAuthorization: Bearer abc\r\nAccept: */*\r\n\r\n";
         let head =
             |start: &str, fields: &str| read_for_tests(format!("{start}{fields}").as_bytes());
@@ -273,29 +345,37 @@ mod tests {
         // Elsewhere in another head (a longer start line): the same fields.
         let two = head("GET /v2/org/app/manifests/latest HTTP/1.1\r\n", fields);
         assert_eq!(one.len(), 3);
-        assert!(one.same_fields(&two) && two.same_fields(&one));
+        assert!(same(&one, &two) && same(&two, &one));
         // One byte of one value.
         let other = head("GET /v2/ HTTP/1.1\r\n", &fields.replace("abc", "abd"));
-        assert!(!one.same_fields(&other));
+        assert!(!same(&one, &other));
         // The same bytes, split otherwise: the field's value is longer by what its name lost.
         let split = head(
             "GET /v2/ HTTP/1.1\r\n",
             &fields.replace("Accept: ", "Accept:  "),
         );
-        assert!(!one.same_fields(&split));
+        assert!(!same(&one, &split));
         // The same bytes, a field left out, or one marked hop-by-hop.
         let mut fewer = head("GET /v2/ HTTP/1.1\r\n", fields);
         fewer.retain(|n| n != b"Accept");
-        assert!(!one.same_fields(&fewer));
+        assert!(!same(&one, &fewer));
         let mut middle = head("GET /v2/ HTTP/1.1\r\n", fields);
         middle.retain(|n| n != b"Authorization");
-        assert!(!one.same_fields(&middle) && !fewer.same_fields(&middle));
+        assert!(!same(&one, &middle) && !same(&fewer, &middle));
         let mut hop = head("GET /v2/ HTTP/1.1\r\n", fields);
         hop.mark_hop(|n| n == b"Accept");
-        assert!(!one.same_fields(&hop));
+        assert!(!same(&one, &hop));
         // No fields at all.
         let none = head("GET / HTTP/1.1\r\n", "\r\n");
-        assert!(none.same_fields(&head("GET /other HTTP/1.1\r\n", "\r\n")));
-        assert!(!none.same_fields(&one) && !one.same_fields(&none));
+        assert!(same(&none, &head("GET /other HTTP/1.1\r\n", "\r\n")));
+        assert!(!same(&none, &one) && !same(&one, &none));
+        // The same bytes and as many fields, but not the same ones: a field between the first
+        // and the last left out (as an upstream's hop-by-hop fields are), another each time.
+        let four = "Host: registry\r\nX-A: 1\r\nX-B: 2\r\nAccept: */*\r\n\r\n";
+        let mut no_a = head("GET /v2/ HTTP/1.1\r\n", four);
+        no_a.retain(|n| n != b"X-A");
+        let mut no_b = head("GET /v2/ HTTP/1.1\r\n", four);
+        no_b.retain(|n| n != b"X-B");
+        assert!(!same(&no_a, &no_b));
     }
 }
