@@ -99,8 +99,51 @@ pub struct Connection {
 /// and free: memory that passes between cores, where recording costs most. The head is told
 /// from the copy by its [`Signature`], kept beside it, not by the copy's bytes, which have left
 /// the core's caches by the connection's next request.
+///
+/// Each record holds a reference to the copy it shares, which the tape writer's thread lets go
+/// of once the record is written: a reference count that both cores write, whose line was on
+/// the writer's core each time the next record took a reference. A connection takes them
+/// [`LEASED`] at a time instead, and hands them out one per record.
 #[derive(Default)]
-struct LastCopy(std::sync::Mutex<Option<(Signature, Arc<CopiedHead>)>>);
+struct LastCopy(std::sync::Mutex<Option<Kept>>);
+
+struct Kept {
+    signature: Signature,
+    copy: Arc<CopiedHead>,
+    /// References to `copy` taken beforehand ([`Arc::increment_strong_count`]), each to give a
+    /// record: counted here, in the line the connection touches anyway, not in a list elsewhere.
+    leased: usize,
+}
+
+impl Kept {
+    /// A reference to the copy, for a record.
+    fn lend(&mut self) -> Arc<CopiedHead> {
+        if self.leased == 0 {
+            for _ in 0..LEASED {
+                // SAFETY: `copy` is a live `Arc`, so the pointer is one `Arc::into_raw` gave.
+                unsafe { Arc::increment_strong_count(Arc::as_ptr(&self.copy)) };
+            }
+            self.leased = LEASED;
+        }
+        self.leased -= 1;
+        // SAFETY: the strong count this takes over is one of those `leased` counted, taken
+        // above, which nothing else owns.
+        unsafe { Arc::from_raw(Arc::as_ptr(&self.copy)) }
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        for _ in 0..self.leased {
+            // SAFETY: a count taken in `lend` and never given out; `copy` holds one more, so
+            // this never frees the copy.
+            unsafe { Arc::decrement_strong_count(Arc::as_ptr(&self.copy)) };
+        }
+    }
+}
+
+/// How many references to its last copy a connection takes at once ([`LastCopy`]).
+const LEASED: usize = 16;
 
 /// The largest head a connection remembers: it holds its copy, and the copy's redaction, as
 /// long as it is open (about twice this, for each of its two kinds, at most). Like the
@@ -116,11 +159,15 @@ impl LastCopy {
             return CopiedHead::of(raw);
         };
         let signature = raw.signature();
-        if let Some((_, same)) = last.as_ref().filter(|(s, _)| *s == signature) {
-            return same.clone();
+        if let Some(kept) = last.as_mut().filter(|k| k.signature == signature) {
+            return kept.lend();
         }
         let copy = CopiedHead::of(raw);
-        *last = (raw.approx_size() <= LAST_COPY_LONGEST).then(|| (signature, copy.clone()));
+        *last = (raw.approx_size() <= LAST_COPY_LONGEST).then(|| Kept {
+            signature,
+            copy: copy.clone(),
+            leased: 0,
+        });
         copy
     }
 }
@@ -333,7 +380,7 @@ impl Capture {
         start: Nanos,
     ) -> Arc<Pending> {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
-        let (headers, raw) = self.head_fields(fields, &connection.copied[0]);
+        let (headers, raw, raw_size) = self.head_fields(fields, &connection.copied[0]);
         let authority = authority
             .and_then(|a| a.to_str().ok())
             .unwrap_or_default()
@@ -365,6 +412,7 @@ impl Capture {
             token_endpoint,
             parts: std::sync::Mutex::new(Parts {
                 request: Some((request, raw)),
+                raw_size,
                 ..Parts::default()
             }),
             request_keep: keep,
@@ -375,15 +423,15 @@ impl Capture {
 
     /// A head's fields as the record takes them: hyper's map redacted now; the fields the
     /// recorder read itself copied as they are (or as `last` copied them), for the writer's
-    /// thread (module docs).
+    /// thread (module docs), with their size in memory (the copy's, known without reading it).
     fn head_fields(
         &self,
         fields: Fields<'_>,
         last: &LastCopy,
-    ) -> (Headers, Option<Arc<CopiedHead>>) {
+    ) -> (Headers, Option<Arc<CopiedHead>>, usize) {
         match fields {
-            Fields::Map(_) => (redacted(&self.redactor, fields), None),
-            Fields::Raw(raw) => (Headers::new(), Some(last.of(raw))),
+            Fields::Map(_) => (redacted(&self.redactor, fields), None, 0),
+            Fields::Raw(raw) => (Headers::new(), Some(last.of(raw)), raw.approx_size()),
         }
     }
 
@@ -468,6 +516,8 @@ struct Parts {
     request_body: Option<(BodySummary, Nanos)>,
     response: Option<ResponsePart>,
     response_body: Option<(BodySummary, Nanos)>,
+    /// The size of the heads' copies ([`Heads::size`]).
+    raw_size: usize,
 }
 
 /// An exchange under way. See the module docs.
@@ -521,7 +571,7 @@ impl Pending {
         at: Nanos,
     ) -> BodyDone {
         let capture = &self.capture;
-        let (headers, raw) = capture.head_fields(fields, &self.connection.copied[1]);
+        let (headers, raw, raw_size) = capture.head_fields(fields, &self.connection.copied[1]);
         let head = ResponsePart::Head {
             status: status.as_u16(),
             version: version_of(version),
@@ -531,7 +581,10 @@ impl Pending {
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
         };
         self.put(|p| {
-            p.response.get_or_insert(head);
+            if p.response.is_none() {
+                p.response = Some(head);
+                p.raw_size += raw_size;
+            }
         });
         BodyDone(self.clone(), Side::Response)
     }
@@ -630,6 +683,7 @@ impl Pending {
         let raw = Heads {
             request: request_raw,
             response: response_raw,
+            size: parts.raw_size,
         };
         match (&capture.spool, spooled) {
             (Some(spool), ids) if ids.iter().any(Option::is_some) => {
@@ -656,6 +710,9 @@ impl Pending {
 struct Heads {
     request: Option<Arc<CopiedHead>>,
     response: Option<Arc<CopiedHead>>,
+    /// The copies' size in memory, as the queue counts it: known when they were taken, so that
+    /// counting does not read the copies, which the proxy's core no longer holds.
+    size: usize,
 }
 
 impl Heads {
@@ -799,8 +856,7 @@ impl Unfinished for Unredacted {
     }
 
     fn approx_size(&self) -> usize {
-        let head = |c: &Option<Arc<CopiedHead>>| c.as_ref().map_or(0, |c| c.fields.approx_size());
-        self.exchange.approx_size() + head(&self.raw.request) + head(&self.raw.response)
+        self.exchange.approx_size() + self.raw.size
     }
 
     fn exchange_start(&self) -> Option<Nanos> {
@@ -904,6 +960,24 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &other));
         assert!(other.fields.same_fields(&fields("/", "tok-2")));
         assert!(Arc::ptr_eq(&other, &last.of(&fields("/", "tok-2"))));
+        // References are taken ahead, a few at a time, and given back with the connection.
+        let leasing = LastCopy::default();
+        let copies: Vec<_> = (0..LEASED + 3)
+            .map(|_| leasing.of(&fields("/", "tok-3")))
+            .collect();
+        let ahead = Arc::strong_count(&copies[0]) - copies.len() - 1;
+        assert!(
+            ahead > 0 && ahead < LEASED,
+            "{ahead} references taken ahead"
+        );
+        drop(leasing);
+        assert_eq!(Arc::strong_count(&copies[0]), copies.len());
+        let weak = Arc::downgrade(&copies[0]);
+        drop(copies);
+        assert!(
+            weak.upgrade().is_none(),
+            "the copy is freed with its last record"
+        );
         // Too large to keep for the connection's life: copied, never remembered.
         let huge = "t".repeat(LAST_COPY_LONGEST);
         let a = last.of(&fields("/", &huge));
@@ -988,6 +1062,7 @@ mod tests {
             raw: Heads {
                 request: Some(request.clone()),
                 response: Some(response.clone()),
+                size: request.fields.approx_size() + response.fields.approx_size(),
             },
         }
     }
