@@ -744,21 +744,14 @@ impl Outgoing {
     /// Writes the fields as `name: value` lines; whether a `Content-Length` is among them.
     pub fn write(&self, out: &mut Vec<u8>) -> bool {
         let mut length = false;
-        let mut line = |name: &[u8], value: &[u8]| {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        };
-        for (name, value) in self.fields.forwarded() {
-            if self.replaced(name) {
-                continue;
-            }
+        self.fields.write_forwarded(out, |name| {
             length |= name.len() == 14 && name.eq_ignore_ascii_case(b"content-length");
-            line(name, value);
-        }
+            !self.replaced(name)
+        });
         for (name, value) in &self.added {
-            line(name.as_str().as_bytes(), value.as_bytes());
+            for piece in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                out.extend_from_slice(piece);
+            }
         }
         length
     }

@@ -458,20 +458,23 @@ async fn respond(
     // off its connection); a bodiless answer keeps the upstream's, which describes the body
     // a GET would have had.
     let mut dated = false;
-    let mut field = |name: &[u8], value: &[u8]| {
-        if name.len() == 14 && !bodiless && name.eq_ignore_ascii_case(b"content-length") {
-            return;
-        }
+    let mut keep_field = |name: &[u8]| {
         dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+        !(name.len() == 14 && !bodiless && name.eq_ignore_ascii_case(b"content-length"))
     };
     match response.body_mut().take_fields() {
-        Some(raw) => raw.iter().for_each(|(name, value)| field(name, value)),
-        None => (response.headers().iter())
-            .for_each(|(name, value)| field(name.as_str().as_bytes(), value.as_bytes())),
+        // Its hop-by-hop fields were left out as it was read.
+        Some(raw) => raw.write_forwarded(out, keep_field),
+        None => {
+            for (name, value) in response.headers() {
+                if keep_field(name.as_str().as_bytes()) {
+                    out.extend_from_slice(name.as_str().as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
     }
     let body = response.body_mut();
     if !dated {
@@ -482,7 +485,9 @@ async fn respond(
     if !bodiless {
         match body.size_hint().exact() {
             Some(n) => {
-                let _ = write!(out, "content-length: {n}\r\n");
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
                 length = Some(n);
             }
             None if version == Version::HTTP_11 => {
