@@ -27,11 +27,13 @@ pub struct RawFields {
 /// one (`record::exchange::LastCopy`) without reading that copy: by the next request on the
 /// connection, the copy has left the core's caches, and reading its kilobyte back cost more
 /// than the rest of recording the head, while the new head's bytes, just read, hash in cache.
-/// The key is random per process and never leaves its memory ([`SIGNATURE_KEY`]), so
-/// heads cannot be made to share a digest by anyone who does not know it; by chance, two heads
-/// of the same length and count share it once in 2^64. Were they to, the record of the second
-/// would name the fields of the first, as its connection sent them a request earlier and as
-/// redacted as any: never a credential in clear.
+/// By chance, two heads of the same length and count share a digest once in 2^64. The key is
+/// random per process and never leaves its memory ([`SIGNATURE_KEY`]), and neither the digest
+/// nor whether two heads shared one is ever shown to a client; foldhash is a fast keyed hash,
+/// not a cryptographic one, so that is what stands between a client and a chosen collision. What
+/// a collision would do is bounded: the record of the second head would name the fields of the
+/// first, which the same connection sent with an earlier request, redacted as any: never a
+/// credential in clear, never another connection's fields.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct Signature {
     digest: u64,
