@@ -17,6 +17,9 @@
 # and the proxy compete for the same cores, throughput swings by 10-15% between runs, while
 # the CPU a proxy spends per request is what decides its share and varies far less.
 #
+# Each ratio is given per round (median [min..max]) with a bootstrap 95% interval of its median:
+# with five rounds that interval is nearly the range; more rounds (ROUNDS=10) narrow it.
+#
 #   bash benches/proxy.sh            # ROUNDS=5 DURATION=10s CONNS=64 by default
 #   OPEN=0 bash benches/proxy.sh     # the saturated rounds only (no open loop, no soak)
 #
@@ -110,13 +113,20 @@ for port in ["18000", "18001", "18002", "18003"]:
     rps = [x[0] for x in r]
     med[port] = statistics.median(rps)
     print(f"  {names[port]:24} {med[port]:10.0f} req/s [{min(rps):.0f}..{max(rps):.0f}]  p50 {statistics.median(x[1] for x in r):.2f} ms  p99 {statistics.median(x[2] for x in r):.2f} ms  cpu {statistics.median(x[3] for x in r):.1f} us/req")
+def ci(ratios):
+    # 95% interval of the median of the rounds' ratios (bootstrap, fixed seed): with a VM that
+    # drifts by several percent between rounds, how far the median itself could be off.
+    import random
+    rng = random.Random(1)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(4000))
+    return f"95% CI of the median {meds[100]:.2f}..{meds[3899]:.2f}"
 on_vs_nginx = [a[0] / b[0] for a, b in zip(by["18002"], by["18001"])]
 on_vs_off = [a[0] / b[0] for a, b in zip(by["18002"], by["18003"])]
-print(f"  loadtape (capture on) / nginx proxy: {statistics.median(on_vs_nginx):.2f}x [{min(on_vs_nginx):.2f}..{max(on_vs_nginx):.2f}] per round")
-print(f"  capture on / capture off:            {statistics.median(on_vs_off):.2f}x [{min(on_vs_off):.2f}..{max(on_vs_off):.2f}] per round")
+print(f"  loadtape (capture on) / nginx proxy: {statistics.median(on_vs_nginx):.2f}x [{min(on_vs_nginx):.2f}..{max(on_vs_nginx):.2f}] per round, {ci(on_vs_nginx)}")
+print(f"  capture on / capture off:            {statistics.median(on_vs_off):.2f}x [{min(on_vs_off):.2f}..{max(on_vs_off):.2f}] per round, {ci(on_vs_off)}")
 cpu_on = [a[3] / b[3] for a, b in zip(by["18002"], by["18001"])]
 cpu_off = [a[3] / b[3] for a, b in zip(by["18003"], by["18001"])]
-print(f"  CPU per request, loadtape capture on / nginx proxy:  {statistics.median(cpu_on):.2f}x [{min(cpu_on):.2f}..{max(cpu_on):.2f}] per round")
+print(f"  CPU per request, loadtape capture on / nginx proxy:  {statistics.median(cpu_on):.2f}x [{min(cpu_on):.2f}..{max(cpu_on):.2f}] per round, {ci(cpu_on)}")
 print(f"  CPU per request, loadtape capture off / nginx proxy: {statistics.median(cpu_off):.2f}x [{min(cpu_off):.2f}..{max(cpu_off):.2f}] per round")
 open(sys.argv[1] + ".half", "w").write(str(int(med["18001"] / 2)))
 EOF
