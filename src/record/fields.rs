@@ -135,10 +135,7 @@ impl RawFields {
                     if whole {
                         run = Some((start, end + 2));
                     } else {
-                        out.extend_from_slice(name);
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(self.value(s));
-                        out.extend_from_slice(b"\r\n");
+                        push_field(out, name, self.value(s));
                     }
                 }
             }
@@ -288,6 +285,13 @@ impl RawFields {
 }
 
 /// The name `s` spans in `head`.
+/// Writes one field as an HTTP/1.1 `Name: value` line.
+pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    for piece in [name, b": ", value, b"\r\n"] {
+        out.extend_from_slice(piece);
+    }
+}
+
 fn name_in<'h>(head: &'h [u8], s: &Span) -> &'h [u8] {
     &head[s.name as usize..s.name as usize + s.name_len as usize]
 }

@@ -29,7 +29,7 @@ use smallvec::SmallVec;
 
 use super::admin::{Counts, Metrics};
 use super::exchange::{BodyDone, Capture, Connection, Fields};
-use super::fields::RawFields;
+use super::fields::{push_field, RawFields};
 use super::h1::InBody;
 use super::tap::TapBody;
 use super::upstream::{self, Dedicated, DirectBody, SendError};
@@ -749,9 +749,7 @@ impl Outgoing {
             !self.replaced(name)
         });
         for (name, value) in &self.added {
-            for piece in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
-                out.extend_from_slice(piece);
-            }
+            push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         length
     }

@@ -51,7 +51,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use super::exchange::Connection;
-use super::fields::{RawFields, Span};
+use super::fields::{push_field, RawFields, Span};
 use super::forward::{Proxy, ProxyBody};
 use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 use super::head_timer::{self, HeadTimer};
@@ -468,10 +468,7 @@ async fn respond(
         None => {
             for (name, value) in response.headers() {
                 if keep_field(name.as_str().as_bytes()) {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    push_field(out, name.as_str().as_bytes(), value.as_bytes());
                 }
             }
         }

@@ -50,7 +50,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::fields::{RawFields, Span};
+use super::fields::{push_field, RawFields, Span};
 use super::forward::{Outgoing, ProxyBody};
 use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 
@@ -363,10 +363,7 @@ impl Conn {
             Some(outgoing) => outgoing.write(out),
             None => {
                 for (name, value) in &parts.headers {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    push_field(out, name.as_str().as_bytes(), value.as_bytes());
                 }
                 parts.headers.contains_key(header::CONTENT_LENGTH)
             }
