@@ -324,10 +324,18 @@ impl Redactor {
     /// `target` (path and query) with secret-looking query values replaced by
     /// `loadtape-redacted-<fingerprint>-<length>`.
     pub fn target(&self, target: &str) -> String {
-        let Some((path, query)) = target.split_once('?') else {
-            return target.to_string();
-        };
         let mut out = String::with_capacity(target.len());
+        self.target_into(target, &mut out);
+        out
+    }
+
+    /// [`Redactor::target`] appended to `out`: the capture writes it into the string of a
+    /// record it reuses (`record::exchange`), rather than into one made for each exchange.
+    pub fn target_into(&self, target: &str, out: &mut String) {
+        let Some((path, query)) = target.split_once('?') else {
+            out.push_str(target);
+            return;
+        };
         out.push_str(path);
         out.push('?');
         for (i, pair) in query.split('&').enumerate() {
@@ -352,7 +360,6 @@ impl Redactor {
                 _ => out.push_str(pair),
             }
         }
-        out
     }
 }
 

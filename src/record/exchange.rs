@@ -3,8 +3,11 @@
 //! An exchange is finished by two parties that run on different tasks: the request body's tap
 //! (polled by the upstream connection) and the response side (the response body's tap, or the
 //! handler when the upstream failed). Each leaves its part in a [`Pending`] and counts down; the
-//! last one builds the [`Exchange`] and offers it to the tape. The count is atomic; the parts
-//! sit behind one lock ([`Parts`]) that each party takes once, so it is never contended.
+//! last one completes the [`Exchange`] and offers it to the tape. The count is atomic; the parts
+//! sit behind one lock ([`Parts`]) that each party takes once, so it is never contended. The
+//! record is made in place, from its request on, in a box that the tape writer's thread gives
+//! back once it has written it, with the capacity of its strings and body buffers
+//! ([`Unredacted`]): nothing of it is made on one core to be freed on the other.
 //!
 //! Heads the recorder read itself ([`RawFields`]) are kept as read, in a copy, and redacted and
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
@@ -58,6 +61,8 @@ pub struct Capture {
     sampled: AtomicU64,
     /// With `--bodies full`: where bodies larger than the inline limit go.
     spool: Option<Arc<Spool>>,
+    /// Where the tape writer's thread gives back the boxes of this thread's records.
+    returns: Arc<Returns>,
 }
 
 /// A head's fields: hyper's map, or the bytes the recorder read ([`RawFields`]).
@@ -256,19 +261,28 @@ impl Capture {
         let threads = threads.max(1);
         // Each its own, so that no reference count is shared; the writer's thread finishes
         // each lane's records with its thread's ([`Unredacted`]).
-        let redactors: Vec<_> = (0..threads).map(|_| Arc::new(redactor.clone())).collect();
-        let finishers = (redactors.iter())
-            .map(|r| Some(r.clone() as Finisher))
+        let finishing: Vec<_> = (0..threads)
+            .map(|_| {
+                Arc::new(Finishing {
+                    redactor: Arc::new(redactor.clone()),
+                    returns: Arc::default(),
+                    batch: Default::default(),
+                })
+            })
+            .collect();
+        let finishers = (finishing.iter())
+            .map(|f| Some(f.clone() as Finisher))
             .collect();
         (sink
             .lanes_with(finishers)
             .into_iter()
-            .zip(redactors)
+            .zip(finishing)
             .enumerate())
-        .map(|(thread, (sink, redactor))| {
+        .map(|(thread, (sink, finishing))| {
             Arc::new(Capture {
                 sink,
-                redactor,
+                redactor: finishing.redactor.clone(),
+                returns: finishing.returns.clone(),
                 clock,
                 config: config.clone(),
                 metrics: metrics.clone(),
@@ -380,21 +394,18 @@ impl Capture {
         start: Nanos,
     ) -> Arc<Pending> {
         connection.exchanges.fetch_add(1, Ordering::Relaxed);
+        let mut record = self.spare_record();
         let (headers, raw, raw_size) = self.head_fields(fields, &connection.copied[0]);
-        let authority = authority
-            .and_then(|a| a.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        (record.raw.request, record.raw.size) = (raw, raw_size);
+        let request = &mut record.exchange_mut().request;
+        let authority = authority.and_then(|a| a.to_str().ok());
+        request.authority.push_str(authority.unwrap_or_default());
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let request = Request {
-            method: Method::parse(parts.method.as_str()),
-            scheme: connection.scheme,
-            authority,
-            target: self.redactor.target(target),
-            version: version_of(parts.version),
-            headers,
-            body: Body::empty(),
-        };
+        self.redactor.target_into(target, &mut request.target);
+        request.method = Method::parse(parts.method.as_str());
+        request.scheme = connection.scheme;
+        request.version = version_of(parts.version);
+        request.headers = headers;
         // A token endpoint's request may carry a password or client secret: never kept.
         let token_endpoint = is_token_endpoint(parts.uri.path());
         let keep = if token_endpoint {
@@ -411,8 +422,7 @@ impl Capture {
             start,
             token_endpoint,
             parts: std::sync::Mutex::new(Parts {
-                request: Some((request, raw)),
-                raw_size,
+                record: Some(record),
                 ..Parts::default()
             }),
             request_keep: keep,
@@ -451,9 +461,19 @@ impl Capture {
         }
     }
 
-    fn offer(&self, exchange: Exchange) {
-        self.count_recorded();
-        self.sink.offer(Record::Exchange(Box::new(exchange)));
+    /// A box for the next exchange's record: one the writer's thread gave back, else a new one
+    /// ([`Unredacted`]).
+    fn spare_record(&self) -> Box<Unredacted> {
+        let spare = SPARE_RECORDS.with_borrow_mut(|spares| {
+            if spares.is_empty() {
+                // Never waits: while the writer's thread gives some back, a new box will do.
+                if let Ok(mut returned) = self.returns.0.try_lock() {
+                    std::mem::swap(spares, &mut *returned);
+                }
+            }
+            spares.pop()
+        });
+        spare.unwrap_or_else(Unredacted::blank)
     }
 
     fn count_recorded(&self) {
@@ -497,8 +517,6 @@ enum ResponsePart {
         status: u16,
         version: HttpVersion,
         headers: Headers,
-        /// The fields as read, when `headers` is still to be made from them.
-        raw: Option<Arc<CopiedHead>>,
         at: Nanos,
         keep_body: bool,
     },
@@ -511,13 +529,11 @@ enum ResponsePart {
 /// contended: a lock per part took and released four, a few times over.
 #[derive(Default)]
 struct Parts {
-    /// With the fields as read, when its headers are still to be made from them.
-    request: Option<(Request, Option<Arc<CopiedHead>>)>,
+    /// The record, made in place: its request from the start, the rest when all has come.
+    record: Option<Box<Unredacted>>,
     request_body: Option<(BodySummary, Nanos)>,
     response: Option<ResponsePart>,
     response_body: Option<(BodySummary, Nanos)>,
-    /// The size of the heads' copies ([`Heads::size`]).
-    raw_size: usize,
 }
 
 /// An exchange under way. See the module docs.
@@ -559,7 +575,9 @@ impl Pending {
 
     /// The request body's tap.
     pub fn request_tap(self: &Arc<Self>) -> BodyDone {
-        BodyDone(self.clone(), Side::Request)
+        let mut buffer = Vec::new();
+        self.put(|p| buffer = p.take_buffer(Side::Request));
+        BodyDone(self.clone(), Side::Request, buffer)
     }
 
     /// The upstream answered with this head, read at `at`; the response body's tap follows.
@@ -576,17 +594,21 @@ impl Pending {
             status: status.as_u16(),
             version: version_of(version),
             headers,
-            raw,
             at,
             keep_body: !self.token_endpoint && capture.config.bodies != BodyCapture::None,
         };
+        let mut buffer = Vec::new();
         self.put(|p| {
             if p.response.is_none() {
                 p.response = Some(head);
-                p.raw_size += raw_size;
+                buffer = p.take_buffer(Side::Response);
+                if let Some(record) = p.record.as_mut() {
+                    record.raw.response = raw;
+                    record.raw.size += raw_size;
+                }
             }
         });
-        BodyDone(self.clone(), Side::Response)
+        BodyDone(self.clone(), Side::Response, buffer)
     }
 
     /// The connection switches protocols after this exchange.
@@ -621,92 +643,83 @@ impl Pending {
     fn build(&self) {
         let parts =
             (self.parts.lock()).map_or_else(|_| Parts::default(), |mut p| std::mem::take(&mut *p));
-        let Some((mut request, request_raw)) = parts.request else {
+        let (Some(mut record), Some(response)) = (parts.record, parts.response) else {
             self.capture.sink.exchange_abandoned(self.start);
             return;
         };
+        let capture = &self.capture;
         let (req_body, req_done) = parts.request_body.unwrap_or_default();
-        let mut spooled = [req_body.spooled, None];
-        request.body = body_of(
-            req_body,
-            self.capture.config.bodies != BodyCapture::None && !self.token_endpoint,
-        );
         let (resp_body, resp_done) = parts.response_body.unwrap_or_default();
-        let mut response_raw = None;
-        let (response, response_head, issued) = match parts.response {
-            Some(ResponsePart::Head {
+        let mut spooled = [req_body.spooled, None];
+        let keep_request = capture.config.bodies != BodyCapture::None && !self.token_endpoint;
+        let Unredacted {
+            exchange, buffers, ..
+        } = &mut *record;
+        let exchange = exchange
+            .as_mut()
+            .expect("a record being made has its exchange");
+        exchange.request.body = body_of(req_body, keep_request, &mut buffers[0]);
+        let mut response_head = None;
+        exchange.response = match response {
+            ResponsePart::Head {
                 status,
                 version,
                 headers,
-                raw,
                 at,
                 keep_body,
-            }) => {
-                response_raw = raw;
-                let issued = if self.token_endpoint && resp_body.complete {
-                    self.capture.redactor.issued_secrets(&resp_body.prefix)
-                } else {
-                    Vec::new()
-                };
+            } => {
+                if self.token_endpoint && resp_body.complete {
+                    exchange.issued_secrets = capture.redactor.issued_secrets(&resp_body.prefix);
+                }
                 spooled[1] = resp_body.spooled.filter(|_| keep_body);
-                let response = Response {
+                // A token endpoint's body held the token it issued: its buffer is not reused.
+                let mut none = Vec::new();
+                let spare = if self.token_endpoint {
+                    &mut none
+                } else {
+                    &mut buffers[1]
+                };
+                response_head = Some(at.saturating_sub(self.start));
+                Ok(Response {
                     status,
                     version,
                     headers,
-                    body: body_of(resp_body, keep_body),
-                };
-                (Ok(response), Some(at.saturating_sub(self.start)), issued)
+                    body: body_of(resp_body, keep_body, spare),
+                })
             }
-            Some(ResponsePart::Failed(failure)) => (Err(failure), None, Vec::new()),
-            None => {
-                self.capture.sink.exchange_abandoned(self.start);
-                return;
-            }
+            ResponsePart::Failed(failure) => Err(failure),
         };
-        let mut exchange = Exchange {
-            id: self.id,
-            connection: self.connection.id,
-            stream: self.stream,
-            client: Some(self.connection.client),
-            timing: Timing {
-                start: self.start,
-                request_done: req_done.saturating_sub(self.start),
-                response_head,
-                response_done: resp_done.saturating_sub(self.start),
-            },
-            request,
-            response,
-            issued_secrets: issued,
-            upgraded: self.upgraded.load(Ordering::Relaxed),
+        exchange.id = self.id;
+        exchange.connection = self.connection.id;
+        exchange.stream = self.stream;
+        exchange.client = Some(self.connection.client);
+        exchange.timing = Timing {
+            start: self.start,
+            request_done: req_done.saturating_sub(self.start),
+            response_head,
+            response_done: resp_done.saturating_sub(self.start),
         };
-        let capture = &self.capture;
-        let raw = Heads {
-            request: request_raw,
-            response: response_raw,
-            size: parts.raw_size,
-        };
+        exchange.upgraded = self.upgraded.load(Ordering::Relaxed);
+        capture.count_recorded();
         match (&capture.spool, spooled) {
             (Some(spool), ids) if ids.iter().any(Option::is_some) => {
-                capture.count_recorded();
                 // After its blobs, which the spool writes as they come: redacted here.
-                raw.redact_into(&mut exchange, &capture.redactor);
+                let mut exchange = *record.exchange.take().expect("made above");
+                record.raw.redact_into(&mut exchange, &capture.redactor);
                 // If the spool is swamped, with its prefixes instead.
                 if let Err(exchange) = spool.exchange(exchange, ids, &capture.sink) {
                     capture.sink.offer(Record::Exchange(exchange));
                 }
             }
-            _ if raw.is_empty() => capture.offer(exchange),
             _ => {
-                capture.count_recorded();
-                capture
-                    .sink
-                    .offer_unfinished(Box::new(Unredacted { exchange, raw }));
+                capture.sink.offer_unfinished(record);
             }
         }
     }
 }
 
 /// The fields of an exchange's heads as read, still to be redacted into its record.
+#[derive(Default)]
 struct Heads {
     request: Option<Arc<CopiedHead>>,
     response: Option<Arc<CopiedHead>>,
@@ -716,10 +729,6 @@ struct Heads {
 }
 
 impl Heads {
-    fn is_empty(&self) -> bool {
-        self.request.is_none() && self.response.is_none()
-    }
-
     fn redact_into(&self, exchange: &mut Exchange, redactor: &Redactor) {
         for (copy, headers) in self.with_headers(exchange) {
             *headers = copy.redacted(redactor);
@@ -789,82 +798,213 @@ fn redacted_recalled(redactor: &Redactor, copy: &Arc<CopiedHead>) -> Headers {
     })
 }
 
-/// An exchange whose heads are redacted on the tape writer's thread (module docs), by the
-/// redactor of the lane it came through. Until then its credentials are in memory as the
-/// traffic's own buffers hold them, never on the tape.
+/// An exchange's record, made in place on the proxy's thread from the parts as they come, its
+/// heads redacted on the tape writer's thread (module docs) by the redactor of the lane it
+/// came through. Until then its credentials are in memory as the traffic's own buffers hold
+/// them, never on the tape.
+///
+/// The box makes a round trip: once the writer has written the record, it clears it, keeping
+/// the capacity of its strings and of its bodies' buffers, and gives it back to the proxy
+/// thread it came from ([`Finishing`]), whose next exchange is made in it. Made and freed for
+/// each exchange, the record's box, its two strings and its body's buffer were each made on
+/// the proxy's core and freed on the writer's (the allocator then collecting them back on the
+/// proxy's), and the record was assembled by moving its parts from one place to the next
+/// (about 3.7 KB of copies an exchange, and one more into a box on the writer's thread).
 struct Unredacted {
-    /// In place, not boxed: the record's box is made on the writer's thread, where it is freed.
-    exchange: Exchange,
+    /// `None` only while the writer writes it.
+    exchange: Option<Box<Exchange>>,
     raw: Heads,
+    /// Buffers for the bodies' kept prefixes (request, response), emptied, for the next
+    /// exchange's taps ([`TapDone::prefix_buffer`]).
+    buffers: [Vec<u8>; 2],
 }
 
+/// What the tape writer's thread finishes a proxy thread's records with: its redactor, and the
+/// way back for their boxes.
+struct Finishing {
+    redactor: Arc<Redactor>,
+    returns: Arc<Returns>,
+    /// Boxes written and not yet given back, [`RETURNED_AT_ONCE`] at most: locked by the
+    /// writer's thread alone.
+    batch: std::sync::Mutex<Boxes>,
+}
+
+/// Boxes of written records given back to a proxy thread ([`Unredacted`]), a batch at a time:
+/// one lock a batch, so the line passes between the cores once a batch rather than once a
+/// record.
+#[derive(Default)]
+struct Returns(std::sync::Mutex<Boxes>);
+
+/// Records' boxes: the boxes themselves are what is given back and made again, not their
+/// contents moved.
+#[allow(clippy::vec_box)]
+type Boxes = Vec<Box<Unredacted>>;
+
+/// How many boxes the writer gives back at once, and the most a proxy thread keeps.
+const RETURNED_AT_ONCE: usize = 32;
+const SPARE_RECORDS_MOST: usize = 256;
+/// The largest body buffer a spare box keeps: beyond, the buffer is freed with its record.
+const SPARE_BUFFER_LONGEST: usize = 4 << 10;
+
 thread_local! {
-    /// The box of the last exchange [`Unredacted`] wrote on this thread (the tape writer's),
-    /// for the next: one box for all rather than one made and freed for each.
-    static SPARE: std::cell::Cell<Option<Box<Exchange>>> = const { std::cell::Cell::new(None) };
+    /// The boxes given back to this proxy thread, for its next exchanges
+    /// ([`Capture::spare_record`]).
+    static SPARE_RECORDS: std::cell::RefCell<Boxes> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Unredacted {
-    /// The redactor a lane of a capture's always carries (`Capture::per_thread`). Were one
-    /// missing, the panic costs this record (counted as dropped), never its credentials.
-    fn redactor(with: Option<&(dyn std::any::Any + Send + Sync)>) -> &Redactor {
-        (with.and_then(|w| w.downcast_ref::<Redactor>()))
+    /// An empty record in a new box.
+    fn blank() -> Box<Unredacted> {
+        Box::new(Unredacted {
+            exchange: Some(Box::new(Exchange {
+                id: 0,
+                connection: 0,
+                stream: 0,
+                client: None,
+                timing: Timing {
+                    start: 0,
+                    request_done: 0,
+                    response_head: None,
+                    response_done: 0,
+                },
+                request: Request {
+                    method: Method::Get,
+                    scheme: Scheme::Http,
+                    authority: String::new(),
+                    target: String::new(),
+                    version: HttpVersion::Http11,
+                    headers: Headers::new(),
+                    body: Body::empty(),
+                },
+                response: Err(UpstreamFailure {
+                    kind: FailureKind::Other,
+                    detail: String::new(),
+                }),
+                issued_secrets: Vec::new(),
+                upgraded: false,
+            })),
+            raw: Heads::default(),
+            buffers: [Vec::new(), Vec::new()],
+        })
+    }
+
+    fn exchange_mut(&mut self) -> &mut Exchange {
+        (self.exchange.as_mut()).expect("a record being made has its exchange")
+    }
+
+    /// What a lane of a capture's always carries (`Capture::per_thread`). Were it missing, the
+    /// panic costs this record (counted as dropped), never its credentials.
+    fn finishing(with: Option<&(dyn std::any::Any + Send + Sync)>) -> &Finishing {
+        (with.and_then(|w| w.downcast_ref::<Finishing>()))
             .expect("a capture's lane carries its thread's redactor")
+    }
+
+    /// Empties the record for the next exchange, keeping what has capacity worth keeping: its
+    /// strings, its bodies' buffers. What it shared (the heads' copies) is let go of.
+    fn clear(&mut self) {
+        self.raw = Heads::default();
+        let Unredacted {
+            exchange, buffers, ..
+        } = self;
+        let Some(exchange) = exchange.as_mut() else {
+            return;
+        };
+        let request = &mut exchange.request;
+        request.authority.clear();
+        request.target.clear();
+        request.headers = Headers::new();
+        reclaim(&mut request.body, &mut buffers[0]);
+        if let Ok(response) = exchange.response.as_mut() {
+            response.headers = Headers::new();
+            reclaim(&mut response.body, &mut buffers[1]);
+        }
+        exchange.issued_secrets.clear();
+    }
+}
+
+/// Takes a written body's kept bytes back into `buffer`, emptied, for the next record.
+fn reclaim(body: &mut Body, buffer: &mut Vec<u8>) {
+    if let Stored::Prefix(mut bytes) = std::mem::replace(&mut body.stored, Stored::None) {
+        if bytes.capacity() <= SPARE_BUFFER_LONGEST {
+            bytes.clear();
+            *buffer = bytes;
+        }
+    }
+}
+
+impl Finishing {
+    /// Gives a written record's box back to its proxy thread: with a batch of others, unless
+    /// the thread has as many as it keeps (then it is freed here).
+    fn give_back(&self, mut record: Box<Unredacted>) {
+        record.clear();
+        let Ok(mut batch) = self.batch.lock() else {
+            return;
+        };
+        batch.push(record);
+        if batch.len() < RETURNED_AT_ONCE {
+            return;
+        }
+        if let Ok(mut returned) = self.returns.0.lock() {
+            if returned.len() < SPARE_RECORDS_MOST {
+                returned.append(&mut batch);
+            }
+        }
+        batch.clear();
     }
 }
 
 impl Unfinished for Unredacted {
-    fn finish(self: Box<Self>, with: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
-        let Unredacted { mut exchange, raw } = *self;
-        raw.redact_into(&mut exchange, Self::redactor(with));
-        Record::Exchange(Box::new(exchange))
+    fn finish(mut self: Box<Self>, with: Option<&(dyn std::any::Any + Send + Sync)>) -> Record {
+        let mut exchange = self
+            .exchange
+            .take()
+            .expect("an unfinished record has its exchange");
+        self.raw
+            .redact_into(&mut exchange, &Self::finishing(with).redactor);
+        Record::Exchange(exchange)
     }
 
     /// Writes the exchange with its heads' redactions lent by their copies, and gives them
-    /// back: a connection's records share them ([`LastCopy`]).
+    /// back: a connection's records share them ([`LastCopy`]). Then the box goes back to its
+    /// proxy thread ([`Unredacted`]).
     fn finish_into(
-        self: Box<Self>,
+        mut self: Box<Self>,
         with: Option<&(dyn std::any::Any + Send + Sync)>,
         write: &mut dyn FnMut(&Record),
     ) {
-        let redactor = Self::redactor(with);
-        let Unredacted { exchange, raw } = *self;
-        let mut boxed = match SPARE.take() {
-            Some(mut spare) => {
-                *spare = exchange;
-                spare
-            }
-            None => Box::new(exchange),
+        let finishing = Self::finishing(with);
+        let redactor = &*finishing.redactor;
+        let Some(mut exchange) = self.exchange.take() else {
+            return;
         };
-        for (copy, headers) in raw.with_headers(&mut boxed) {
+        for (copy, headers) in self.raw.with_headers(&mut exchange) {
             *headers = copy.lend(redactor);
         }
-        let record = Record::Exchange(boxed);
+        let record = Record::Exchange(exchange);
         write(&record);
-        let Record::Exchange(mut boxed) = record else {
+        let Record::Exchange(mut exchange) = record else {
             unreachable!("made an exchange above")
         };
-        for (copy, headers) in raw.with_headers(&mut boxed) {
+        for (copy, headers) in self.raw.with_headers(&mut exchange) {
             copy.give_back(redactor, std::mem::take(headers));
         }
-        // Only the box is kept: what the record held is freed now, as it was written.
-        boxed.request.body = Body::empty();
-        if let Ok(response) = boxed.response.as_mut() {
-            response.body = Body::empty();
-        }
-        SPARE.set(Some(boxed));
+        self.exchange = Some(exchange);
+        finishing.give_back(self);
     }
 
     fn approx_size(&self) -> usize {
-        self.exchange.approx_size() + self.raw.size
+        self.exchange.as_ref().map_or(0, |e| e.approx_size()) + self.raw.size
     }
 
     fn exchange_start(&self) -> Option<Nanos> {
-        Some(self.exchange.timing.start)
+        self.exchange.as_ref().map(|e| e.timing.start)
     }
 }
 
-fn body_of(summary: BodySummary, keep: bool) -> Body {
+/// A body's record from what its tap saw; the buffer of a prefix not kept goes back to
+/// `spare`, for the next record.
+fn body_of(summary: BodySummary, keep: bool, spare: &mut Vec<u8>) -> Body {
     let stored = keep && !summary.prefix.is_empty();
     // A body the tap kept whole was not hashed: a stored copy gives the reader its digest; one
     // not stored (a token endpoint's) is hashed here, off the body's path.
@@ -880,9 +1020,23 @@ fn body_of(summary: BodySummary, keep: bool) -> Body {
         stored: if stored {
             Stored::Prefix(summary.prefix)
         } else {
+            if summary.prefix.capacity() <= SPARE_BUFFER_LONGEST {
+                *spare = summary.prefix;
+                spare.clear();
+            }
             Stored::None
         },
         complete: summary.complete,
+    }
+}
+
+impl Parts {
+    /// The record's spare buffer for one of its bodies' prefixes.
+    fn take_buffer(&mut self, side: Side) -> Vec<u8> {
+        let Some(record) = self.record.as_mut() else {
+            return Vec::new();
+        };
+        std::mem::take(&mut record.buffers[side as usize])
     }
 }
 
@@ -902,8 +1056,9 @@ enum Side {
     Response,
 }
 
-/// Leaves a tapped body's summary in its exchange, and counts the part done.
-pub struct BodyDone(Arc<Pending>, Side);
+/// Leaves a tapped body's summary in its exchange, and counts the part done; lends the tap the
+/// record's buffer for the body's prefix ([`TapDone::prefix_buffer`]).
+pub struct BodyDone(Arc<Pending>, Side, Vec<u8>);
 
 impl TapDone for BodyDone {
     fn body_done(&self, summary: BodySummary) {
@@ -916,6 +1071,10 @@ impl TapDone for BodyDone {
             };
         });
         pending.part_done();
+    }
+
+    fn prefix_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.2)
     }
 }
 
@@ -1058,7 +1217,8 @@ mod tests {
             upgraded: false,
         };
         Unredacted {
-            exchange,
+            exchange: Some(Box::new(exchange)),
+            buffers: Default::default(),
             raw: Heads {
                 request: Some(request.clone()),
                 response: Some(response.clone()),
@@ -1069,14 +1229,19 @@ mod tests {
 
     #[test]
     fn unredacted_exchanges_are_written_redacted_and_their_copies_keep_the_redactions() {
-        let redactor = Arc::new(Redactor::default());
-        let with = Some(&*redactor as &(dyn std::any::Any + Send + Sync));
+        let finishing = Finishing {
+            redactor: Arc::new(Redactor::default()),
+            returns: Arc::default(),
+            batch: Default::default(),
+        };
+        let redactor = &finishing.redactor;
+        let with = Some(&finishing as &(dyn std::any::Any + Send + Sync));
         let request = CopiedHead::of(&fields("/v2/", "tok-1"));
         let response = CopiedHead::of(&read_for_tests(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nSet-Cookie: s=1\r\n\r\n",
         ));
-        let fresh_request = redacted(&redactor, Fields::Raw(&request.fields));
-        let fresh_response = redacted(&redactor, Fields::Raw(&response.fields));
+        let fresh_request = redacted(redactor, Fields::Raw(&request.fields));
+        let fresh_response = redacted(redactor, Fields::Raw(&response.fields));
         let mut written = Vec::new();
         for id in 1..=3 {
             Box::new(unredacted(id, &request, &response))
@@ -1101,6 +1266,191 @@ mod tests {
             fresh_response.get("set-cookie"),
             Some(HeaderValue::Redacted(_))
         ));
+    }
+
+    /// One exchange of [`records_made_in_boxes_given_back_hold_their_own_exchange_only`]'s,
+    /// of one of six shapes, each leaving in its record what the others do not.
+    fn exchange_of_shape(capture: &Arc<Capture>, connection: &Arc<Connection>, i: usize) {
+        let (method, target) = match i % 6 {
+            0 => (
+                "GET",
+                format!("/v2/org/app/manifests/{i}?access_token=s{i}"),
+            ),
+            1 => ("PUT", format!("/v2/org/app/blobs/uploads/{i}")),
+            2 => ("GET", "/v2/auth?service=quay".to_string()),
+            3 => ("DELETE", format!("/v2/org/app/manifests/{i}")),
+            4 => ("GET", "/ws".to_string()),
+            _ => ("GET", format!("/v2/org/app/blobs/{i}")),
+        };
+        let request = http::Request::builder()
+            .method(method)
+            .uri(&target)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let raw = fields(&target, &format!("tok-{i}"));
+        let authority = http::HeaderValue::from_str(&format!("host-{i}")).unwrap();
+        let authority = (i % 6 != 4).then_some(&authority);
+        let start = capture.clock().now();
+        let pending = capture.begin(connection, 0, &request, Fields::Raw(&raw), authority, start);
+        if i % 6 == 1 {
+            let mut done = pending.request_tap();
+            let mut prefix = done.prefix_buffer();
+            prefix.extend(std::iter::repeat(b'u').take(i));
+            let len = i as u64;
+            done.body_done(BodySummary {
+                len,
+                prefix,
+                complete: true,
+                ..BodySummary::default()
+            });
+        } else {
+            pending.request_bodiless();
+        }
+        if i % 6 == 3 {
+            pending.failed(FailureKind::Reset, format!("reset {i}"));
+            return;
+        }
+        if i % 6 == 4 {
+            pending.set_upgraded();
+        }
+        let body = match i % 6 {
+            2 => format!(r#"{{"token": "issued-{i}"}}"#).into_bytes(),
+            5 => vec![b'b'; 5000 + i],
+            _ => format!(r#"{{"i": {i}}}"#).into_bytes(),
+        };
+        let head = read_for_tests(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n");
+        let status = http::StatusCode::from_u16(200 + (i % 6) as u16).unwrap();
+        let at = capture.clock().now();
+        let mut done =
+            pending.response_head(status, http::Version::HTTP_11, Fields::Raw(&head), at);
+        let mut prefix = done.prefix_buffer();
+        prefix.extend_from_slice(&body);
+        done.body_done(BodySummary {
+            len: body.len() as u64,
+            prefix,
+            complete: true,
+            ..BodySummary::default()
+        });
+    }
+
+    #[test]
+    fn records_made_in_boxes_given_back_hold_their_own_exchange_only() {
+        use crate::tape::capture::{spawn, CaptureLimits};
+        use crate::tape::{ReadOptions, TapeHeader, TapeKind, TapeReader, TapeWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let header = TapeHeader::new(TapeKind::Capture, "loadtape test");
+        let writer = TapeWriter::create(dir.path(), header, Default::default()).unwrap();
+        let (sink, thread) = spawn(writer, CaptureLimits::default());
+        let config = Arc::new(RecordConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "http://127.0.0.1:1".parse().unwrap(),
+            dir.path().to_path_buf(),
+        ));
+        let metrics = Arc::new(Metrics::new(sink.counters().clone(), 1));
+        let clock = Clock {
+            start: std::time::Instant::now(),
+        };
+        let redactor = Redactor::default();
+        let capture = Capture::per_thread(sink, redactor, clock, config, metrics, None, 1)
+            .pop()
+            .unwrap();
+        let client = "127.0.0.1:4000".parse().unwrap();
+        let connection = capture.connection_opened(client, HttpVersion::Http11, None);
+        let n = 6 * 40;
+        for i in 0..n {
+            exchange_of_shape(&capture, &connection, i);
+            if i == n / 2 {
+                // The writer gives boxes back a batch at a time: the second half of the
+                // exchanges is made in boxes the first half's records were written from.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while capture.returns.0.lock().unwrap().len() < RETURNED_AT_ONCE {
+                    assert!(std::time::Instant::now() < deadline, "no box came back");
+                    std::thread::yield_now();
+                }
+            }
+        }
+        assert!(
+            capture.returns.0.lock().unwrap().is_empty(),
+            "the boxes given back were taken up again"
+        );
+        capture.connection_closed(&connection, CloseReason::Client);
+        drop((connection, capture));
+        thread.finish().unwrap();
+
+        let mut reader =
+            TapeReader::open(&[dir.path().to_path_buf()], &ReadOptions::default()).unwrap();
+        let records = reader.by_ref().collect::<Result<Vec<_>, _>>().unwrap();
+        let exchanges: Vec<_> = (records.iter())
+            .filter_map(|r| match r {
+                Record::Exchange(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(exchanges.len(), n);
+        let mut tokens = std::collections::HashSet::new();
+        for (i, e) in exchanges.iter().enumerate() {
+            let shape = i % 6;
+            let request = &e.request;
+            let expect_target = match shape {
+                0 => format!("/v2/org/app/manifests/{i}?access_token=loadtape-redacted-"),
+                1 => format!("/v2/org/app/blobs/uploads/{i}"),
+                2 => "/v2/auth?service=quay".to_string(),
+                3 => format!("/v2/org/app/manifests/{i}"),
+                4 => "/ws".to_string(),
+                _ => format!("/v2/org/app/blobs/{i}"),
+            };
+            assert!(
+                request.target.starts_with(&expect_target),
+                "{i}: {}",
+                request.target
+            );
+            assert_eq!(shape == 0, request.target.len() > expect_target.len());
+            let authority = if shape == 4 {
+                String::new()
+            } else {
+                format!("host-{i}")
+            };
+            assert_eq!(request.authority, authority, "{i}");
+            let method = ["GET", "PUT", "GET", "DELETE", "GET", "GET"][shape];
+            assert_eq!(request.method, Method::parse(method), "{i}");
+            assert!(
+                tokens.insert(token_of(&request.headers).fingerprint),
+                "{i}: a fresh token"
+            );
+            let uploaded = if shape == 1 {
+                vec![b'u'; i]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(request.body.len, uploaded.len() as u64, "{i}");
+            assert_eq!(
+                request.body.whole_inline(),
+                (shape == 1).then_some(&uploaded[..])
+            );
+            assert_eq!(e.upgraded, shape == 4, "{i}");
+            assert_eq!(e.issued_secrets.len(), usize::from(shape == 2), "{i}");
+            match (&e.response, shape) {
+                (Err(failure), 3) => {
+                    assert_eq!(failure.kind, FailureKind::Reset);
+                    assert_eq!(failure.detail, format!("reset {i}"));
+                    assert_eq!(e.timing.response_head, None);
+                }
+                (Ok(response), _) if shape != 3 => {
+                    assert_eq!(response.status, 200 + shape as u16, "{i}");
+                    assert_eq!(response.headers.len(), 1, "{i}");
+                    let body = match shape {
+                        2 => None,
+                        5 => Some(vec![b'b'; 5000 + i]),
+                        _ => Some(format!(r#"{{"i": {i}}}"#).into_bytes()),
+                    };
+                    assert_eq!(response.body.whole_inline(), body.as_deref(), "{i}");
+                    assert!(e.timing.response_head.is_some());
+                }
+                (other, _) => panic!("{i}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -39,6 +39,13 @@ pub struct BodySummary {
 /// Who is told when a tapped body ends.
 pub trait TapDone: Send + Sync + 'static {
     fn body_done(&self, summary: BodySummary);
+    /// An empty buffer for the body's kept prefix, handed back full in
+    /// [`BodySummary::prefix`]: the capture gives the buffer of an earlier record, its
+    /// capacity kept, rather than a new one made on this thread and freed on the tape
+    /// writer's (`record::exchange`). None by default: one is made as the body comes.
+    fn prefix_buffer(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// A body passed through unchanged while [`BodySummary`] is computed. See the module docs.
@@ -90,13 +97,20 @@ impl<B: Body, D: TapDone> TapBody<B, D> {
     }
 
     /// Like [`TapBody::new`], spooling the whole body into `spool` once it outgrows `keep`.
-    pub fn spooling(inner: B, keep: usize, spool: Option<Arc<Spool>>, done: D) -> TapBody<B, D> {
+    pub fn spooling(
+        inner: B,
+        keep: usize,
+        spool: Option<Arc<Spool>>,
+        mut done: D,
+    ) -> TapBody<B, D> {
+        let mut prefix = done.prefix_buffer();
+        prefix.clear();
         TapBody {
             inner,
             tap: Some(Tap {
                 len: 0,
                 hasher: None,
-                prefix: Vec::new(),
+                prefix,
                 keep,
                 spool,
                 spooling: None,
