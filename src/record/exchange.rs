@@ -7,7 +7,8 @@
 //! sit behind one lock ([`Parts`]) that each party takes once, so it is never contended. The
 //! record is made in place, from its request on, in a box that the tape writer's thread gives
 //! back once it has written it, with the capacity of its strings and body buffers
-//! ([`Unredacted`]): nothing of it is made on one core to be freed on the other.
+//! ([`Unredacted`]): the box, its strings and its buffers are not made on one core to be freed
+//! on the other.
 //!
 //! Heads the recorder read itself ([`RawFields`]) are kept as read, in a copy, and redacted and
 //! classified on the tape writer's thread ([`Unredacted`]): that work is a third of recording
@@ -840,11 +841,15 @@ struct Returns(std::sync::Mutex<Boxes>);
 #[allow(clippy::vec_box)]
 type Boxes = Vec<Box<Unredacted>>;
 
-/// How many boxes the writer gives back at once, and the most a proxy thread keeps.
+/// How many boxes the writer gives back at once, and the most it leaves waiting for a proxy
+/// thread: the thread holds at most twice that, with those it took the last time, and the
+/// writer a batch (beyond, boxes are freed on the writer's thread, as they all were before).
 const RETURNED_AT_ONCE: usize = 32;
-const SPARE_RECORDS_MOST: usize = 256;
-/// The largest body buffer a spare box keeps: beyond, the buffer is freed with its record.
+const SPARE_RECORDS_MOST: usize = 128;
+/// The largest body buffer, and string, a spare box keeps: a larger one is freed with its
+/// record, so that a box holds at most about 13 KiB, whatever passed in it once.
 const SPARE_BUFFER_LONGEST: usize = 4 << 10;
+const SPARE_STRING_LONGEST: usize = 2 << 10;
 
 thread_local! {
     /// The boxes given back to this proxy thread, for its next exchanges
@@ -911,25 +916,54 @@ impl Unredacted {
             return;
         };
         let request = &mut exchange.request;
-        request.authority.clear();
-        request.target.clear();
+        for string in [&mut request.authority, &mut request.target] {
+            if string.capacity() > SPARE_STRING_LONGEST {
+                *string = String::new();
+            }
+            string.clear();
+        }
         request.headers = Headers::new();
         reclaim(&mut request.body, &mut buffers[0]);
         if let Ok(response) = exchange.response.as_mut() {
             response.headers = Headers::new();
             reclaim(&mut response.body, &mut buffers[1]);
         }
-        exchange.issued_secrets.clear();
+        exchange.issued_secrets = Vec::new();
+    }
+
+    /// The memory it holds beyond what [`Exchange::approx_size`] counts (which counts lengths):
+    /// the capacity its strings and buffers kept from earlier records, so that the capture
+    /// queue's byte bound holds for records made in reused boxes.
+    fn kept_capacity(&self) -> usize {
+        let Some(exchange) = self.exchange.as_ref() else {
+            return 0;
+        };
+        let spare = |s: usize, len: usize| s.saturating_sub(len);
+        let stored = |body: &Body| match &body.stored {
+            Stored::Prefix(bytes) => spare(bytes.capacity(), bytes.len()),
+            _ => 0,
+        };
+        let request = &exchange.request;
+        spare(request.authority.capacity(), request.authority.len())
+            + spare(request.target.capacity(), request.target.len())
+            + stored(&request.body)
+            + exchange.response.as_ref().map_or(0, |r| stored(&r.body))
+            + self.buffers.iter().map(Vec::capacity).sum::<usize>()
     }
 }
 
 /// Takes a written body's kept bytes back into `buffer`, emptied, for the next record.
 fn reclaim(body: &mut Body, buffer: &mut Vec<u8>) {
-    if let Stored::Prefix(mut bytes) = std::mem::replace(&mut body.stored, Stored::None) {
-        if bytes.capacity() <= SPARE_BUFFER_LONGEST {
-            bytes.clear();
-            *buffer = bytes;
-        }
+    if let Stored::Prefix(bytes) = std::mem::replace(&mut body.stored, Stored::None) {
+        keep_buffer(bytes, buffer);
+    }
+}
+
+/// Keeps `bytes`' buffer, emptied, as `spare` if it is larger and not too large.
+fn keep_buffer(mut bytes: Vec<u8>, spare: &mut Vec<u8>) {
+    if bytes.capacity() > spare.capacity() && bytes.capacity() <= SPARE_BUFFER_LONGEST {
+        bytes.clear();
+        *spare = bytes;
     }
 }
 
@@ -946,7 +980,7 @@ impl Finishing {
             return;
         }
         if let Ok(mut returned) = self.returns.0.lock() {
-            if returned.len() < SPARE_RECORDS_MOST {
+            if returned.len() + batch.len() <= SPARE_RECORDS_MOST {
                 returned.append(&mut batch);
             }
         }
@@ -994,7 +1028,8 @@ impl Unfinished for Unredacted {
     }
 
     fn approx_size(&self) -> usize {
-        self.exchange.as_ref().map_or(0, |e| e.approx_size()) + self.raw.size
+        let exchange = self.exchange.as_ref().map_or(0, |e| e.approx_size());
+        exchange + self.raw.size + self.kept_capacity()
     }
 
     fn exchange_start(&self) -> Option<Nanos> {
@@ -1020,10 +1055,7 @@ fn body_of(summary: BodySummary, keep: bool, spare: &mut Vec<u8>) -> Body {
         stored: if stored {
             Stored::Prefix(summary.prefix)
         } else {
-            if summary.prefix.capacity() <= SPARE_BUFFER_LONGEST {
-                *spare = summary.prefix;
-                spare.clear();
-            }
+            keep_buffer(summary.prefix, spare);
             Stored::None
         },
         complete: summary.complete,
@@ -1270,7 +1302,19 @@ mod tests {
 
     /// One exchange of [`records_made_in_boxes_given_back_hold_their_own_exchange_only`]'s,
     /// of one of six shapes, each leaving in its record what the others do not.
-    fn exchange_of_shape(capture: &Arc<Capture>, connection: &Arc<Connection>, i: usize) {
+    fn exchange_of_shape(
+        capture: &Arc<Capture>,
+        connection: &Arc<Connection>,
+        i: usize,
+        runtime: &tokio::runtime::Runtime,
+    ) {
+        use crate::record::tap::TapBody;
+        use http_body_util::{BodyExt, Full};
+        // Through the taps the proxy puts on bodies, which take their buffers from the record.
+        let tapped = |body: Vec<u8>, keep: usize, done: BodyDone| {
+            let body = TapBody::spooling(Full::new(bytes::Bytes::from(body)), keep, None, done);
+            runtime.block_on(body.collect()).unwrap();
+        };
         let (method, target) = match i % 6 {
             0 => (
                 "GET",
@@ -1295,16 +1339,7 @@ mod tests {
         let start = capture.clock().now();
         let pending = capture.begin(connection, 0, &request, Fields::Raw(&raw), authority, start);
         if i % 6 == 1 {
-            let mut done = pending.request_tap();
-            let mut prefix = done.prefix_buffer();
-            prefix.extend(std::iter::repeat(b'u').take(i));
-            let len = i as u64;
-            done.body_done(BodySummary {
-                len,
-                prefix,
-                complete: true,
-                ..BodySummary::default()
-            });
+            tapped(vec![b'u'; i], pending.request_keep(), pending.request_tap());
         } else {
             pending.request_bodiless();
         }
@@ -1323,16 +1358,9 @@ mod tests {
         let head = read_for_tests(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n");
         let status = http::StatusCode::from_u16(200 + (i % 6) as u16).unwrap();
         let at = capture.clock().now();
-        let mut done =
-            pending.response_head(status, http::Version::HTTP_11, Fields::Raw(&head), at);
-        let mut prefix = done.prefix_buffer();
-        prefix.extend_from_slice(&body);
-        done.body_done(BodySummary {
-            len: body.len() as u64,
-            prefix,
-            complete: true,
-            ..BodySummary::default()
-        });
+        let done = pending.response_head(status, http::Version::HTTP_11, Fields::Raw(&head), at);
+        let keep = capture.keep_for(Some(b"application/json"), pending.token_endpoint());
+        tapped(body, keep, done);
     }
 
     #[test]
@@ -1358,23 +1386,28 @@ mod tests {
             .unwrap();
         let client = "127.0.0.1:4000".parse().unwrap();
         let connection = capture.connection_opened(client, HttpVersion::Http11, None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let n = 6 * 40;
         for i in 0..n {
-            exchange_of_shape(&capture, &connection, i);
             if i == n / 2 {
-                // The writer gives boxes back a batch at a time: the second half of the
-                // exchanges is made in boxes the first half's records were written from.
+                // The writer gives boxes back a batch at a time, and this thread keeps those it
+                // takes (`SPARE_RECORDS`). Once it has one, or one waits for it, the next
+                // exchange is made in a box a record was written from. (Once the writer has
+                // written every record, at most a batch short of all the boxes is not back.)
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-                while capture.returns.0.lock().unwrap().len() < RETURNED_AT_ONCE {
+                let spare = || {
+                    SPARE_RECORDS.with_borrow(|s| !s.is_empty())
+                        || !capture.returns.0.lock().unwrap().is_empty()
+                };
+                while !spare() {
                     assert!(std::time::Instant::now() < deadline, "no box came back");
                     std::thread::yield_now();
                 }
             }
+            exchange_of_shape(&capture, &connection, i, &runtime);
         }
-        assert!(
-            capture.returns.0.lock().unwrap().is_empty(),
-            "the boxes given back were taken up again"
-        );
         capture.connection_closed(&connection, CloseReason::Client);
         drop((connection, capture));
         thread.finish().unwrap();
@@ -1429,6 +1462,7 @@ mod tests {
                 request.body.whole_inline(),
                 (shape == 1).then_some(&uploaded[..])
             );
+            assert!(request.body.complete, "{i}");
             assert_eq!(e.upgraded, shape == 4, "{i}");
             assert_eq!(e.issued_secrets.len(), usize::from(shape == 2), "{i}");
             match (&e.response, shape) {
@@ -1446,6 +1480,7 @@ mod tests {
                         _ => Some(format!(r#"{{"i": {i}}}"#).into_bytes()),
                     };
                     assert_eq!(response.body.whole_inline(), body.as_deref(), "{i}");
+                    assert!(response.body.complete, "{i}");
                     assert!(e.timing.response_head.is_some());
                 }
                 (other, _) => panic!("{i}: {other:?}"),
