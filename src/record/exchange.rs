@@ -472,7 +472,15 @@ impl Capture {
                     std::mem::swap(spares, &mut *returned);
                 }
             }
-            spares.pop()
+            let spare = spares.pop()?;
+            // This box's lines all at once rather than one after the other as they are
+            // written (after a batch is taken, they are not asked for yet), and the next
+            // box's ahead of its exchange ([`Spare`]).
+            spare.prefetch();
+            if let Some(next) = spares.last() {
+                next.prefetch();
+            }
+            Some(spare.record)
         });
         spare.unwrap_or_else(Unredacted::blank)
     }
@@ -836,10 +844,106 @@ struct Finishing {
 #[derive(Default)]
 struct Returns(std::sync::Mutex<Boxes>);
 
-/// Records' boxes: the boxes themselves are what is given back and made again, not their
-/// contents moved.
-#[allow(clippy::vec_box)]
-type Boxes = Vec<Box<Unredacted>>;
+/// Records' boxes given back.
+type Boxes = Vec<Spare>;
+
+/// A record's box given back, with where the memory lies that the next exchange made in it
+/// writes: its exchange, strings and response body buffer, as (address, bytes), noted by the
+/// writer's thread as it clears the box.
+///
+/// The box was last written on the writer's core: each line of it the proxy's thread then
+/// writes waited for the line to come over, one after the other (a quarter of recording an
+/// exchange, more when the machine is busy). Held in the proxy thread's own list, beside the
+/// box rather than in it, the addresses can be read at once, and the proxy's thread asks for
+/// the next box's lines as it takes one ([`prefetch_for_writing`]): they come over while it
+/// serves the exchange in hand.
+struct Spare {
+    record: Box<Unredacted>,
+    lines: [(usize, usize); 4],
+}
+
+impl Spare {
+    fn of(record: Box<Unredacted>) -> Spare {
+        let mut lines = [(0, 0); 4];
+        if let Some(exchange) = record.exchange.as_deref() {
+            let request = &exchange.request;
+            let address = |bytes: &[u8]| bytes.as_ptr() as usize;
+            lines = [
+                (exchange as *const Exchange as usize, size_of::<Exchange>()),
+                (
+                    address(request.authority.as_bytes()),
+                    request.authority.capacity(),
+                ),
+                (
+                    address(request.target.as_bytes()),
+                    request.target.capacity(),
+                ),
+                (address(&record.buffers[1]), record.buffers[1].capacity()),
+            ];
+        }
+        Spare { record, lines }
+    }
+
+    /// Asks for the lines of the box and of what the next exchange writes in it.
+    fn prefetch(&self) {
+        let record = &*self.record as *const Unredacted as usize;
+        prefetch_for_writing(record, size_of::<Unredacted>());
+        for (address, bytes) in self.lines {
+            // A body buffer's first lines: most bodies a registry answers with are small.
+            prefetch_for_writing(address, bytes.min(PREFETCHED_BODY));
+        }
+    }
+}
+
+/// How much of a body's buffer is asked for ahead ([`Spare::prefetch`]).
+const PREFETCHED_BODY: usize = 2 << 10;
+
+/// Asks this core to fetch the cache lines of `bytes` bytes at `address`, to write them: a
+/// hint, which never faults and changes nothing the program sees, whatever the address.
+/// `prefetchw` takes the lines for writing, where a plain prefetch (for the processors
+/// without it) leaves their owner to be asked again on the first write.
+#[inline]
+fn prefetch_for_writing(address: usize, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let writing = has_prefetchw();
+        let mut line = address & !63;
+        while line < address + bytes {
+            if writing {
+                // SAFETY: `prefetchw` reads and writes nothing the program sees, and ignores
+                // an address that is not mapped; the processor has it (`has_prefetchw`).
+                unsafe {
+                    std::arch::asm!("prefetchw [{}]", in(reg) line, options(nostack, preserves_flags, readonly));
+                }
+            } else {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                // SAFETY: as above; a safe function for compilers since 1.86.
+                #[allow(unused_unsafe)]
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8)
+                };
+            }
+            line += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (address, bytes);
+}
+
+/// Whether the processor has `prefetchw` (CPUID 8000_0001h, ECX bit 8: every AMD64 processor,
+/// Intel's since 2014). Rust's `prfchw` target feature is not stable yet.
+#[cfg(target_arch = "x86_64")]
+fn has_prefetchw() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        use std::arch::x86_64::{__cpuid, CpuidResult};
+        // SAFETY: CPUID exists on every x86-64 processor (a safe function for compilers since
+        // 1.86).
+        #[allow(unused_unsafe)]
+        let cpuid = |leaf: u32| -> CpuidResult { unsafe { __cpuid(leaf) } };
+        cpuid(0x8000_0000).eax >= 0x8000_0001 && cpuid(0x8000_0001).ecx & (1 << 8) != 0
+    })
+}
 
 /// How many boxes the writer gives back at once, and the most it leaves waiting for a proxy
 /// thread: the thread holds at most twice that, with those it took the last time, and the
@@ -975,7 +1079,7 @@ impl Finishing {
         let Ok(mut batch) = self.batch.lock() else {
             return;
         };
-        batch.push(record);
+        batch.push(Spare::of(record));
         if batch.len() < RETURNED_AT_ONCE {
             return;
         }
@@ -1486,6 +1590,20 @@ mod tests {
                 (other, _) => panic!("{i}: {other:?}"),
             }
         }
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn prefetchw_is_used_where_the_kernel_says_the_processor_has_it() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap();
+        let kernel_says = flags.split_whitespace().any(|f| f == "3dnowprefetch");
+        assert_eq!(has_prefetchw(), kernel_says);
+        // A hint: any address, mapped or not, and nothing changes.
+        let bytes = vec![7u8; 300];
+        prefetch_for_writing(bytes.as_ptr() as usize, bytes.len());
+        prefetch_for_writing(64, 4096);
+        assert!(bytes.iter().all(|&b| b == 7));
     }
 
     #[test]
