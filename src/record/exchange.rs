@@ -667,7 +667,7 @@ impl Pending {
         let exchange = exchange
             .as_mut()
             .expect("a record being made has its exchange");
-        exchange.request.body = body_of(req_body, keep_request, &mut buffers[0]);
+        exchange.request.body = body_of(req_body, keep_request, Some(&mut buffers[0]));
         let mut response_head = None;
         exchange.response = match response {
             ResponsePart::Head {
@@ -682,12 +682,7 @@ impl Pending {
                 }
                 spooled[1] = resp_body.spooled.filter(|_| keep_body);
                 // A token endpoint's body held the token it issued: its buffer is not reused.
-                let mut none = Vec::new();
-                let spare = if self.token_endpoint {
-                    &mut none
-                } else {
-                    &mut buffers[1]
-                };
+                let spare = (!self.token_endpoint).then_some(&mut buffers[1]);
                 response_head = Some(at.saturating_sub(self.start));
                 Ok(Response {
                     status,
@@ -1042,14 +1037,14 @@ impl Unredacted {
         let Some(exchange) = self.exchange.as_ref() else {
             return 0;
         };
-        let spare = |s: usize, len: usize| s.saturating_sub(len);
+        let unused = |capacity: usize, len: usize| capacity - len;
         let stored = |body: &Body| match &body.stored {
-            Stored::Prefix(bytes) => spare(bytes.capacity(), bytes.len()),
+            Stored::Prefix(bytes) => unused(bytes.capacity(), bytes.len()),
             _ => 0,
         };
         let request = &exchange.request;
-        spare(request.authority.capacity(), request.authority.len())
-            + spare(request.target.capacity(), request.target.len())
+        unused(request.authority.capacity(), request.authority.len())
+            + unused(request.target.capacity(), request.target.len())
             + stored(&request.body)
             + exchange.response.as_ref().map_or(0, |r| stored(&r.body))
             + self.buffers.iter().map(Vec::capacity).sum::<usize>()
@@ -1142,8 +1137,8 @@ impl Unfinished for Unredacted {
 }
 
 /// A body's record from what its tap saw; the buffer of a prefix not kept goes back to
-/// `spare`, for the next record.
-fn body_of(summary: BodySummary, keep: bool, spare: &mut Vec<u8>) -> Body {
+/// `spare`, if any, for the next record.
+fn body_of(summary: BodySummary, keep: bool, spare: Option<&mut Vec<u8>>) -> Body {
     let stored = keep && !summary.prefix.is_empty();
     // A body the tap kept whole was not hashed: a stored copy gives the reader its digest; one
     // not stored (a token endpoint's) is hashed here, off the body's path.
@@ -1159,7 +1154,9 @@ fn body_of(summary: BodySummary, keep: bool, spare: &mut Vec<u8>) -> Body {
         stored: if stored {
             Stored::Prefix(summary.prefix)
         } else {
-            keep_buffer(summary.prefix, spare);
+            if let Some(spare) = spare {
+                keep_buffer(summary.prefix, spare);
+            }
             Stored::None
         },
         complete: summary.complete,

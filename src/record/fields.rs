@@ -284,7 +284,6 @@ impl RawFields {
     }
 }
 
-/// The name `s` spans in `head`.
 /// Writes one field as an HTTP/1.1 `Name: value` line.
 pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     for piece in [name, b": ", value, b"\r\n"] {
@@ -292,6 +291,7 @@ pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     }
 }
 
+/// The name `s` spans in `head`.
 fn name_in<'h>(head: &'h [u8], s: &Span) -> &'h [u8] {
     &head[s.name as usize..s.name as usize + s.name_len as usize]
 }
