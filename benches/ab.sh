@@ -5,7 +5,7 @@
 # (user + system, all threads, from /proc) over the first's. Ratios are taken within a round,
 # where both builds met the same phase of the machine: on this shared VM, runs an hour apart
 # differ by more than most changes do, and a ratio against nginx from another run says little
-# about a change (README, "The recording proxy"). Prints each round, then the median of the
+# about a change (benches/README.md). Prints each round, then the median of the
 # rounds' ratios with a bootstrap 95% interval of it.
 #
 #   bash benches/ab.sh OLD NEW             # binaries; `.` is this tree's release build

@@ -5,7 +5,7 @@
 # for each run, the user-space and kernel CPU per request and each thread's; then, for the
 # first and second runs of the last round, the user-space symbols whose time per request
 # differs most. What found the allocator collecting blocks freed on the writer's core, and
-# the reference count passed between cores with every record (README, "The recording proxy").
+# the reference count passed between cores with every record (benches/README.md).
 #
 #   bash benches/profile.sh                       # this tree's build, capture on then off
 #   bash benches/profile.sh old:on new:on         # two builds (paths to binaries), alternating

@@ -3,7 +3,7 @@
 # capture on and off in alternating rounds under wrk: where the capture's CPU goes, which an
 # instruction count does not show (a cache line passed between cores costs time, not
 # instructions). It found the shared counters and queue that cost the proxy threads 2-3 µs per
-# request with capture on (README, "The recording proxy").
+# request with capture on (benches/README.md).
 #
 #   bash benches/threads.sh            # ROUNDS=2 DURATION=8s
 #
