@@ -1095,7 +1095,8 @@ enum Raw {
     CloseSilently,
     /// Answers by path in the shapes HTTP/1.1 allows beyond a plain length: an interim 103
     /// first, a chunked body with a chunk extension and a trailer, a HEAD's length without a
-    /// body, a 204, and an HTTP/1.0 body that ends with the connection.
+    /// body, a 204, and an HTTP/1.0 body that ends with the connection; and echoes a chunked
+    /// request body as it came, its chunks and trailers.
     Shapes,
 }
 
@@ -1133,6 +1134,23 @@ async fn raw_upstream(how: Raw) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                     }
                     if how == Raw::Shapes {
                         let path = head.split(' ').nth(1).unwrap_or("");
+                        if path == "/echo-chunked" {
+                            // The chunked body as it came, to its empty line after the trailers.
+                            while !buf.ends_with(b"\r\n\r\n") {
+                                match stream.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(read) => buf.extend_from_slice(&chunk[..read]),
+                                }
+                            }
+                            let head =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", buf.len());
+                            let echo = [head.as_bytes(), &buf].concat();
+                            buf.clear();
+                            if stream.write_all(&echo).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         let answer: &[u8] = match path {
                             "/interim" => b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n",
                             "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;name=value\r\nabc\r\n3\r\nde\n\r\n0\r\nx-checksum: 1\r\n\r\n",
@@ -1313,6 +1331,64 @@ async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_conn
     assert!(ex[9].response.is_err(), "{:?}", ex[9].response);
     assert!(ex[10].response.is_err() && ex[11].response.is_err());
     assert_eq!(ex[12].response.as_ref().unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailer_fields_pass_on_where_the_next_hop_can_carry_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, _) = raw_upstream(Raw::Shapes).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(upstream, &out)).await;
+    let base = format!("http://{}", rec.addr);
+    // A response's, to an HTTP/1.1 client: curl shows the chunked coding as it came.
+    let raw = curl(&["--raw", &format!("{base}/chunked")]).await;
+    assert!(raw.ends_with("\r\n0\r\nx-checksum: 1\r\n\r\n"), "{raw:?}");
+    // To an HTTP/1.0 client the body is not chunked: nowhere to put them.
+    let old = curl(&["--http1.0", "--raw", &format!("{base}/chunked")]).await;
+    assert_eq!(old, "abcde\n");
+    // To an HTTP/2 client, in a HEADERS frame after the data.
+    let h2 = curl(&[
+        "--http2-prior-knowledge",
+        "--include",
+        &format!("{base}/chunked"),
+    ])
+    .await;
+    assert!(h2.starts_with("HTTP/2 200"), "{h2}");
+    assert!(
+        h2.contains("abcde\n") && h2.contains("x-checksum: 1"),
+        "{h2}"
+    );
+
+    // A request's, to the upstream; one about the connection stays behind.
+    let mut client = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+    client
+        .write_all(
+            b"POST /echo-chunked HTTP/1.1\r\nhost: quay\r\ntransfer-encoding: chunked\r\n\
+              connection: close\r\n\r\n5\r\nhello\r\n0\r\nx-digest: sha256:ab\r\n\
+              keep-alive: timeout=5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut echoed = Vec::new();
+    client.read_to_end(&mut echoed).await.unwrap();
+    let echoed = String::from_utf8_lossy(&echoed);
+    assert!(echoed.starts_with("HTTP/1.1 200"), "{echoed}");
+    assert!(
+        echoed.ends_with("\r\n\r\n5\r\nhello\r\n0\r\nx-digest: sha256:ab\r\n\r\n"),
+        "{echoed:?}"
+    );
+    rec.stop().await;
+
+    // The tape has the bodies, not the trailers.
+    let (records, _) = read_one(&out).unwrap();
+    let ex = exchanges_in(&records);
+    assert_eq!(ex.len(), 4);
+    for e in &ex[..3] {
+        let body = &e.response.as_ref().unwrap().body;
+        assert_eq!(body.whole_inline(), Some(&b"abcde\n"[..]));
+    }
+    assert_eq!(ex[3].request.body.whole_inline(), Some(&b"hello"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::AsyncRead;
 
@@ -114,13 +114,16 @@ pub enum Chunk {
     Data(u64),
     /// Before the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk: trailer lines up to an empty one.
-    Trailers,
+    /// After the last chunk: trailer lines up to an empty one, this many bytes of them read.
+    Trailers(usize),
 }
 
 /// Takes a body off a connection: what is buffered first, then what reads bring.
 pub struct Decoder {
     pub framing: Framing,
+    /// A chunked body's trailer fields worth passing on, once read and until taken (boxed:
+    /// few bodies have any).
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl Decoder {
@@ -129,7 +132,10 @@ impl Decoder {
             Framing::Length(0) => Framing::Done,
             f => f,
         };
-        Decoder { framing }
+        Decoder {
+            framing,
+            trailers: None,
+        }
     }
 
     /// Whether the whole body has been taken.
@@ -181,7 +187,7 @@ impl Decoder {
                     if let Some(end) = line_end(buf) {
                         let line = buf.split_to(end + 2);
                         self.framing = match chunk_size(&line[..end]) {
-                            Some(0) => Framing::Chunked(Chunk::Trailers),
+                            Some(0) => Framing::Chunked(Chunk::Trailers(0)),
                             Some(n) => Framing::Chunked(Chunk::Data(n)),
                             None => return self.cut_short("a bad chunk size"),
                         };
@@ -199,20 +205,30 @@ impl Decoder {
                     self.framing = Framing::Chunked(Chunk::Size);
                     continue;
                 }
-                Framing::Chunked(Chunk::Trailers) => {
+                Framing::Chunked(Chunk::Trailers(read)) => {
                     if let Some(end) = line_end(buf) {
+                        *read += end + 2;
+                        if *read > MAX_TRAILERS {
+                            return self.cut_short("trailers too long");
+                        }
                         if !plain_line(&buf[..end]) {
                             return self
                                 .cut_short("a trailer line with a bare CR, LF or control byte");
                         }
-                        buf.advance(end + 2);
                         if end == 0 {
+                            buf.advance(2);
                             self.framing = Framing::Done;
                             return Poll::Ready(None);
                         }
+                        if let Some((name, value)) = trailer_field(&buf[..end]) {
+                            self.trailers
+                                .get_or_insert_with(Default::default)
+                                .append(name, value);
+                        }
+                        buf.advance(end + 2);
                         continue;
                     }
-                    if buffered > MAX_TRAILERS {
+                    if *read + buffered > MAX_TRAILERS {
                         return self.cut_short("trailers too long");
                     }
                 }
@@ -297,7 +313,11 @@ pub fn poll_body<R: AsyncRead + Unpin>(
             };
             (Some(Ok(Frame::data(data))), after)
         }
-        None => (None, After::Finished),
+        // The trailer fields, if any, end the body.
+        None => (
+            decoder.trailers.take().map(|t| Ok(Frame::trailers(*t))),
+            After::Finished,
+        ),
         Some(Err(e)) => {
             let e = io::Error::new(e.kind(), format!("from {whose}: {e}"));
             (Some(Err(e)), After::Lost)
@@ -313,6 +333,38 @@ impl Decoder {
             None => SizeHint::default(),
         }
     }
+}
+
+/// A trailer line's field, when it is well formed and may be passed on: not one about the
+/// connection, nor one that frames or routes the message (RFC 9110, 6.5.1). A line that is not
+/// a field is left out rather than failing a body that has come whole.
+fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    let colon = line.iter().position(|b| *b == b':')?;
+    let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+    let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+    passes_as_trailer(&name).then_some((name, value))
+}
+
+/// Whether a trailer field goes on to the next hop.
+pub fn passes_as_trailer(name: &HeaderName) -> bool {
+    !(HOP_BY_HOP.contains(name)
+        || *name == header::CONTENT_LENGTH
+        || *name == header::HOST
+        || *name == header::TRAILER)
+}
+
+/// Ends a chunked body: the last chunk, the trailer fields that may go on, the empty line.
+pub fn end_chunked(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        if passes_as_trailer(name) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The position of the first CRLF in `buf`.
@@ -361,5 +413,71 @@ mod tests {
                 String::from_utf8_lossy(line)
             );
         }
+    }
+
+    /// Decodes `wire` as a chunked body: its data, its trailers' frame if any, or the error.
+    fn decode(wire: &[u8]) -> (Vec<u8>, Option<HeaderMap>, Option<String>) {
+        let mut decoder = Decoder::new(Framing::Chunked(Chunk::Size));
+        let mut io: &[u8] = &[];
+        let mut buf = BytesMut::from(wire);
+        // An empty reader never waits: no wake-up is ever asked for.
+        struct Never;
+        impl std::task::Wake for Never {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let waker = std::task::Waker::from(std::sync::Arc::new(Never));
+        let mut cx = Context::from_waker(&waker);
+        let (mut data, mut trailers) = (Vec::new(), None);
+        loop {
+            let Poll::Ready((frame, _)) =
+                poll_body(&mut decoder, Pin::new(&mut io), &mut buf, &mut cx, "test")
+            else {
+                unreachable!("an empty reader never waits")
+            };
+            match frame {
+                None => return (data, trailers, None),
+                Some(Err(e)) => return (data, trailers, Some(e.to_string())),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(frame) => trailers = Some(frame.into_trailers().unwrap()),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn trailer_fields_are_kept_but_those_about_the_connection_or_framing() {
+        let (data, trailers, error) = decode(
+            b"3\r\nabc\r\n0\r\nX-Digest: sha256:ab\r\nconnection: close\r\ncontent-length: 9\r\n\
+              not a field\r\ngrpc-status:  0 \r\n\r\n",
+        );
+        assert_eq!((data.as_slice(), error), (&b"abc"[..], None));
+        let trailers = trailers.expect("a trailers frame");
+        let kept: Vec<_> = trailers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(kept, [("x-digest", "sha256:ab"), ("grpc-status", "0")]);
+        let mut out = Vec::new();
+        end_chunked(&mut out, Some(&trailers));
+        assert_eq!(out, b"0\r\nx-digest: sha256:ab\r\ngrpc-status: 0\r\n\r\n");
+        // None: no frame, and the plain last chunk.
+        let (_, trailers, error) = decode(b"3\r\nabc\r\n0\r\n\r\n");
+        assert!(trailers.is_none() && error.is_none());
+    }
+
+    #[test]
+    fn trailers_are_bounded_in_all_not_line_by_line() {
+        let line = format!("x-pad: {}\r\n", "p".repeat(1000));
+        let many = format!("0\r\n{}\r\n", line.repeat(MAX_TRAILERS / line.len() + 1));
+        let (_, trailers, error) = decode(many.as_bytes());
+        assert!(trailers.is_none());
+        assert!(error.is_some_and(|e| e.contains("trailers too long")));
+        let some = format!("0\r\n{}\r\n", line.repeat(MAX_TRAILERS / line.len() - 1));
+        let (_, trailers, error) = decode(some.as_bytes());
+        assert_eq!(
+            (trailers.map(|t| t.len()), error),
+            (Some(MAX_TRAILERS / line.len() - 1), None)
+        );
     }
 }

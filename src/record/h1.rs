@@ -15,7 +15,10 @@
 //! HTTP/1.0, or a length that is not one number (a list included, as hyper refused it) is
 //! refused with a 400, and a length beside chunked is dropped, the connection closed after the
 //! response. Chunk-size and trailer lines are read strictly: a bare CR or LF, or another
-//! control byte, ends the body as cut short (the chunk-extension smuggling pattern).
+//! control byte, ends the body as cut short (the chunk-extension smuggling pattern). Trailer
+//! fields go on where the next hop's framing carries them (a chunked body, HTTP/2), less those
+//! about the connection or the message's framing (`framing::passes_as_trailer`); the tape does
+//! not keep them.
 //!
 //! A request that expects `100 Continue` gets it when its body is first wanted (the upstream's
 //! client starts sending it), as from hyper's server: one the recorder answers itself, or that
@@ -503,6 +506,7 @@ async fn respond(
     out.extend_from_slice(b"\r\n");
     let io = |e: io::Error| format!("writing to the client: {e}");
     let mut sent: u64 = 0;
+    let mut trailers = None;
     while !bodiless && !body.is_end_stream() {
         // A piece ready at once goes out with what is waiting; otherwise that goes first.
         let ready =
@@ -519,8 +523,14 @@ async fn respond(
             None => break,
             Some(Err(e)) => return Err(format!("the response's body failed: {e}")),
             Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers are not passed on
+                let data = match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailer fields go on when the body goes chunked; a body of a known
+                    // length has nowhere to carry them (RFC 9112, 7.1.2 lets them go).
+                    Err(frame) => {
+                        trailers = frame.into_trailers().ok();
+                        continue;
+                    }
                 };
                 if data.is_empty() {
                     continue;
@@ -546,7 +556,7 @@ async fn respond(
         }
     }
     if chunked {
-        out.extend_from_slice(b"0\r\n\r\n");
+        framing::end_chunked(out, trailers.as_ref());
     }
     send(write, out, tls).await.map_err(io)?;
     if length.is_some_and(|n| n != sent) {

@@ -401,6 +401,7 @@ impl Conn {
         chunked: bool,
     ) -> Result<bool, Failed> {
         let mut head_sent = false;
+        let mut trailers = None;
         loop {
             let frame = if head_sent {
                 match self.next_frame_unless_refused(&mut body).await? {
@@ -436,8 +437,13 @@ impl Conn {
                     })
                 }
             };
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers are not forwarded
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                // Trailer fields go on when the body goes chunked (see `h1::respond`).
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
             };
             if data.is_empty() {
                 continue;
@@ -465,7 +471,7 @@ impl Conn {
             head_sent = true;
         }
         if chunked {
-            self.out.extend_from_slice(b"0\r\n\r\n");
+            framing::end_chunked(&mut self.out, trailers.as_ref());
         }
         self.send_out().await
     }
