@@ -92,7 +92,9 @@ impl Framed {
             }
             return true;
         }
-        HOP_BY_HOP.iter().any(|h| is(h.as_str()))
+        // The rest of `HOP_BY_HOP`, by name (the test below keeps the two in step): the
+        // constant's `HeaderName`s would be made and dropped at each call.
+        is("te") || is("upgrade") || is("keep-alive") || is("proxy-connection")
     }
 }
 
@@ -220,11 +222,7 @@ impl Decoder {
                             self.framing = Framing::Done;
                             return Poll::Ready(None);
                         }
-                        if let Some((name, value)) = trailer_field(&buf[..end]) {
-                            self.trailers
-                                .get_or_insert_with(Default::default)
-                                .append(name, value);
-                        }
+                        self.keep_trailer(&buf[..end]);
                         buf.advance(end + 2);
                         continue;
                     }
@@ -314,10 +312,7 @@ pub fn poll_body<R: AsyncRead + Unpin>(
             (Some(Ok(Frame::data(data))), after)
         }
         // The trailer fields, if any, end the body.
-        None => (
-            decoder.trailers.take().map(|t| Ok(Frame::trailers(*t))),
-            After::Finished,
-        ),
+        None => (decoder.take_trailers(), After::Finished),
         Some(Err(e)) => {
             let e = io::Error::new(e.kind(), format!("from {whose}: {e}"));
             (Some(Err(e)), After::Lost)
@@ -326,6 +321,26 @@ pub fn poll_body<R: AsyncRead + Unpin>(
 }
 
 impl Decoder {
+    /// Keeps a trailer line's field if it goes on (`trailer_field`); out of line, as
+    /// [`Decoder::take_trailers`].
+    #[cold]
+    #[inline(never)]
+    fn keep_trailer(&mut self, line: &[u8]) {
+        if let Some((name, value)) = trailer_field(line) {
+            self.trailers
+                .get_or_insert_with(Default::default)
+                .append(name, value);
+        }
+    }
+
+    /// The trailers' frame, once: out of line, since few bodies have one and the body's path
+    /// is every request's.
+    #[cold]
+    #[inline(never)]
+    fn take_trailers(&mut self) -> Option<io::Result<Frame<Bytes>>> {
+        self.trailers.take().map(|t| Ok(Frame::trailers(*t)))
+    }
+
     /// The body's size as hyper's `Body::size_hint` says it.
     pub fn size_hint(&self) -> SizeHint {
         match self.exact() {

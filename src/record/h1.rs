@@ -528,7 +528,7 @@ async fn respond(
                     // Trailer fields go on when the body goes chunked; a body of a known
                     // length has nowhere to carry them (RFC 9112, 7.1.2 lets them go).
                     Err(frame) => {
-                        trailers = frame.into_trailers().ok();
+                        trailers = frame.into_trailers().ok().map(Box::new);
                         continue;
                     }
                 };
@@ -556,7 +556,7 @@ async fn respond(
         }
     }
     if chunked {
-        framing::end_chunked(out, trailers.as_ref());
+        framing::end_chunked(out, trailers.as_deref());
     }
     send(write, out, tls).await.map_err(io)?;
     if length.is_some_and(|n| n != sent) {

@@ -441,7 +441,7 @@ impl Conn {
                 Ok(data) => data,
                 // Trailer fields go on when the body goes chunked (see `h1::respond`).
                 Err(frame) => {
-                    trailers = frame.into_trailers().ok();
+                    trailers = frame.into_trailers().ok().map(Box::new);
                     continue;
                 }
             };
@@ -471,7 +471,7 @@ impl Conn {
             head_sent = true;
         }
         if chunked {
-            framing::end_chunked(&mut self.out, trailers.as_ref());
+            framing::end_chunked(&mut self.out, trailers.as_deref());
         }
         self.send_out().await
     }
