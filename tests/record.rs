@@ -1336,10 +1336,10 @@ async fn responses_framed_every_way_http_1_1_allows_pass_whole_and_keep_the_conn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trailer_fields_pass_on_where_the_next_hop_can_carry_them() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (upstream, _) = raw_upstream(Raw::Shapes).await;
+    let (raw, _) = raw_upstream(Raw::Shapes).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t");
-    let rec = start(config(upstream, &out)).await;
+    let rec = start(config(raw, &out)).await;
     let base = format!("http://{}", rec.addr);
     // A response's, to an HTTP/1.1 client: curl shows the chunked coding as it came.
     let raw = curl(&["--raw", &format!("{base}/chunked")]).await;
@@ -1347,7 +1347,8 @@ async fn trailer_fields_pass_on_where_the_next_hop_can_carry_them() {
     // To an HTTP/1.0 client the body is not chunked: nowhere to put them.
     let old = curl(&["--http1.0", "--raw", &format!("{base}/chunked")]).await;
     assert_eq!(old, "abcde\n");
-    // To an HTTP/2 client, in a HEADERS frame after the data.
+    // To an HTTP/2 client, in a HEADERS frame after the data (HTTP/2 clients' requests go
+    // through hyper's pooled client: the decoder here is not on this path, the wiring is).
     let h2 = curl(&[
         "--http2-prior-knowledge",
         "--include",
@@ -1389,6 +1390,36 @@ async fn trailer_fields_pass_on_where_the_next_hop_can_carry_them() {
         assert_eq!(body.whole_inline(), Some(&b"abcde\n"[..]));
     }
     assert_eq!(ex[3].request.body.whole_inline(), Some(&b"hello"[..]));
+
+    // An HTTP/1.1 client's, read by the recorder, to an HTTP/2 upstream (h2c); none that the
+    // head's rules would have replaced or kept out (a next hop may merge trailers into it).
+    let up = upstream().await;
+    let mut h2c = config(up.addr, &dir.path().join("h2c"));
+    h2c.upstream_h2c = true;
+    let rec = start(h2c).await;
+    let mut client = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+    client
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: quay\r\ntransfer-encoding: chunked\r\n\
+              connection: close\r\n\r\n5\r\nhello\r\n0\r\nx-digest: sha256:ab\r\n\
+              authorization: Bearer x\r\nx-forwarded-for: 127.0.0.1\r\nhost: elsewhere\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    // The JSON, whatever framing the answer came in.
+    let json = &answer[answer.find('{').unwrap_or(0)..=answer.rfind('}').unwrap_or(0)];
+    let echoed: serde_json::Value = serde_json::from_str(json).expect(&answer);
+    assert_eq!(echoed["version"], "HTTP/2.0", "{echoed}");
+    assert_eq!(echoed["len"], 5, "{echoed}");
+    assert_eq!(
+        echoed["trailers"],
+        serde_json::json!({"x-digest": "sha256:ab"}),
+        "{echoed}"
+    );
+    rec.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,9 +18,12 @@ use tokio::io::AsyncRead;
 
 use super::forward::HOP_BY_HOP;
 
-/// The longest chunk-size line, and the most trailer bytes, a body may carry.
+/// The longest chunk-size line, and the most trailer bytes and lines a body may carry (the
+/// trailers' bounds are hyper's: what reaches the next hop, or waits in memory for it, is no
+/// more than a head of its own would be).
 const MAX_LINE: usize = 4096;
-const MAX_TRAILERS: usize = 64 << 10;
+const MAX_TRAILERS: usize = 16 << 10;
+const MAX_TRAILER_LINES: u32 = 100;
 /// Read buffer growth; a body is handed on in pieces of at most what one read gave.
 pub const READ_SIZE: usize = 16 << 10;
 
@@ -116,8 +119,9 @@ pub enum Chunk {
     Data(u64),
     /// Before the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk: trailer lines up to an empty one, this many bytes of them read.
-    Trailers(usize),
+    /// After the last chunk: trailer lines up to an empty one; how many bytes and lines of
+    /// them were read.
+    Trailers { bytes: usize, lines: u32 },
 }
 
 /// Takes a body off a connection: what is buffered first, then what reads bring.
@@ -189,7 +193,7 @@ impl Decoder {
                     if let Some(end) = line_end(buf) {
                         let line = buf.split_to(end + 2);
                         self.framing = match chunk_size(&line[..end]) {
-                            Some(0) => Framing::Chunked(Chunk::Trailers(0)),
+                            Some(0) => Framing::Chunked(Chunk::Trailers { bytes: 0, lines: 0 }),
                             Some(n) => Framing::Chunked(Chunk::Data(n)),
                             None => return self.cut_short("a bad chunk size"),
                         };
@@ -207,10 +211,11 @@ impl Decoder {
                     self.framing = Framing::Chunked(Chunk::Size);
                     continue;
                 }
-                Framing::Chunked(Chunk::Trailers(read)) => {
+                Framing::Chunked(Chunk::Trailers { bytes, lines }) => {
                     if let Some(end) = line_end(buf) {
-                        *read += end + 2;
-                        if *read > MAX_TRAILERS {
+                        *bytes += end + 2;
+                        *lines += 1;
+                        if *bytes > MAX_TRAILERS || *lines > MAX_TRAILER_LINES {
                             return self.cut_short("trailers too long");
                         }
                         if !plain_line(&buf[..end]) {
@@ -226,7 +231,7 @@ impl Decoder {
                         buf.advance(end + 2);
                         continue;
                     }
-                    if *read + buffered > MAX_TRAILERS {
+                    if *bytes + buffered > MAX_TRAILERS {
                         return self.cut_short("trailers too long");
                     }
                 }
@@ -350,9 +355,8 @@ impl Decoder {
     }
 }
 
-/// A trailer line's field, when it is well formed and may be passed on: not one about the
-/// connection, nor one that frames or routes the message (RFC 9110, 6.5.1). A line that is not
-/// a field is left out rather than failing a body that has come whole.
+/// A trailer line's field, when it is well formed and may be passed on (`passes_as_trailer`).
+/// A line that is not a field is left out rather than failing a body that has come whole.
 fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
     let colon = line.iter().position(|b| *b == b':')?;
     let name = HeaderName::from_bytes(&line[..colon]).ok()?;
@@ -360,12 +364,37 @@ fn trailer_field(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
     passes_as_trailer(&name).then_some((name, value))
 }
 
-/// Whether a trailer field goes on to the next hop.
+/// Whether a trailer field goes on to the next hop: not one about the connection, nor one
+/// RFC 9110 (6.5.1) keeps out of trailers (framing, routing, request modifiers, authentication,
+/// controls, how to process the content), nor one this proxy sets in heads itself
+/// (`X-Forwarded-*`): a next hop that merges trailers into the head (as some servers do) must
+/// not get there what the head's rules would have replaced or left out. Hyper's list, which
+/// the pooled client and HTTP/2 paths apply, is within this one.
 pub fn passes_as_trailer(name: &HeaderName) -> bool {
-    !(HOP_BY_HOP.contains(name)
-        || *name == header::CONTENT_LENGTH
-        || *name == header::HOST
-        || *name == header::TRAILER)
+    const KEPT_OUT: [&str; 20] = [
+        "authorization",
+        "cache-control",
+        "content-encoding",
+        "content-length",
+        "content-range",
+        "content-type",
+        "cookie",
+        "expect",
+        "host",
+        "max-forwards",
+        "pragma",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "range",
+        "set-cookie",
+        "trailer",
+        "www-authenticate",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    ];
+    let name = name.as_str();
+    !(KEPT_OUT.contains(&name) || HOP_BY_HOP.iter().any(|h| h.as_str() == name))
 }
 
 /// Ends a chunked body: the last chunk, the trailer fields that may go on, the empty line.
@@ -393,7 +422,22 @@ mod tests {
 
     #[test]
     fn every_framing_and_hop_by_hop_field_is_read_in_any_case() {
-        for name in HOP_BY_HOP.iter().map(HeaderName::as_str) {
+        // `Framed::read` names them itself: the same six, no more, no fewer.
+        let hop_by_hop = HOP_BY_HOP;
+        let mut names: Vec<_> = hop_by_hop.iter().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+                "transfer-encoding",
+                "upgrade"
+            ]
+        );
+        for name in names {
             let upper = name.to_ascii_uppercase();
             assert!(Framed::default().read(&upper, b"x"), "{name}");
         }
@@ -483,16 +527,21 @@ mod tests {
 
     #[test]
     fn trailers_are_bounded_in_all_not_line_by_line() {
-        let line = format!("x-pad: {}\r\n", "p".repeat(1000));
-        let many = format!("0\r\n{}\r\n", line.repeat(MAX_TRAILERS / line.len() + 1));
-        let (_, trailers, error) = decode(many.as_bytes());
-        assert!(trailers.is_none());
-        assert!(error.is_some_and(|e| e.contains("trailers too long")));
-        let some = format!("0\r\n{}\r\n", line.repeat(MAX_TRAILERS / line.len() - 1));
+        let too_long = |wire: String| {
+            let (_, trailers, error) = decode(wire.as_bytes());
+            trailers.is_none() && error.is_some_and(|e| e.contains("trailers too long"))
+        };
+        let line = format!("x-pad: {}\r\n", "p".repeat(200));
+        let fit = MAX_TRAILERS / line.len();
+        assert!(too_long(format!("0\r\n{}\r\n", line.repeat(fit + 1))));
+        // A line not ended yet counts too (the reader would otherwise wait for its end).
+        let unended = "p".repeat(line.len());
+        assert!(too_long(format!("0\r\n{}{unended}", line.repeat(fit))));
+        // Many short lines: a hundred at most, as in hyper.
+        let short = "a: b\r\n".repeat(MAX_TRAILER_LINES as usize + 1);
+        assert!(too_long(format!("0\r\n{short}\r\n")));
+        let some = format!("0\r\n{}\r\n", line.repeat(fit - 1));
         let (_, trailers, error) = decode(some.as_bytes());
-        assert_eq!(
-            (trailers.map(|t| t.len()), error),
-            (Some(MAX_TRAILERS / line.len() - 1), None)
-        );
+        assert_eq!((trailers.map(|t| t.len()), error), (Some(fit - 1), None));
     }
 }

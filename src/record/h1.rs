@@ -15,10 +15,11 @@
 //! HTTP/1.0, or a length that is not one number (a list included, as hyper refused it) is
 //! refused with a 400, and a length beside chunked is dropped, the connection closed after the
 //! response. Chunk-size and trailer lines are read strictly: a bare CR or LF, or another
-//! control byte, ends the body as cut short (the chunk-extension smuggling pattern). Trailer
-//! fields go on where the next hop's framing carries them (a chunked body, HTTP/2), less those
-//! about the connection or the message's framing (`framing::passes_as_trailer`); the tape does
-//! not keep them.
+//! control byte, ends the body as cut short (the chunk-extension smuggling pattern), as do
+//! trailers beyond hyper's bounds (100 lines, 16 KiB). Trailer fields go on where the next
+//! hop's framing carries them (a chunked body, HTTP/2; through hyper's pooled client as hyper
+//! passes them), less those that must not reach a next hop that merges trailers into the head
+//! (`framing::passes_as_trailer`); the tape does not keep them.
 //!
 //! A request that expects `100 Continue` gets it when its body is first wanted (the upstream's
 //! client starts sending it), as from hyper's server: one the recorder answers itself, or that

@@ -32,7 +32,7 @@ pub fn require(command: &str, package: &str) {
 }
 
 /// The in-process upstream:
-/// `/json`, `/echo` (answers with what it received: headers, body length and sha256),
+/// `/json`, `/echo` (answers with what it received: headers, trailers, body length and sha256),
 /// `/v2/auth` (a token), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
 /// protocol switch, then an echo).
 pub struct Upstream {
@@ -113,15 +113,19 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").into()))
                 .collect();
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let collected = req.into_body().collect().await.ok();
+            let trailers: serde_json::Map<String, serde_json::Value> = collected
+                .as_ref()
+                .and_then(|c| c.trailers())
+                .into_iter()
+                .flatten()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
             let json = serde_json::json!({
                 "version": version,
                 "headers": headers,
+                "trailers": trailers,
                 "fields": fields,
                 "len": body.len(),
                 "sha256": hex(&sha2::Sha256::digest(&body)),
