@@ -13,6 +13,7 @@
 #
 #   bash benches/capped.sh          # CAP=50 (% of a core) PERIOD=100000 (µs, the kernel's and
 #                                   # Kubernetes' default) ROUNDS=8 DURATION=6 (s)
+#   ARGS="--threads 2" bash benches/capped.sh   # flags for both recorders
 #
 # Needs nginx and wrk (Debian packages), root, and a writable cgroup cpu controller (v2's
 # cpu.max or v1's cpu.cfs_quota_us).
@@ -23,6 +24,7 @@ CAP=${CAP:-50}
 PERIOD=${PERIOD:-100000}
 ROUNDS=${ROUNDS:-8}
 DURATION=${DURATION:-6}
+ARGS=${ARGS:-}
 
 source benches/common.sh
 need nginx "apt-get install nginx"
@@ -63,12 +65,14 @@ nginx_conf proxy 18001 18000 "$NGINX_PROXY"
 in_group nginx nginx -c "$work/proxy.conf" -g 'daemon off;' > /dev/null 2>&1 &
 pids+=($!)
 nginx_pid=$!
+# shellcheck disable=SC2086 # ARGS is a list of flags
 LOADTAPE_LOG=warn in_group on $loadtape record --listen 127.0.0.1:18002 \
-  --upstream http://127.0.0.1:18000 --out "$work/on" > /dev/null 2>&1 &
+  --upstream http://127.0.0.1:18000 --out "$work/on" $ARGS > /dev/null 2>&1 &
 pids+=($!)
 on_pid=$!
+# shellcheck disable=SC2086
 LOADTAPE_LOG=warn in_group off $loadtape record --listen 127.0.0.1:18003 \
-  --upstream http://127.0.0.1:18000 --out "$work/off" --sample 0 > /dev/null 2>&1 &
+  --upstream http://127.0.0.1:18000 --out "$work/off" --sample 0 $ARGS > /dev/null 2>&1 &
 pids+=($!)
 off_pid=$!
 for port in 18001 18002 18003; do
@@ -83,7 +87,7 @@ ticks() {
 }
 results=$work/results
 : > "$results"
-echo "each proxy held to $CAP% of a core (CFS period ${PERIOD} µs); wrk -t2 -c64, $ROUNDS rounds of ${DURATION}s"
+echo "each proxy held to $CAP% of a core (CFS period ${PERIOD} µs); wrk -t2 -c64, $ROUNDS rounds of ${DURATION}s${ARGS:+; loadtape $ARGS}"
 for round in $(seq "$ROUNDS"); do
   for port in 18001 18002 18003; do
     case $port in
