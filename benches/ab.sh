@@ -42,7 +42,6 @@ wait_for 18010
 wait_for 18011
 
 hz=$(getconf CLK_TCK)
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 results=$work/rounds
 echo "A: ${bins[0]}  B: ${bins[1]}  ($ROUNDS rounds of ${DURATION}s, wrk -t2 -c64${ARGS:+, $ARGS})"
 for round in $(seq "$ROUNDS"); do
@@ -52,9 +51,9 @@ for round in $(seq "$ROUNDS"); do
   order="0 1"
   [ $((round % 2)) = 0 ] && order="1 0"
   for i in $order; do
-    before=$(ticks "${recorders[$i]}")
+    before=$(cpu_ticks "${recorders[$i]}")
     out=$(checked_wrk -t2 -c64 -d"${DURATION}s" "${auth[@]}" "http://127.0.0.1:1801$i/data")
-    after=$(ticks "${recorders[$i]}")
+    after=$(cpu_ticks "${recorders[$i]}")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     cpu=$(python3 -c "print(f'{($after - $before) / $hz * 1e6 / $requests:.2f}')")
@@ -67,16 +66,14 @@ for round in $(seq "$ROUNDS"); do
 done
 
 python3 - "$results" <<'EOF'
-import random, statistics, sys
+import statistics, sys
+sys.path.insert(0, "benches")
+from median_ci import median_ci
 
 rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1])]
 
 def summary(name, ratios, better):
-    random.seed(1)
-    medians = sorted(
-        statistics.median(random.choices(ratios, k=len(ratios))) for _ in range(10000)
-    )
-    low, high = medians[250], medians[9749]
+    low, high = median_ci(ratios)
     wins = sum(better(r) for r in ratios)
     print(f"  {name:28} {statistics.median(ratios):.3f}x [{min(ratios):.2f}..{max(ratios):.2f}] "
           f"per round, 95% CI of the median {low:.3f}..{high:.3f}, B better in {wins} of {len(ratios)}")

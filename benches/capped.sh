@@ -80,11 +80,6 @@ for port in 18001 18002 18003; do
 done
 
 hz=$(getconf CLK_TCK)
-ticks() {
-  local t=0
-  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
-  echo $t
-}
 results=$work/results
 : > "$results"
 echo "each proxy held to $CAP% of a core (CFS period ${PERIOD} µs); wrk -t2 -c64, $ROUNDS rounds of ${DURATION}s${ARGS:+; loadtape $ARGS}"
@@ -96,10 +91,10 @@ for round in $(seq "$ROUNDS"); do
       18003) procs=$off_pid; name="loadtape, capture off" ;;
     esac
     # shellcheck disable=SC2086 # a list of pids
-    before=$(ticks $procs)
+    before=$(cpu_ticks $procs)
     out=$(checked_wrk -t2 -c64 -d"${DURATION}s" --latency "${auth[@]}" "http://127.0.0.1:$port/data")
     # shellcheck disable=SC2086
-    after=$(ticks $procs)
+    after=$(cpu_ticks $procs)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu=$(python3 -c "print(f'{($after - $before) / $hz * 1e6 / $requests:.2f}')")
@@ -110,14 +105,15 @@ for round in $(seq "$ROUNDS"); do
 done
 
 python3 - "$results" <<'EOF'
-import random, statistics, sys
+import statistics, sys
+sys.path.insert(0, "benches")
+from median_ci import median_ci
 by = {}
 for port, rnd, rps, cpu in (l.split() for l in open(sys.argv[1])):
     by.setdefault(port, []).append((float(rps), float(cpu)))
 def line(what, ratios):
-    rng = random.Random(1)
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(4000))
-    print(f"  {what:40} {statistics.median(ratios):.2f}x [{min(ratios):.2f}..{max(ratios):.2f}] per round, 95% CI of the median {meds[100]:.2f}..{meds[3899]:.2f}")
+    low, high = median_ci(ratios)
+    print(f"  {what:40} {statistics.median(ratios):.2f}x [{min(ratios):.2f}..{max(ratios):.2f}] per round, 95% CI of the median {low:.2f}..{high:.2f}")
 print()
 for port, name in (("18001", "nginx reverse proxy"), ("18002", "loadtape, capture on"), ("18003", "loadtape, capture off")):
     r = by[port]

@@ -12,6 +12,7 @@
 #                        background, ready when it returns
 #   wait_for PORT        returns once http://127.0.0.1:PORT/data answers; stops the script when
 #                        nothing does within a minute
+#   cpu_ticks PID...     the CPU time (user + system, in clock ticks) the processes have taken
 #   checked_wrk ARGS...  runs wrk and prints its report; stops the script when a response was not
 #                        2xx/3xx or a socket failed (a bench of error pages measures nothing)
 #   $NGINX_PROXY         the server block of the nginx reverse proxy loadtape is measured against
@@ -77,6 +78,12 @@ wait_for() {
   for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/data" && return; sleep 0.2; done
   echo "benches/$(basename "$0"): nothing answers on port $1" >&2
   exit 1
+}
+
+cpu_ticks() {
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$t"
 }
 
 checked_wrk() {

@@ -69,11 +69,8 @@ ticks() {
     18002) top=$on_pid ;;
     18003) top=$off_pid ;;
   esac
-  local t=0
-  for p in $top $(pgrep -P "$top"); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
-  echo $t
+  # shellcheck disable=SC2046 # a list of pids
+  cpu_ticks "$top" $(pgrep -P "$top")
 }
 hz=$(getconf CLK_TCK)
 
@@ -97,6 +94,8 @@ done
 
 python3 - "$results" <<'EOF'
 import statistics, sys
+sys.path.insert(0, "benches")
+from median_ci import median_ci
 rows = [l.split() for l in open(sys.argv[1])]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
@@ -114,12 +113,8 @@ for port in ["18000", "18001", "18002", "18003"]:
     med[port] = statistics.median(rps)
     print(f"  {names[port]:24} {med[port]:10.0f} req/s [{min(rps):.0f}..{max(rps):.0f}]  p50 {statistics.median(x[1] for x in r):.2f} ms  p99 {statistics.median(x[2] for x in r):.2f} ms  cpu {statistics.median(x[3] for x in r):.1f} us/req")
 def ci(ratios):
-    # 95% interval of the median of the rounds' ratios (bootstrap, fixed seed): with a VM that
-    # drifts by several percent between rounds, how far the median itself could be off.
-    import random
-    rng = random.Random(1)
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(4000))
-    return f"95% CI of the median {meds[100]:.2f}..{meds[3899]:.2f}"
+    low, high = median_ci(ratios)
+    return f"95% CI of the median {low:.2f}..{high:.2f}"
 on_vs_nginx = [a[0] / b[0] for a, b in zip(by["18002"], by["18001"])]
 on_vs_off = [a[0] / b[0] for a, b in zip(by["18002"], by["18003"])]
 print(f"  loadtape (capture on) / nginx proxy: {statistics.median(on_vs_nginx):.2f}x [{min(on_vs_nginx):.2f}..{max(on_vs_nginx):.2f}] per round, {ci(on_vs_nginx)}")
