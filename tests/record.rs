@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::net::*;
-use common::{assert_watermarks_hold, exchanges_in, frame_watermarks, read_one};
+use common::{
+    assert_watermarks_hold, exchanges_in, frame_payloads, frame_watermarks, occurrences, read_one,
+};
+use loadtape::tape::codec::{FrameEncoder, RecordDecoder};
 use loadtape::tape::{FailureKind, HeaderValue, HttpVersion, Record, SecretKind, Stored};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,6 +186,86 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         panic!("set-cookie not redacted: {set_cookie:?}");
     };
     assert_eq!(cookie.kind, SecretKind::Cookie);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_repeated_heads_are_on_the_tape_once_a_frame() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let rec = start(config(up.addr, &out)).await;
+    // One curl, one connection: the same request head ten times, a bearer token in it.
+    let agent = "loadtape-test-agent/12 (one connection, ten requests)";
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let urls: Vec<String> = (0..10)
+        .map(|_| format!("http://{}/json", rec.addr))
+        .collect();
+    let mut args = vec!["-A", agent, "-H", &bearer];
+    args.extend(urls.iter().map(String::as_str));
+    curl(&args).await;
+    rec.stop().await;
+
+    let (records, _) = read_one(&out).unwrap();
+    let exchanges = exchanges_in(&records);
+    assert_eq!(exchanges.len(), 10);
+    let connections: std::collections::HashSet<u64> =
+        exchanges.iter().map(|e| e.connection).collect();
+    assert_eq!(connections.len(), 1, "curl kept its connection");
+    for e in &exchanges {
+        let head = &e.request.headers;
+        assert_eq!(head.get_str("user-agent"), Some(agent));
+        assert!(matches!(
+            head.get("authorization"),
+            Some(HeaderValue::Redacted(_))
+        ));
+        assert_eq!(head, &exchanges[0].request.headers);
+    }
+    // Written out once in each frame that holds the connection's exchanges, referred to after.
+    let mut frames = Vec::new();
+    for file in std::fs::read_dir(&out).unwrap() {
+        frames.extend(frame_payloads(
+            &std::fs::read(file.unwrap().path()).unwrap(),
+        ));
+    }
+    let with_agent: Vec<usize> = (frames.iter())
+        .map(|f| occurrences(f, agent.as_bytes()))
+        .filter(|&n| n > 0)
+        .collect();
+    assert!(
+        !with_agent.is_empty() && with_agent.iter().all(|&n| n == 1),
+        "the agent's head written {with_agent:?} times in the frames that hold it"
+    );
+    // The agent's value alone would be written once a frame anyway (the value cache): the
+    // heads are references, as the same records written anew without them show.
+    for frame in frames
+        .iter()
+        .filter(|f| occurrences(f, agent.as_bytes()) > 0)
+    {
+        let mut decoded: Vec<Record> = RecordDecoder::new(frame).map(Result::unwrap).collect();
+        let mut again = Vec::new();
+        let mut encoder = FrameEncoder::new();
+        let mut exchanges = 0;
+        for r in &mut decoded {
+            if let Record::Exchange(e) = r {
+                exchanges += 1;
+                // As the recorder left them: a body stored whole without its digest, which
+                // the reader derived.
+                for body in [&mut e.request.body, &mut e.response.as_mut().unwrap().body] {
+                    if body.whole_inline().is_some() {
+                        body.sha256 = None;
+                    }
+                }
+            }
+            encoder.encode(r, &mut again);
+        }
+        // Each repeated request head is two bytes, not two or more a field.
+        assert!(
+            frame.len() + 4 * (exchanges - 1) <= again.len(),
+            "{} bytes, {} written anew, {exchanges} exchanges",
+            frame.len(),
+            again.len()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,28 @@ fn arb_redaction() -> impl Strategy<Value = Redaction> {
         })
 }
 
+/// Heads marked shared, as the recorder's are: more than the head cache holds, so that long
+/// runs of records push some out of it.
+static SHARED_HEADS: std::sync::LazyLock<Vec<Headers>> = std::sync::LazyLock::new(|| {
+    (0..codec::HEAD_SLOTS + 8)
+        .map(|i| {
+            let mut h = Headers::new();
+            h.push("user-agent", format!("skopeo/1.{i}"));
+            h.push("accept", "*/*");
+            h.mark_shared();
+            h
+        })
+        .collect()
+});
+
 fn arb_headers() -> impl Strategy<Value = Headers> {
+    prop_oneof![
+        3 => arb_fresh_headers(),
+        2 => (0..SHARED_HEADS.len()).prop_map(|i| SHARED_HEADS[i].clone()),
+    ]
+}
+
+fn arb_fresh_headers() -> impl Strategy<Value = Headers> {
     proptest::collection::vec(
         (
             prop_oneof![
@@ -501,12 +522,124 @@ fn unknown_kinds_and_appended_fields_from_newer_writers_are_tolerated() {
     );
 }
 
-/// Where `needle` occurs in `haystack`.
-fn occurrences(haystack: &[u8], needle: &[u8]) -> usize {
-    haystack
-        .windows(needle.len())
-        .filter(|w| *w == needle)
-        .count()
+/// An exchange of the synthetic traffic with these heads.
+fn with_heads(mut record: Record, request: &Headers, response: &Headers) -> Record {
+    let Record::Exchange(e) = &mut record else {
+        unreachable!("synthetic records are exchanges")
+    };
+    e.request.headers = request.clone();
+    e.response.as_mut().unwrap().headers = response.clone();
+    record
+}
+
+/// Heads marked shared, each told by the agent it names.
+fn shared_heads(n: usize) -> Vec<Headers> {
+    (0..n)
+        .map(|i| {
+            let mut h = Headers::new();
+            h.push(
+                "user-agent",
+                format!("containers/5.{i} (github.com/containers/image)"),
+            );
+            h.push_redacted(
+                "authorization",
+                Redaction {
+                    kind: SecretKind::Bearer,
+                    len: 829,
+                    fingerprint: i as u64,
+                    jwt: None,
+                },
+            );
+            h.mark_shared();
+            h
+        })
+        .collect()
+}
+
+#[test]
+fn a_head_repeated_in_a_frame_is_written_once_and_reads_back_whole() {
+    // A connection's heads come again and again, between other connections' (the first and
+    // second); then enough others to push the first out of the frame's head cache, then it
+    // again.
+    let heads = shared_heads(codec::HEAD_SLOTS + 2);
+    let response = &heads[1];
+    let mut order = vec![0, 2, 0, 2, 0];
+    order.extend(3..codec::HEAD_SLOTS + 2);
+    order.push(0);
+    let records: Vec<Record> = (exchanges(order.len(), 9).into_iter().zip(&order))
+        .map(|(r, &h)| with_heads(r, &heads[h], response))
+        .collect();
+    let mut payload = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    for r in &records {
+        encoder.encode(r, &mut payload);
+    }
+    let agent = |i: usize| format!("containers/5.{i} (");
+    // Once until forgotten, then once more; the response's head once.
+    assert_eq!(occurrences(&payload, agent(0).as_bytes()), 2);
+    assert_eq!(occurrences(&payload, agent(2).as_bytes()), 1);
+    assert_eq!(occurrences(&payload, agent(1).as_bytes()), 1);
+
+    let back: Vec<Record> = codec::RecordDecoder::new(&payload)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(back, records);
+
+    // A reference read without the frame it refers into says what is missing.
+    let mut twice = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    encoder.encode(&records[0], &mut twice);
+    let second = twice.len();
+    encoder.encode(&records[2], &mut twice);
+    let failure = codec::FrameDecoder::new()
+        .next(&twice[second..])
+        .unwrap()
+        .unwrap_err();
+    // The request's head is in slot 1, behind the response's.
+    assert!(
+        failure.reason.contains("header block slot 1 is empty"),
+        "{}",
+        failure.reason
+    );
+}
+
+#[test]
+fn a_newer_writers_exchanges_take_their_place_in_the_head_cache() {
+    // A newer writer's exchange, its heads written out to be remembered: copied as is, it
+    // takes a slot of the head cache the reader will keep, and what the slot held before is
+    // forgotten by the writer as it will be by the reader.
+    let heads = shared_heads(codec::HEAD_SLOTS + 1);
+    let theirs = &heads[codec::HEAD_SLOTS];
+    let mut foreign = Vec::new();
+    let first = exchanges(1, 3).remove(0);
+    codec::FrameEncoder::new().encode(&with_heads(first, theirs, theirs), &mut foreign);
+    foreign.drain(..codec::RECORD_PREFIX_LEN);
+    let foreign = Record::Unknown {
+        code: kind::EXCHANGE,
+        payload: foreign,
+    };
+    // Ours fill the cache; theirs push the least recently used two out; ours again.
+    let ours = &heads[..codec::HEAD_SLOTS];
+    let mut records: Vec<Record> = (exchanges(ours.len(), 4).into_iter().zip(ours))
+        .map(|(r, h)| with_heads(r, h, h))
+        .collect();
+    records.push(foreign.clone());
+    records
+        .extend((exchanges(ours.len(), 5).into_iter().zip(ours)).map(|(r, h)| with_heads(r, h, h)));
+    let mut payload = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    for r in &records {
+        encoder.encode(r, &mut payload);
+    }
+    let back: Vec<Record> = codec::RecordDecoder::new(&payload)
+        .map(Result::unwrap)
+        .collect();
+    let Record::Exchange(e) = &back[ours.len()] else {
+        panic!("the newer writer's exchange reads as one")
+    };
+    assert_eq!(&e.request.headers, theirs);
+    records[ours.len()] = back[ours.len()].clone();
+    assert_eq!(back, records);
 }
 
 #[test]
@@ -691,18 +824,48 @@ fn the_checked_in_version_1_tape_reads_forever() {
     );
 }
 
-/// The decompressed payloads of the frames of the tape file `bytes` (see captures/README.md).
-fn frame_payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
-    use loadtape::tape::format::{FILE_PREFIX_LEN, FRAME_HEADER_LEN, FRAME_MAGIC};
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-    let mut at = FILE_PREFIX_LEN + u32_at(12) + 4;
-    let mut payloads = Vec::new();
-    while bytes.get(at..at + 4) == Some(&FRAME_MAGIC[..]) {
-        let payload = &bytes[at + FRAME_HEADER_LEN..][..u32_at(at + 4)];
-        payloads.push(zstd::decode_all(payload).unwrap());
-        at += FRAME_HEADER_LEN + payload.len();
+/// The compatibility promise for version 3 (a repeated header block written once per frame),
+/// as for versions 1 and 2: never regenerate this file.
+#[test]
+fn the_checked_in_version_3_tape_reads_forever() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures");
+    let (records, stats) = read_one(&dir.join("v3/quay-session-v3.tape")).unwrap();
+    assert_eq!(stats.files[0].version, 3);
+    assert!(stats.files[0].closed);
+    // The session of the version 1 sample, head for head (fingerprints aside: their key is
+    // each import's own) and body for body.
+    let (v1, _) = read_one(&dir.join("v1/quay-session-v1.tape")).unwrap();
+    let (exchanges, v1) = (exchanges_in(&records), exchanges_in(&v1));
+    assert_eq!(exchanges.len(), 63);
+    assert_eq!(exchanges.len(), v1.len());
+    let fields = |h: &Headers| -> Vec<(String, Option<Vec<u8>>)> {
+        h.iter()
+            .map(|(n, v)| (n.to_string(), v.plain().map(<[u8]>::to_vec)))
+            .collect()
+    };
+    for (e, old) in exchanges.iter().zip(&v1) {
+        assert_eq!(e.request.target, old.request.target);
+        assert_eq!(fields(&e.request.headers), fields(&old.request.headers));
+        assert_eq!(e.request.body, old.request.body);
+        let (response, old) = (e.response.as_ref().unwrap(), old.response.as_ref().unwrap());
+        assert_eq!((response.status, &response.body), (old.status, &old.body));
+        assert_eq!(fields(&response.headers), fields(&old.headers));
     }
-    payloads
+    // Its repeated heads are references: written anew, heads unmarked, the frame is longer.
+    let bytes = std::fs::read(dir.join("v3/quay-session-v3.tape")).unwrap();
+    let frames = frame_payloads(&bytes);
+    assert_eq!(frames.len(), 1);
+    let mut again = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    for r in &records {
+        encoder.encode(r, &mut again);
+    }
+    assert!(
+        frames[0].len() < again.len(),
+        "{} bytes against {}",
+        frames[0].len(),
+        again.len()
+    );
 }
 
 /// The compatibility promise for version 2 (a repeated body written once per frame), as for

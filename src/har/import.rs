@@ -9,6 +9,7 @@ use sha2::Digest;
 
 use super::{Entry, Har};
 use crate::redact::{is_token_endpoint, Redactor};
+use crate::tape::Sharing;
 use crate::tape::{
     Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers,
     HttpVersion, Method, Record, Request, Response, Scheme, Stored, TapeHeader, TapeKind,
@@ -130,6 +131,7 @@ pub fn har_to_records(
     let mut connections: HashMap<String, (u64, u64, u64, u64, HttpVersion)> = HashMap::new();
     let mut next_connection = 1u64;
     let mut redacted = 0;
+    let mut sharing = Sharing::default();
     for (n, &i) in order.iter().enumerate() {
         let e = &mut entries[i];
         let start = (starts[i] - epoch) as u64;
@@ -164,6 +166,11 @@ pub fn har_to_records(
         conn.3 += 1;
         let mut exchange = exchange;
         exchange.connection = conn.0;
+        // A client's heads repeat (its agent, its token): the tape writes them once a frame.
+        sharing.share(&mut exchange.request.headers);
+        if let Ok(response) = &mut exchange.response {
+            sharing.share(&mut response.headers);
+        }
         records.push(Record::Exchange(Box::new(exchange)));
     }
     let connection_count = connections.len();

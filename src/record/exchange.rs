@@ -781,8 +781,13 @@ thread_local! {
 /// of credentials, this holds credentials in memory, never on the tape.
 fn redacted_recalled(redactor: &Redactor, copy: &Arc<CopiedHead>) -> Headers {
     let raw = &copy.fields;
+    let fresh = || {
+        let mut headers = redacted(redactor, Fields::Raw(raw));
+        headers.mark_shared();
+        headers
+    };
     if raw.approx_size() > RECENT_HEAD_LONGEST {
-        return redacted(redactor, Fields::Raw(raw));
+        return fresh();
     }
     RECENT.with(|recent| {
         let mut recent = recent.borrow_mut();
@@ -795,7 +800,7 @@ fn redacted_recalled(redactor: &Redactor, copy: &Arc<CopiedHead>) -> Headers {
             recent.heads[..=i].rotate_right(1);
             return recent.heads[0].1.clone();
         }
-        let headers = redacted(redactor, Fields::Raw(raw));
+        let headers = fresh();
         recent.heads.truncate(RECENT_HEADS - 1);
         recent.heads.insert(0, (copy.clone(), headers.clone()));
         headers

@@ -5,7 +5,7 @@
 //! is how the format grows without a break.
 //!
 //! Most kinds are the plain bincode encoding of their struct. Exchanges, nearly all of a tape,
-//! are written field by field with bincode's primitive encodings and two savings that matter at
+//! are written field by field with bincode's primitive encodings and savings that matter at
 //! millions of records (see `captures/README.md`, "Exchanges"):
 //!
 //! * header values repeat from one exchange to the next (`user-agent`, `accept`, `server`, the
@@ -17,7 +17,13 @@
 //! * bodies repeat too (a manifest pulled again and again, the same first bytes of a popular
 //!   layer, a registry's 401 error), so a frame keeps its last few stored bodies and a repeated
 //!   one is a reference to where it already lies in the frame (format version 2). The writer's
-//!   work, zstd's first of all, goes with the bytes it no longer writes.
+//!   work, zstd's first of all, goes with the bytes it no longer writes;
+//! * whole heads repeat (a client's agent and bearer token on every request of its
+//!   connection, a server's answer until its `Date` ticks), so a frame keeps its last few
+//!   header blocks and a repeated one is a reference to a slot (format version 3). The writer
+//!   knows a repeat by the number the recorder gave the head it shares between records
+//!   ([`Headers::shared`]), not by reading it: the block is written once a frame, and its
+//!   fields are not run through the value cache again (a tenth of capturing an exchange).
 
 use std::net::SocketAddr;
 
@@ -38,6 +44,13 @@ pub const BODY_SLOTS: usize = 8;
 /// Stored bodies shorter than this are written out again rather than referred to (and not
 /// remembered): a reference would save nothing.
 pub const BODY_REFERENCE_MIN: usize = 16;
+/// Header blocks remembered within a frame (the head cache, format version 3).
+pub const HEAD_SLOTS: usize = 32;
+/// A header block's first byte when it is the block in a slot of the head cache (a slot
+/// number follows), and when it is written out and remembered (the block follows). Neither
+/// begins a count's varint: 254 and 255 are bincode's tags of 16-byte integers.
+const HEAD_AGAIN: u8 = 254;
+const HEAD_REMEMBERED: u8 = 255;
 /// Header name numbers 1..FIRST_LITERAL_NAME are the well-known names (room for the table to
 /// grow); literal names a frame defines are numbered from here.
 pub const FIRST_LITERAL_NAME: usize = 128;
@@ -659,6 +672,68 @@ struct FrameState {
     /// The frame's last [`BODY_SLOTS`] stored bodies of [`BODY_REFERENCE_MIN`] bytes or more,
     /// the most recently written or referred to first.
     bodies: [Option<StoredBody>; BODY_SLOTS],
+    heads: HeadCache,
+}
+
+/// The frame's last [`HEAD_SLOTS`] header blocks written out to be remembered, the most
+/// recently written or referred to first: a writer knows them by their [`Headers::shared`]
+/// number, a reader keeps them decoded. Slots hold indexes into the blocks, so that moving a
+/// block to the front moves a byte, not the block.
+struct HeadCache {
+    /// `order[s]`: which block is in slot s, for s below `len`.
+    order: [u8; HEAD_SLOTS],
+    len: usize,
+    /// Per block: its [`Headers::shared`] number (writing), or 0 (reading).
+    shared: [u64; HEAD_SLOTS],
+    /// Per block: the headers decoded (reading).
+    decoded: Vec<Headers>,
+}
+
+impl Default for HeadCache {
+    fn default() -> Self {
+        HeadCache {
+            order: std::array::from_fn(|i| i as u8),
+            len: 0,
+            shared: [0; HEAD_SLOTS],
+            decoded: Vec::new(),
+        }
+    }
+}
+
+impl HeadCache {
+    fn clear(&mut self) {
+        self.len = 0;
+        self.shared = [0; HEAD_SLOTS];
+        self.decoded.clear();
+    }
+
+    /// The slot of the block numbered `shared` (not 0).
+    fn find(&self, shared: u64) -> Option<usize> {
+        let block = self.shared.iter().position(|&s| s == shared)?;
+        self.order[..self.len]
+            .iter()
+            .position(|&b| b as usize == block)
+    }
+
+    /// The block in `slot` is used again: it moves to the front. Its index.
+    fn used(&mut self, slot: usize) -> usize {
+        // By hand: `rotate_right` calls `memmove`, which costs more than these few bytes.
+        let block = self.order[slot];
+        for s in (0..slot).rev() {
+            self.order[s + 1] = self.order[s];
+        }
+        self.order[0] = block;
+        block as usize
+    }
+
+    /// A block is written out to be remembered: it takes slot 0, in the place of the least
+    /// recently used when all are taken. Its index.
+    fn remembered(&mut self) -> usize {
+        if self.len < HEAD_SLOTS {
+            self.len += 1;
+        }
+        self.used(self.len - 1)
+    }
 }
 
 /// Where a stored body lies in its frame's payload; and, once a reader worked it out, the
@@ -683,6 +758,7 @@ impl FrameState {
         self.slots.clear();
         self.arena.clear();
         self.bodies = [None; BODY_SLOTS];
+        self.heads.clear();
     }
 
     /// The slot of a body stored earlier in the frame `payload` with the same bytes as `p`.
@@ -770,10 +846,27 @@ impl FrameState {
     }
 }
 
-// Per header: name (varint: 0 = a new literal name follows as a string; n = name id n), then
-// value (u8: 0 = plain bytes follow; 1 = a bincode Redaction follows; 2 + s = the value in
-// slot s of this name).
+// A block: HEAD_AGAIN and a slot of the head cache; or HEAD_REMEMBERED and the block written
+// out, which takes a slot; or the block written out: the count, then per header its name
+// (varint: 0 = a new literal name follows as a string; n = name id n) and value (u8: 0 = plain
+// bytes follow; 1 = a bincode Redaction follows; 2 + s = the value in slot s of this name).
 fn encode_headers(headers: &Headers, cache: &mut FrameState, out: &mut Vec<u8>) {
+    let shared = headers.shared();
+    if shared != 0 {
+        if let Some(slot) = cache.heads.find(shared) {
+            cache.heads.used(slot);
+            out.extend_from_slice(&[HEAD_AGAIN, slot as u8]);
+            return;
+        }
+        let block = cache.heads.remembered();
+        cache.heads.shared[block] = shared;
+        out.push(HEAD_REMEMBERED);
+    }
+    encode_fields(headers, cache, out);
+}
+
+#[inline(never)]
+fn encode_fields(headers: &Headers, cache: &mut FrameState, out: &mut Vec<u8>) {
     put_varint(out, headers.len() as u64);
     for (name, value) in headers.iter_names() {
         let (id, new_name) = cache.name_id(name);
@@ -803,6 +896,33 @@ fn encode_headers(headers: &Headers, cache: &mut FrameState, out: &mut Vec<u8>) 
 }
 
 fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, String> {
+    match i.bytes.get(i.at) {
+        Some(&HEAD_AGAIN) => {
+            i.at += 1;
+            let slot = i.u8()? as usize;
+            if slot >= cache.heads.len {
+                return Err(format!("header block slot {slot} is empty"));
+            }
+            let block = cache.heads.used(slot);
+            Ok(cache.heads.decoded[block].clone())
+        }
+        Some(&HEAD_REMEMBERED) => {
+            i.at += 1;
+            let headers = decode_fields(i, cache)?;
+            let block = cache.heads.remembered();
+            // What an encoder decoding a newer writer's record keeps: a block it cannot name.
+            cache.heads.shared[block] = 0;
+            match cache.heads.decoded.get_mut(block) {
+                Some(kept) => kept.clone_from(&headers),
+                None => cache.heads.decoded.push(headers.clone()),
+            }
+            Ok(headers)
+        }
+        _ => decode_fields(i, cache),
+    }
+}
+
+fn decode_fields(i: &mut Input, cache: &mut FrameState) -> Result<Headers, String> {
     let count = i.varint()?;
     // Every header takes at least two bytes: refuse counts the record cannot hold.
     if count > (i.bytes.len() - i.at) as u64 / 2 {

@@ -19,7 +19,7 @@ use serde::Serialize;
 /// First bytes of every tape file.
 pub const MAGIC: &[u8; 8] = b"LOADTAPE";
 /// The format version this build writes. Readers read every version up to their own.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// First bytes of a frame.
 pub const FRAME_MAGIC: &[u8; 4] = b"LTFR";
 /// First bytes of the footer index.

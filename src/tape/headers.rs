@@ -369,6 +369,10 @@ pub struct Headers {
     bytes: Vec<u8>,
     entries: Vec<Entry>,
     redactions: Vec<Redaction>,
+    /// What [`Headers::shared`] returns: 0, or a number that no headers of other contents carry
+    /// in this process. Not part of the headers' value (equality, serialization); any change
+    /// to them sets it back to 0.
+    shared: u64,
 }
 
 impl Headers {
@@ -386,7 +390,24 @@ impl Headers {
             bytes: Vec::with_capacity(bytes),
             entries: Vec::with_capacity(entries),
             redactions: Vec::new(),
+            shared: 0,
         }
+    }
+
+    /// Marks these headers as ones whose copies will be written again and again (a
+    /// connection's heads, which the recorder shares between its records), under a number of
+    /// their own: the tape writer then writes a copy met again within a frame as a reference
+    /// to the first (`tape::codec`, "head cache"), without reading it field by field. Clones
+    /// keep the number; a change to the headers drops it.
+    pub fn mark_shared(&mut self) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        self.shared = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The number [`Headers::mark_shared`] gave these headers, or 0: headers with the same
+    /// nonzero number are equal, in contents and order.
+    pub fn shared(&self) -> u64 {
+        self.shared
     }
 
     /// The headers in order, names as the codec numbers them.
@@ -409,6 +430,7 @@ impl Headers {
     }
 
     pub(crate) fn push_name_redacted(&mut self, name: HeaderName<'_>, redaction: Redaction) {
+        self.shared = 0;
         let name = self.store_name(name);
         self.redactions.push(redaction);
         self.entries.push(Entry {
@@ -457,6 +479,7 @@ impl Headers {
 
     /// [`Headers::push_redacted`] for a name already looked up with [`well_known_index`].
     pub fn push_classified_redacted(&mut self, known: Option<u8>, name: &[u8], r: Redaction) {
+        self.shared = 0;
         let name = self.classified_name(known, name);
         self.redactions.push(r);
         self.entries.push(Entry {
@@ -529,6 +552,7 @@ impl Headers {
     }
 
     fn push_plain(&mut self, name: NameRef, value: &[u8]) {
+        self.shared = 0;
         let (start, len) = self.store(value);
         self.entries.push(Entry {
             name,
@@ -560,6 +584,31 @@ impl Headers {
             }
             ValueRef::Redacted(i) => HeaderValue::Redacted(&self.redactions[i as usize]),
         }
+    }
+}
+
+/// Gives equal headers one [`Headers::shared`] number, for a writer that makes its records'
+/// heads one by one rather than sharing them as the recorder does (an import): it remembers
+/// the last [`SHARING_RECENT`] different heads it was given.
+#[derive(Default)]
+pub struct Sharing {
+    recent: Vec<Headers>,
+}
+
+/// How many heads a [`Sharing`] remembers.
+pub const SHARING_RECENT: usize = 16;
+
+impl Sharing {
+    /// Gives `headers` the number of equal headers met recently, else a number of their own.
+    pub fn share(&mut self, headers: &mut Headers) {
+        if let Some(i) = self.recent.iter().position(|h| h == &*headers) {
+            self.recent[..=i].rotate_right(1);
+            headers.shared = self.recent[0].shared;
+            return;
+        }
+        headers.mark_shared();
+        self.recent.truncate(SHARING_RECENT - 1);
+        self.recent.insert(0, headers.clone());
     }
 }
 

@@ -19,7 +19,7 @@ pub mod writer;
 
 pub use error::TapeError;
 pub use format::{TapeHeader, TapeKind, FORMAT_VERSION};
-pub use headers::{well_known_index, JwtInfo, KNOWN_NAMES};
+pub use headers::{well_known_index, JwtInfo, Sharing, KNOWN_NAMES};
 pub use reader::{ReadOptions, ReadStats, TapeReader};
 pub use record::*;
 pub use writer::{TapeWriter, WriteSummary, WriterOptions};

@@ -142,3 +142,25 @@ pub fn exchanges_in(records: &[Record]) -> Vec<&loadtape::tape::Exchange> {
         })
         .collect()
 }
+
+/// Where `needle` occurs in `haystack`.
+pub fn occurrences(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
+}
+
+/// The decompressed payloads of the frames of the tape file `bytes` (see captures/README.md).
+pub fn frame_payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
+    use loadtape::tape::format::{FILE_PREFIX_LEN, FRAME_HEADER_LEN, FRAME_MAGIC};
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let mut at = FILE_PREFIX_LEN + u32_at(12) + 4;
+    let mut payloads = Vec::new();
+    while bytes.get(at..at + 4) == Some(&FRAME_MAGIC[..]) {
+        let payload = &bytes[at + FRAME_HEADER_LEN..][..u32_at(at + 4)];
+        payloads.push(zstd::decode_all(payload).unwrap());
+        at += FRAME_HEADER_LEN + payload.len();
+    }
+    payloads
+}
