@@ -14,6 +14,8 @@
 #   bash benches/capped.sh          # CAP=50 (% of a core) PERIOD=100000 (µs, the kernel's and
 #                                   # Kubernetes' default) ROUNDS=8 DURATION=6 (s)
 #   ARGS="--threads 2" bash benches/capped.sh   # flags for both recorders
+#   BASE=/tmp/loadtape-old bash benches/capped.sh  # and another build's capture on beside
+#                                                  # this one's, in the same rounds
 #
 # Needs nginx and wrk (Debian packages), root, and a writable cgroup cpu controller (v2's
 # cpu.max or v1's cpu.cfs_quota_us).
@@ -25,6 +27,7 @@ PERIOD=${PERIOD:-100000}
 ROUNDS=${ROUNDS:-8}
 DURATION=${DURATION:-6}
 ARGS=${ARGS:-}
+BASE=${BASE:-}
 
 source benches/common.sh
 need nginx "apt-get install nginx"
@@ -54,7 +57,13 @@ in_group() {
   shift
   exec sh -c "echo \$\$ > $g/cgroup.procs && exec \"\$@\"" sh "$@"
 }
-for name in nginx on off; do
+names="nginx on off"
+ports="18001 18002 18003"
+if [ -n "$BASE" ]; then
+  names="$names base"
+  ports="$ports 18004"
+fi
+for name in $names; do
   g=$cgroot/loadtape-bench-$$-$name
   mkdir -p "$g"
   limit "$g"
@@ -75,7 +84,14 @@ LOADTAPE_LOG=warn in_group off $loadtape record --listen 127.0.0.1:18003 \
   --upstream http://127.0.0.1:18000 --out "$work/off" --sample 0 $ARGS > /dev/null 2>&1 &
 pids+=($!)
 off_pid=$!
-for port in 18001 18002 18003; do
+if [ -n "$BASE" ]; then
+  # shellcheck disable=SC2086
+  LOADTAPE_LOG=warn in_group base "$BASE" record --listen 127.0.0.1:18004 \
+    --upstream http://127.0.0.1:18000 --out "$work/base" $ARGS > /dev/null 2>&1 &
+  pids+=($!)
+  base_pid=$!
+fi
+for port in $ports; do
   wait_for "$port"
 done
 
@@ -84,11 +100,12 @@ results=$work/results
 : > "$results"
 echo "each proxy held to $CAP% of a core (CFS period ${PERIOD} µs); wrk -t2 -c64, $ROUNDS rounds of ${DURATION}s${ARGS:+; loadtape $ARGS}"
 for round in $(seq "$ROUNDS"); do
-  for port in 18001 18002 18003; do
+  for port in $ports; do
     case $port in
       18001) procs=$(pgrep -P "$nginx_pid" | tr '\n' ' '); name="nginx reverse proxy" ;;
       18002) procs=$on_pid; name="loadtape, capture on" ;;
       18003) procs=$off_pid; name="loadtape, capture off" ;;
+      18004) procs=$base_pid; name="$BASE, capture on" ;;
     esac
     # shellcheck disable=SC2086 # a list of pids
     before=$(cpu_ticks $procs)
@@ -104,7 +121,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$results" <<'EOF'
+python3 - "$results" "$BASE" <<'EOF'
 import statistics, sys
 sys.path.insert(0, "benches")
 from median_ci import median_ci
@@ -122,4 +139,9 @@ ratio = lambda a, b, i=0: [x[i] / y[i] for x, y in zip(by[a], by[b])]
 line("loadtape (capture on) / nginx proxy:", ratio("18002", "18001"))
 line("loadtape (capture off) / nginx proxy:", ratio("18003", "18001"))
 line("capture on / capture off:", ratio("18002", "18003"))
+if sys.argv[2]:
+    r = by["18004"]
+    print(f"  {'BASE, capture on':24} {statistics.median(x[0] for x in r):8.0f} req/s  cpu {statistics.median(x[1] for x in r):.1f} us/req")
+    line("capture on / BASE's capture on:", ratio("18002", "18004"))
+    line("  its CPU a request:", ratio("18002", "18004", 1))
 EOF

@@ -8,9 +8,6 @@
 //! tape writer's thread), and made a `HeaderMap` only when hyper is who takes them: an HTTP/2
 //! client's response, a pooled upstream client's request, a connection handed over.
 
-use std::hash::Hasher;
-use std::sync::LazyLock;
-
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -20,50 +17,18 @@ pub struct RawFields {
     spans: Vec<Span>,
 }
 
-/// A digest, keyed, of a head's fields: their bytes from the first field to the last, where
-/// each lies among them (what [`RawFields::same_fields`] compares), and their length and count.
-///
-/// It lets a connection tell its next head of the same fields from the copy it kept of the last
-/// one (`record::exchange::LastCopy`) without reading that copy: by the next request on the
-/// connection, the copy has left the core's caches, and reading its kilobyte back cost more
-/// than the rest of recording the head, while the new head's bytes, just read, hash in cache.
-/// By chance, two heads of the same length and count share a digest once in 2^64. The key is
-/// random per process and never leaves its memory ([`SIGNATURE_KEY`]), and neither the digest
-/// nor whether two heads shared one is ever shown to a client; foldhash is a fast keyed hash,
-/// not a cryptographic one, so that is what stands between a client and a chosen collision. What
-/// a collision would do is bounded: the record of the second head would name the fields of the
-/// first, which the same connection sent with an earlier request, redacted as any: never a
-/// credential in clear, never another connection's fields.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
-pub struct Signature {
-    digest: u64,
-    len: u32,
-    count: u32,
-}
-
-/// The key of every [`Signature`] this process makes, from the OS's random source (foldhash's
-/// own `RandomState` seeds itself from addresses and a counter, which is not enough here).
-static SIGNATURE_KEY: LazyLock<(u64, foldhash::SharedSeed)> = LazyLock::new(|| {
-    let mut key = [0u8; 16];
-    getrandom::fill(&mut key).expect("the OS provides random bytes for the fields' signatures");
-    let [a, b] = [&key[..8], &key[8..]].map(|k| u64::from_le_bytes(k.try_into().unwrap()));
-    (a, foldhash::SharedSeed::from_u64(b))
-});
-
-fn signature_hasher() -> foldhash::quality::FoldHasher<'static> {
-    let (seed, shared) = &*SIGNATURE_KEY;
-    foldhash::quality::FoldHasher::with_seed(*seed, shared)
-}
-
 /// Where a field lies in its head.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Span {
     name: u32,
     name_len: u32,
     value: u32,
     value_len: u32,
-    /// The field concerns one connection only (RFC 9110, 7.6.1): not forwarded.
-    hop: bool,
+    /// 1 when the field concerns one connection only (RFC 9110, 7.6.1): not forwarded. A
+    /// word, not a `bool`, so that a span is five words with no padding between, which
+    /// [`RawFields::same_fields`] compares a span at a time.
+    hop: u32,
 }
 
 impl Span {
@@ -75,7 +40,7 @@ impl Span {
             name_len: name.len() as u32,
             value: at(value),
             value_len: value.len() as u32,
-            hop,
+            hop: u32::from(hop),
         }
     }
 }
@@ -105,7 +70,7 @@ impl RawFields {
     pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.spans
             .iter()
-            .filter(|s| !s.hop)
+            .filter(|s| s.hop == 0)
             .map(|s| (self.name(s), self.value(s)))
     }
 
@@ -116,7 +81,7 @@ impl RawFields {
         let head = &self.head[..];
         // The run of whole lines waiting to be copied: from its first name to past its CRLF.
         let mut run: Option<(usize, usize)> = None;
-        for s in self.spans.iter().filter(|s| !s.hop) {
+        for s in self.spans.iter().filter(|s| s.hop == 0) {
             let name = name_in(head, s);
             if !keep(name) {
                 continue;
@@ -189,34 +154,9 @@ impl RawFields {
                 | (s.name_len ^ t.name_len)
                 | ((s.value - base_a) ^ (t.value - base_b))
                 | (s.value_len ^ t.value_len)
-                | (s.hop ^ t.hop) as u32
+                | (s.hop ^ t.hop)
         });
         misplaced == 0 && self.head[a] == other.head[b]
-    }
-
-    /// What tells these fields from others without the bytes at hand: a digest of what
-    /// [`RawFields::same_fields`] compares, keyed. See [`Signature`].
-    pub fn signature(&self) -> Signature {
-        let Some(extent) = self.extent() else {
-            return Signature::default();
-        };
-        let base = extent.start as u32;
-        let bytes = &self.head[extent];
-        let mut h = signature_hasher();
-        h.write(bytes);
-        for s in &self.spans {
-            h.write_u128(
-                u128::from(s.name - base)
-                    | u128::from(s.name_len) << 32
-                    | u128::from(s.value - base) << 64
-                    | u128::from(s.value_len | u32::from(s.hop) << 31) << 96,
-            );
-        }
-        Signature {
-            digest: h.finish(),
-            len: bytes.len() as u32,
-            count: self.spans.len() as u32,
-        }
     }
 
     /// Where the fields lie in the head, from the first field's name to the last one's end.
@@ -235,7 +175,7 @@ impl RawFields {
     pub fn get_forwarded(&self, name: &str) -> Option<&[u8]> {
         self.spans
             .iter()
-            .find(|s| !s.hop && self.is(s, name))
+            .find(|s| s.hop == 0 && self.is(s, name))
             .map(|s| self.value(s))
     }
 
@@ -257,7 +197,7 @@ impl RawFields {
     /// Marks as hop-by-hop the fields `is_hop` says are.
     pub fn mark_hop(&mut self, mut is_hop: impl FnMut(&[u8]) -> bool) {
         for s in &mut self.spans {
-            s.hop |= is_hop(name_in(&self.head, s));
+            s.hop |= u32::from(is_hop(name_in(&self.head, s)));
         }
     }
 
@@ -469,14 +409,9 @@ mod tests {
 
     #[test]
     fn the_same_fields_are_told_apart_from_fields_that_differ_in_any_way() {
-        // Compared, and by their signatures: both tell the same.
+        // Compared either way round, with the same answer.
         fn same(a: &RawFields, b: &RawFields) -> bool {
             let same = a.same_fields(b);
-            assert_eq!(
-                same,
-                a.signature() == b.signature(),
-                "signatures differ from bytes"
-            );
             assert_eq!(same, b.same_fields(a));
             same
         }
