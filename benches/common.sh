@@ -1,9 +1,10 @@
 # Sourced by the bench scripts: what each does before its own work.
 #
 #   need COMMAND HOW     stops with what to install when COMMAND is missing
-#   setup                builds loadtape ($loadtape), makes a work directory ($work) with a
-#                        1 KiB file to serve ($work/www/data), and kills what was started
-#                        (pids+=($!)) and removes $work on exit
+#   setup                builds loadtape ($loadtape; LOADTAPE=path takes that binary instead),
+#                        makes a work directory ($work) with a 1 KiB file to serve
+#                        ($work/www/data), and kills what was started (pids+=($!)) and removes
+#                        $work on exit
 #   nginx_conf NAME PORT ORIGIN_PORT SERVER [MAIN]
 #                        writes $work/NAME.conf: nginx on PORT with SERVER as its server block,
 #                        `origin` the nginx on ORIGIN_PORT (kept connections), MAIN top-level
@@ -39,8 +40,13 @@ cleanup() {
 }
 
 setup() {
-  cargo build --release --quiet
-  loadtape=target/release/loadtape
+  # LOADTAPE=path measures that binary (another build) instead of this tree's.
+  if [ -n "${LOADTAPE:-}" ]; then
+    loadtape=$LOADTAPE
+  else
+    cargo build --release --quiet
+    loadtape=target/release/loadtape
+  fi
   work=$(mktemp -d)
   # nginx's workers run as nobody: mktemp's 0700 left them a 403 for the file to serve, which
   # every bench measured until wait_for (curl -f) refused it.

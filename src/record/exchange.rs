@@ -467,17 +467,21 @@ impl Capture {
     /// ([`Unredacted`]).
     fn spare_record(&self) -> Box<Unredacted> {
         let spare = SPARE_RECORDS.with_borrow_mut(|spares| {
+            let mut taken = false;
             if spares.is_empty() {
                 // Never waits: while the writer's thread gives some back, a new box will do.
                 if let Ok(mut returned) = self.returns.0.try_lock() {
                     std::mem::swap(spares, &mut *returned);
+                    taken = true;
                 }
             }
             let spare = spares.pop()?;
-            // This box's lines all at once rather than one after the other as they are
-            // written (after a batch is taken, they are not asked for yet), and the next
-            // box's ahead of its exchange ([`Spare`]).
-            spare.prefetch();
+            // The next box's lines ahead of its exchange ([`Spare`]); this box's were asked
+            // for with the last one, but the first of a batch just taken: all at once, rather
+            // than one after the other as they are written.
+            if taken {
+                spare.prefetch();
+            }
             if let Some(next) = spares.last() {
                 next.prefetch();
             }
