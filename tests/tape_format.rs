@@ -640,6 +640,29 @@ fn a_newer_writers_exchanges_take_their_place_in_the_head_cache() {
     assert_eq!(&e.request.headers, theirs);
     records[ours.len()] = back[ours.len()].clone();
     assert_eq!(back, records);
+
+    // One that refers to a block of the frame it was written in: copied into another, it
+    // names a slot there too. It cannot stand for what it was, but writing goes on, and the
+    // frame reads back.
+    let mut frame = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    let [first, second]: [Record; 2] = exchanges(2, 6).try_into().unwrap();
+    encoder.encode(&with_heads(first, theirs, theirs), &mut frame);
+    let at = frame.len() + codec::RECORD_PREFIX_LEN;
+    encoder.encode(&with_heads(second, theirs, theirs), &mut frame);
+    let referring = Record::Unknown {
+        code: kind::EXCHANGE,
+        payload: frame[at..].to_vec(),
+    };
+    let mine = with_heads(exchanges(1, 7).remove(0), &heads[0], &heads[1]);
+    let mut payload = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    encoder.encode(&mine, &mut payload);
+    encoder.encode(&referring, &mut payload);
+    let back: Vec<_> = codec::RecordDecoder::new(&payload).collect();
+    assert_eq!(back.len(), 2);
+    assert_eq!(back[0], Ok(mine));
+    assert!(back[1].is_ok(), "{:?}", back[1]);
 }
 
 #[test]

@@ -260,6 +260,44 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+// Bincode's encodings of an exchange's small fields, written by hand: a call into bincode's
+// encoder cost more than the byte or few it writes (an enum is its variant's index as a varint,
+// then its fields). A test holds each to bincode's own.
+
+/// A method: its variant's index, and the name of any other.
+fn put_method(out: &mut Vec<u8>, method: &Method) {
+    let index = match method {
+        Method::Get => 0,
+        Method::Head => 1,
+        Method::Post => 2,
+        Method::Put => 3,
+        Method::Patch => 4,
+        Method::Delete => 5,
+        Method::Options => 6,
+        Method::Connect => 7,
+        Method::Trace => 8,
+        Method::Other(name) => {
+            out.push(9);
+            put_bytes(out, name.as_bytes());
+            return;
+        }
+    };
+    out.push(index);
+}
+
+/// A client's address: 1, the IPv4 variant, its four bytes and the port (an IPv6 one, or
+/// none, through bincode).
+fn put_client(out: &mut Vec<u8>, client: &Option<SocketAddr>) {
+    match client {
+        Some(SocketAddr::V4(a)) => {
+            out.extend_from_slice(&[1, 0]);
+            out.extend_from_slice(&a.ip().octets());
+            put_varint(out, a.port() as u64);
+        }
+        other => put(out, other),
+    }
+}
+
 fn put<T: bincode::Encode>(out: &mut Vec<u8>, v: &T) {
     bincode::encode_into_std_write(v, out, bincode_config()).expect("encodes into memory");
 }
@@ -358,7 +396,7 @@ fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
     put_varint(out, zigzag(e.connection, connection));
     cache.previous = [e.id, e.connection, t.start];
     put_varint(out, e.stream as u64);
-    put::<Option<SocketAddr>>(out, &e.client);
+    put_client(out, &e.client);
     put_varint(out, zigzag(t.start, start));
     put_varint(out, t.request_done);
     match t.response_head {
@@ -371,11 +409,11 @@ fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
     put_varint(out, t.response_done);
 
     let r = &e.request;
-    put(out, &r.method);
-    put(out, &r.scheme);
+    put_method(out, &r.method);
+    out.push(r.scheme as u8);
     put_bytes(out, r.authority.as_bytes());
     put_bytes(out, r.target.as_bytes());
-    put(out, &r.version);
+    out.push(r.version as u8);
     encode_headers(&r.headers, cache, out);
     encode_body(&r.body, &r.target, &r.headers, cache, out);
 
@@ -383,7 +421,7 @@ fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
         Ok(resp) => {
             out.push(0);
             put_varint(out, resp.status as u64);
-            put(out, &resp.version);
+            out.push(resp.version as u8);
             encode_headers(&resp.headers, cache, out);
             encode_body(&resp.body, &r.target, &resp.headers, cache, out);
         }
@@ -392,7 +430,11 @@ fn encode_exchange(e: &Exchange, cache: &mut FrameState, out: &mut Vec<u8>) {
             put(out, f);
         }
     }
-    put(out, &e.issued_secrets);
+    if e.issued_secrets.is_empty() {
+        out.push(0);
+    } else {
+        put(out, &e.issued_secrets);
+    }
     out.push(e.upgraded as u8);
 }
 
@@ -904,7 +946,11 @@ fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, Stri
                 return Err(format!("header block slot {slot} is empty"));
             }
             let block = cache.heads.used(slot);
-            Ok(cache.heads.decoded[block].clone())
+            // Always there when reading; an encoder keeping in step with a newer writer's
+            // record (`Record::Unknown`) holds no decoded blocks of its own.
+            let kept = cache.heads.decoded.get(block);
+            kept.cloned()
+                .ok_or_else(|| format!("header block slot {slot} is not decoded"))
         }
         Some(&HEAD_REMEMBERED) => {
             i.at += 1;
@@ -912,10 +958,11 @@ fn decode_headers(i: &mut Input, cache: &mut FrameState) -> Result<Headers, Stri
             let block = cache.heads.remembered();
             // What an encoder decoding a newer writer's record keeps: a block it cannot name.
             cache.heads.shared[block] = 0;
-            match cache.heads.decoded.get_mut(block) {
-                Some(kept) => kept.clone_from(&headers),
-                None => cache.heads.decoded.push(headers.clone()),
+            let decoded = &mut cache.heads.decoded;
+            if decoded.len() <= block {
+                decoded.resize_with(block + 1, Headers::new);
             }
+            decoded[block].clone_from(&headers);
             Ok(headers)
         }
         _ => decode_fields(i, cache),
@@ -995,6 +1042,61 @@ fn decode_fields(i: &mut Input, cache: &mut FrameState) -> Result<Headers, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_fields_written_by_hand_are_bincodes() {
+        let bincode = |v: &dyn Fn(&mut Vec<u8>)| {
+            let mut out = Vec::new();
+            v(&mut out);
+            out
+        };
+        let methods = [
+            Method::Get,
+            Method::Head,
+            Method::Post,
+            Method::Put,
+            Method::Patch,
+            Method::Delete,
+            Method::Options,
+            Method::Connect,
+            Method::Trace,
+            Method::Other("PROPFIND".into()),
+        ];
+        for m in &methods {
+            assert_eq!(
+                bincode(&|o| put_method(o, m)),
+                bincode(&|o| put(o, m)),
+                "{m:?}"
+            );
+        }
+        for s in [Scheme::Http, Scheme::Https] {
+            assert_eq!(vec![s as u8], bincode(&|o| put(o, &s)));
+        }
+        for v in [
+            HttpVersion::Http10,
+            HttpVersion::Http11,
+            HttpVersion::H2,
+            HttpVersion::H3,
+        ] {
+            assert_eq!(vec![v as u8], bincode(&|o| put(o, &v)));
+        }
+        let clients = [
+            None,
+            Some("127.0.0.1:1".parse().unwrap()),
+            Some("10.1.2.3:250".parse().unwrap()),
+            Some("10.1.2.3:251".parse().unwrap()),
+            Some("192.168.0.9:65535".parse().unwrap()),
+            Some("[::1]:8080".parse().unwrap()),
+        ];
+        for c in &clients {
+            assert_eq!(
+                bincode(&|o| put_client(o, c)),
+                bincode(&|o| put(o, c)),
+                "{c:?}"
+            );
+        }
+        assert_eq!(vec![0], bincode(&|o| put(o, &Vec::<Redaction>::new())));
+    }
 
     #[test]
     fn varints_are_bincodes_and_read_back_at_every_boundary() {
