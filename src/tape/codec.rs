@@ -744,8 +744,10 @@ impl Default for HeadCache {
 
 impl HeadCache {
     fn clear(&mut self) {
-        self.len = 0;
-        self.shared = [0; HEAD_SLOTS];
+        *self = HeadCache {
+            decoded: std::mem::take(&mut self.decoded),
+            ..HeadCache::default()
+        };
         self.decoded.clear();
     }
 
