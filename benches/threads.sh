@@ -3,7 +3,8 @@
 # capture on and off in alternating rounds under wrk: where the capture's CPU goes, which an
 # instruction count does not show (a cache line passed between cores costs time, not
 # instructions). It found the shared counters and queue that cost the proxy threads 2-3 µs per
-# request with capture on (benches/README.md).
+# request with capture on (benches/README.md). Times are the scheduler's (schedstat): on a CPU,
+# and waiting for one.
 #
 #   bash benches/threads.sh            # ROUNDS=2 DURATION=8s
 #
@@ -21,13 +22,14 @@ need wrk "apt-get install wrk"
 setup
 start_origin
 
-# ticks PID: "name ticks" (user + system) for each of PID's threads.
-ticks() {
+# times PID: "name run-ns wait-ns" for each of PID's threads, from the scheduler's own account
+# (/proc/.../schedstat: time on a CPU, time waiting for one), in nanoseconds where /proc's stat
+# counts clock ticks.
+times() {
   for task in /proc/"$1"/task/*; do
-    echo "$(cat "$task/comm") $(awk '{print $14 + $15}' "$task/stat")"
+    echo "$(tr ' ' _ < "$task/comm") $(awk '{print $1, $2}' "$task/schedstat")"
   done
 }
-hz=$(getconf CLK_TCK)
 
 for round in $(seq "$ROUNDS"); do
   for mode in on off; do
@@ -39,24 +41,26 @@ for round in $(seq "$ROUNDS"); do
     pids+=("$recorder")
     wait_for 18002
     wrk -t2 -c64 -d2s "${auth[@]}" "http://127.0.0.1:18002/data" > /dev/null
-    before=$(ticks "$recorder")
+    before=$(times "$recorder")
     out=$(wrk -t2 -c64 -d"$DURATION" "${auth[@]}" "http://127.0.0.1:18002/data")
-    after=$(ticks "$recorder")
+    after=$(times "$recorder")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     echo "round $round, capture $mode: $(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s"
-    python3 - "$requests" "$hz" <<PYEOF
+    python3 - "$requests" <<PYEOF
 import sys
-n, hz = int(sys.argv[1]), int(sys.argv[2])
+n = int(sys.argv[1])
 def parse(text):
     d = {}
     for line in text.strip().splitlines():
-        name, t = line.rsplit(" ", 1)
-        d[name] = d.get(name, 0) + int(t)
+        name, run, wait = line.split()
+        r, w = d.get(name, (0, 0))
+        d[name] = (r + int(run), w + int(wait))
     return d
 b, a = parse("""$before"""), parse("""$after""")
 for name in sorted(a):
     if name.startswith(("proxy-", "tape-writer")):
-        print(f"  {name:12} {(a[name] - b.get(name, 0)) / hz * 1e6 / n:6.2f} us/request")
+        run, wait = (x - y for x, y in zip(a[name], b.get(name, (0, 0))))
+        print(f"  {name:12} {run / 1e3 / n:6.2f} us/request on a CPU, {wait / 1e3 / n:6.2f} waiting for one")
 PYEOF
     kill -INT "$recorder"
     wait "$recorder" || true
