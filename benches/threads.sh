@@ -22,10 +22,10 @@ need wrk "apt-get install wrk"
 setup
 start_origin
 
-# times PID: "name run-ns wait-ns" for each of PID's threads, from the scheduler's own account
-# (/proc/.../schedstat: time on a CPU, time waiting for one), in nanoseconds where /proc's stat
-# counts clock ticks.
-times() {
+# thread_times PID: "name run-ns wait-ns" for each of PID's threads, from the scheduler's own
+# account (/proc/.../schedstat: time on a CPU, time waiting for one), in nanoseconds where
+# /proc's stat counts clock ticks.
+thread_times() {
   for task in /proc/"$1"/task/*; do
     echo "$(tr ' ' _ < "$task/comm") $(awk '{print $1, $2}' "$task/schedstat")"
   done
@@ -41,9 +41,9 @@ for round in $(seq "$ROUNDS"); do
     pids+=("$recorder")
     wait_for 18002
     wrk -t2 -c64 -d2s "${auth[@]}" "http://127.0.0.1:18002/data" > /dev/null
-    before=$(times "$recorder")
+    before=$(thread_times "$recorder")
     out=$(wrk -t2 -c64 -d"$DURATION" "${auth[@]}" "http://127.0.0.1:18002/data")
-    after=$(times "$recorder")
+    after=$(thread_times "$recorder")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     echo "round $round, capture $mode: $(awk '/Requests\/sec/ {print $2}' <<<"$out") req/s"
     python3 - "$requests" <<PYEOF

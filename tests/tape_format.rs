@@ -38,17 +38,8 @@ fn arb_redaction() -> impl Strategy<Value = Redaction> {
 
 /// Heads marked shared, as the recorder's are: more than the head cache holds, so that long
 /// runs of records push some out of it.
-static SHARED_HEADS: std::sync::LazyLock<Vec<Headers>> = std::sync::LazyLock::new(|| {
-    (0..codec::HEAD_SLOTS + 8)
-        .map(|i| {
-            let mut h = Headers::new();
-            h.push("user-agent", format!("skopeo/1.{i}"));
-            h.push("accept", "*/*");
-            h.mark_shared();
-            h
-        })
-        .collect()
-});
+static SHARED_HEADS: std::sync::LazyLock<Vec<Headers>> =
+    std::sync::LazyLock::new(|| shared_heads(codec::HEAD_SLOTS + 8));
 
 fn arb_headers() -> impl Strategy<Value = Headers> {
     prop_oneof![
@@ -522,6 +513,16 @@ fn unknown_kinds_and_appended_fields_from_newer_writers_are_tolerated() {
     );
 }
 
+/// A frame's payload holding `records`, written by a fresh encoder.
+fn payload_of(records: &[Record]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    let mut encoder = codec::FrameEncoder::new();
+    for r in records {
+        encoder.encode(r, &mut payload);
+    }
+    payload
+}
+
 /// An exchange of the synthetic traffic with these heads.
 fn with_heads(mut record: Record, request: &Headers, response: &Headers) -> Record {
     let Record::Exchange(e) = &mut record else {
@@ -569,11 +570,7 @@ fn a_head_repeated_in_a_frame_is_written_once_and_reads_back_whole() {
     let records: Vec<Record> = (exchanges(order.len(), 9).into_iter().zip(&order))
         .map(|(r, &h)| with_heads(r, &heads[h], response))
         .collect();
-    let mut payload = Vec::new();
-    let mut encoder = codec::FrameEncoder::new();
-    for r in &records {
-        encoder.encode(r, &mut payload);
-    }
+    let payload = payload_of(&records);
     let agent = |i: usize| format!("containers/5.{i} (");
     // Once until forgotten, then once more; the response's head once.
     assert_eq!(occurrences(&payload, agent(0).as_bytes()), 2);
@@ -626,11 +623,7 @@ fn a_newer_writers_exchanges_take_their_place_in_the_head_cache() {
     records.push(foreign.clone());
     records
         .extend((exchanges(ours.len(), 5).into_iter().zip(ours)).map(|(r, h)| with_heads(r, h, h)));
-    let mut payload = Vec::new();
-    let mut encoder = codec::FrameEncoder::new();
-    for r in &records {
-        encoder.encode(r, &mut payload);
-    }
+    let payload = payload_of(&records);
     let back: Vec<Record> = codec::RecordDecoder::new(&payload)
         .map(Result::unwrap)
         .collect();
@@ -655,10 +648,7 @@ fn a_newer_writers_exchanges_take_their_place_in_the_head_cache() {
         payload: frame[at..].to_vec(),
     };
     let mine = with_heads(exchanges(1, 7).remove(0), &heads[0], &heads[1]);
-    let mut payload = Vec::new();
-    let mut encoder = codec::FrameEncoder::new();
-    encoder.encode(&mine, &mut payload);
-    encoder.encode(&referring, &mut payload);
+    let payload = payload_of(&[mine.clone(), referring]);
     let back: Vec<_> = codec::RecordDecoder::new(&payload).collect();
     assert_eq!(back.len(), 2);
     assert_eq!(back[0], Ok(mine));
@@ -702,11 +692,7 @@ fn a_body_repeated_in_a_frame_is_written_once_and_reads_back_whole() {
         e.response.as_mut().unwrap().body = body.clone();
         e.request.body = unhashed(short);
     }
-    let mut payload = Vec::new();
-    let mut encoder = codec::FrameEncoder::new();
-    for r in &records {
-        encoder.encode(r, &mut payload);
-    }
+    let payload = payload_of(&records);
     // Written once for the first three uses, again once forgotten; a short body every time.
     assert_eq!(occurrences(&payload, manifest), 2);
     assert_eq!(occurrences(&payload, short), records.len() + 1);
@@ -847,17 +833,26 @@ fn the_checked_in_version_1_tape_reads_forever() {
     );
 }
 
+/// The checked-in sample of format `version` (`captures/vN/quay-session-vN.tape`, an import of
+/// the Quay session), which must be of that version and closed: its records, how they read, its
+/// bytes, and the records of the version 1 sample of the same session.
+fn checked_in(version: u16) -> (Vec<Record>, ReadStats, Vec<u8>, Vec<Record>) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures");
+    let path = dir.join(format!("v{version}/quay-session-v{version}.tape"));
+    let (records, stats) = read_one(&path).unwrap();
+    assert_eq!(stats.files[0].version, version);
+    assert!(stats.files[0].closed);
+    let (v1, _) = read_one(&dir.join("v1/quay-session-v1.tape")).unwrap();
+    (records, stats, std::fs::read(&path).unwrap(), v1)
+}
+
 /// The compatibility promise for version 3 (a repeated header block written once per frame),
 /// as for versions 1 and 2: never regenerate this file.
 #[test]
 fn the_checked_in_version_3_tape_reads_forever() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures");
-    let (records, stats) = read_one(&dir.join("v3/quay-session-v3.tape")).unwrap();
-    assert_eq!(stats.files[0].version, 3);
-    assert!(stats.files[0].closed);
+    let (records, _, bytes, v1) = checked_in(3);
     // The session of the version 1 sample, head for head (fingerprints aside: their key is
     // each import's own) and body for body.
-    let (v1, _) = read_one(&dir.join("v1/quay-session-v1.tape")).unwrap();
     let (exchanges, v1) = (exchanges_in(&records), exchanges_in(&v1));
     assert_eq!(exchanges.len(), 63);
     assert_eq!(exchanges.len(), v1.len());
@@ -875,14 +870,9 @@ fn the_checked_in_version_3_tape_reads_forever() {
         assert_eq!(fields(&response.headers), fields(&old.headers));
     }
     // Its repeated heads are references: written anew, heads unmarked, the frame is longer.
-    let bytes = std::fs::read(dir.join("v3/quay-session-v3.tape")).unwrap();
     let frames = frame_payloads(&bytes);
     assert_eq!(frames.len(), 1);
-    let mut again = Vec::new();
-    let mut encoder = codec::FrameEncoder::new();
-    for r in &records {
-        encoder.encode(r, &mut again);
-    }
+    let again = payload_of(&records);
     assert!(
         frames[0].len() < again.len(),
         "{} bytes against {}",
@@ -895,12 +885,8 @@ fn the_checked_in_version_3_tape_reads_forever() {
 /// version 1 above: never regenerate this file.
 #[test]
 fn the_checked_in_version_2_tape_reads_forever() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures");
-    let (records, stats) = read_one(&dir.join("v2/quay-session-v2.tape")).unwrap();
-    assert_eq!(stats.files[0].version, 2);
-    assert!(stats.files[0].closed);
+    let (records, stats, bytes, v1) = checked_in(2);
     // The session of the version 1 sample, body for body.
-    let (v1, _) = read_one(&dir.join("v1/quay-session-v1.tape")).unwrap();
     let (exchanges, v1) = (exchanges_in(&records), exchanges_in(&v1));
     assert_eq!(exchanges.len(), 63);
     assert_eq!(exchanges.len(), v1.len());
@@ -922,7 +908,6 @@ fn the_checked_in_version_2_tape_reads_forever() {
         .filter(|e| e.response.as_ref().unwrap().body.stored == Stored::Prefix(config.clone()))
         .count();
     assert_eq!(uses, 3);
-    let bytes = std::fs::read(dir.join("v2/quay-session-v2.tape")).unwrap();
     let frames = frame_payloads(&bytes);
     assert_eq!(frames.len() as u64, stats.files[0].frames);
     let written: usize = frames.iter().map(|f| occurrences(f, &config)).sum();

@@ -109,7 +109,7 @@ pub struct Connection {
 /// `memcmp` of the fields' bytes and their places). Until the tape wrote a repeated head once a
 /// frame, the writer's core read the copy for each record, and a keyed digest of the new head,
 /// kept beside the copy, was cheaper than reading the copy back; it hashed both heads' bytes
-/// (~920 instructions an exchange), where the comparison costs about ~600, and is exact.
+/// (~920 instructions an exchange), where the comparison costs about 600, and is exact.
 ///
 /// Each record holds a reference to the copy it shares, which the tape writer's thread lets go
 /// of once the record is written: a reference count that both cores write, whose line was on

@@ -731,10 +731,22 @@ struct HeadCache {
     decoded: Vec<Headers>,
 }
 
+/// The blocks in a new frame's head cache, slot by slot: each taken in turn as the frame
+/// remembers its first blocks.
+const FIRST_ORDER: [u8; HEAD_SLOTS] = {
+    let mut order = [0; HEAD_SLOTS];
+    let mut i = 0;
+    while i < HEAD_SLOTS {
+        order[i] = i as u8;
+        i += 1;
+    }
+    order
+};
+
 impl Default for HeadCache {
     fn default() -> Self {
         HeadCache {
-            order: std::array::from_fn(|i| i as u8),
+            order: FIRST_ORDER,
             len: 0,
             shared: [0; HEAD_SLOTS],
             decoded: Vec::new(),
@@ -744,10 +756,9 @@ impl Default for HeadCache {
 
 impl HeadCache {
     fn clear(&mut self) {
-        *self = HeadCache {
-            decoded: std::mem::take(&mut self.decoded),
-            ..HeadCache::default()
-        };
+        self.order = FIRST_ORDER;
+        self.len = 0;
+        self.shared = [0; HEAD_SLOTS];
         self.decoded.clear();
     }
 
