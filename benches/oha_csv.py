@@ -81,9 +81,9 @@ def one(path):
 
 
 def summary(directory):
-    names = {"18001": "nginx reverse proxy", "18002": "loadtape, capture on"}
+    names = {"18001": "nginx reverse proxy", "18002": "loadtape, capture on", "18003": "loadtape, capture off"}
     by = {}
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(os.listdir(directory), key=lambda n: [int(x) for x in n.removesuffix(".csv").split("-")]):
         port, _round = name.removesuffix(".csv").split("-")
         by.setdefault(port, []).append(figures(load(os.path.join(directory, name))))
     for port, rounds in sorted(by.items()):
@@ -93,6 +93,22 @@ def summary(directory):
 
         print(f"  {names.get(port, port):24} from intended send: p50 {spread('p50')}  p99 {spread('p99')}")
         print(f"  {'':24} from send:          p50 {spread('sent_p50')}  p99 {spread('sent_p99')}")
+    # Differences within each round (the rounds drift more than the proxies differ), their
+    # median and its bootstrap interval: "no worse than nginx's" holds where the interval's
+    # high end is at or below zero, or within what the interval says the run can tell.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from median_ci import median_ci
+
+    pairs = [("18002", "18001", "capture on - nginx"), ("18003", "18001", "capture off - nginx"), ("18002", "18003", "capture on - off")]
+    print("  differences per round (ms: median [min..max], 95% interval of the median; lower is better for the first):")
+    for a, b, label in pairs:
+        if a not in by or b not in by:
+            continue
+        for key, what in (("p50", "p50"), ("p99", "p99"), ("sent_p50", "p50 from send"), ("sent_p99", "p99 from send")):
+            d = [x[key] - y[key] for x, y in zip(by[a], by[b])]
+            low, high = median_ci(d)
+            below = sum(1 for v in d if v < 0)
+            print(f"    {label:20} {what:14} {statistics.median(d):+.3f} [{min(d):+.2f}..{max(d):+.2f}]  interval {low:+.3f}..{high:+.3f}  below in {below} of {len(d)}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
 # An nginx origin serves a 1 KiB file. wrk drives it, in alternating rounds, straight to the
 # origin, through nginx as a reverse proxy, and through `loadtape record` with capture on and
 # off (--sample 0: forwarding only). Then oha, open-loop (--latency-correction), measures
-# latency at half of nginx's saturated throughput through nginx and through loadtape.
-# With SOAK=300 it also records under load for 5 minutes and samples loadtape's resident
-# memory. Every request carries `Authorization: Bearer` with a Quay-shaped JWT, as registry
+# latency at half of nginx's saturated throughput through nginx and through loadtape with
+# capture on and off, and gives the differences within each round with an interval of their
+# median. With SOAK=300 it also records under load for 5 minutes and samples loadtape's
+# resident memory beside its tape queue (from its /metrics). Every request carries `Authorization: Bearer` with a Quay-shaped JWT, as registry
 # clients' requests do (BEARER=0 for none, the shape of runs before 2026-11-26's fourth session).
 #
 # Open-loop latency is computed from oha's per-request CSV (benches/oha_csv.py): from the
@@ -21,7 +22,10 @@
 # with five rounds that interval is nearly the range; more rounds (ROUNDS=10) narrow it.
 #
 #   bash benches/proxy.sh            # ROUNDS=5 DURATION=10s CONNS=64 by default
-#   OPEN=0 bash benches/proxy.sh     # the saturated rounds only (no open loop, no soak)
+#   OPEN=0 bash benches/proxy.sh     # no open loop
+#   RATE=18000 bash benches/proxy.sh # no saturated rounds: the open loop at that rate
+#   RATE=1 OPEN=0 SOAK=300 bash benches/proxy.sh   # the soak alone
+#   OPEN_ROUNDS=30 OPEN_DURATION=3s  # the open loop's own rounds (by default ROUNDS, DURATION)
 #
 # Needs nginx and wrk (Debian packages) and oha (`cargo install --locked oha`).
 set -euo pipefail
@@ -33,6 +37,11 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 SOAK=${SOAK:-0}
 OPEN=${OPEN:-1}
+# The open loop compares latencies, which drift between rounds more than throughput does:
+# more, shorter rounds pair them better (30 of 3 s gave a p50 interval of +-0.04 ms).
+OPEN_ROUNDS=${OPEN_ROUNDS:-$ROUNDS}
+OPEN_DURATION=${OPEN_DURATION:-$DURATION}
+RATE=${RATE:-}
 
 source benches/common.sh
 need nginx "apt-get install nginx"
@@ -50,7 +59,8 @@ start_nginx() {
 start_nginx origin 18000 "location / { root $work/www; }" 1
 proxy_pid_file=$work/proxy.pid
 start_nginx proxy 18001 "$NGINX_PROXY" auto
-LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 --out "$work/on" &
+# The admin endpoint, for the soak's queue and drops: off the request's path, as in staging.
+LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18002 --upstream http://127.0.0.1:18000 --out "$work/on" --admin-listen 127.0.0.1:18012 &
 pids+=($!)
 on_pid=$!
 LOADTAPE_LOG=warn $loadtape record --listen 127.0.0.1:18003 --upstream http://127.0.0.1:18000 --out "$work/off" --sample 0 &
@@ -77,7 +87,13 @@ hz=$(getconf CLK_TCK)
 declare -A names=([18000]="nginx origin (direct)" [18001]="nginx reverse proxy" [18002]="loadtape, capture on" [18003]="loadtape, capture off")
 results="$work/results"
 : > "$results"
-for round in $(seq "$ROUNDS"); do
+if [ -n "$RATE" ]; then
+  echo "$RATE" > "$results.half"
+  ROUNDS_SATURATED=0
+else
+  ROUNDS_SATURATED=$ROUNDS
+fi
+for round in $(seq "$ROUNDS_SATURATED"); do
   # Every other round in the reverse order, so that no target always has the same place in a
   # round (in benches/capped.sh the last of four was favoured by ~4%).
   order="18000 18001 18002 18003"
@@ -96,7 +112,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$results" <<'EOF'
+[ -n "$RATE" ] || python3 - "$results" <<'EOF'
 import statistics, sys
 sys.path.insert(0, "benches")
 from median_ci import median_ci
@@ -130,38 +146,50 @@ print(f"  CPU per request, loadtape capture off / nginx proxy: {statistics.media
 open(sys.argv[1] + ".half", "w").write(str(int(med["18001"] / 2)))
 EOF
 
-[ "$OPEN" = 1 ] || exit 0
-rate=$(cat "$results.half")
-echo
-echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-correction, $ROUNDS alternating rounds of $DURATION:"
-echo "  (from intended send: the open-loop latency; from send: what the proxy and origin took once the"
-echo "  client had sent; the difference is the client sending late: benches/oha_csv.py says why)"
-# The first run after the saturating phase sometimes starts slow (answers taking 3-5 ms for its
-# first 0.2 s, seen through nginx and through loadtape, never in later rounds), which queues
-# requests in the client and alone can make a round's p99: a warm-up of each, not counted.
-for port in 18001 18002; do
-  oha -z 2s -q "$rate" -c "$CONNS" --latency-correction --no-tui "${auth[@]}" "http://127.0.0.1:$port/data" > /dev/null
-done
-mkdir -p "$work/open"
-for round in $(seq "$ROUNDS"); do
-  order="18001 18002"
-  [ $((round % 2)) -eq 0 ] && order="18002 18001"
-  for port in $order; do
-    csv="$work/open/$port-$round.csv"
-    oha -z "$DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui --output-format csv -o "$csv" "${auth[@]}" "http://127.0.0.1:$port/data"
-    echo "  round $round  ${names[$port]}: $(python3 benches/oha_csv.py "$csv")"
+if [ "$OPEN" = 1 ]; then
+  rate=$(cat "$results.half")
+  echo
+  echo "open loop at half of nginx's saturated rate ($rate req/s), oha --latency-correction, $OPEN_ROUNDS alternating rounds of $OPEN_DURATION:"
+  echo "  (from intended send: the open-loop latency; from send: what the proxy and origin took once the"
+  echo "  client had sent; the difference is the client sending late: benches/oha_csv.py says why)"
+  # The first run after the saturating phase sometimes starts slow (answers taking 3-5 ms for its
+  # first 0.2 s, seen through nginx and through loadtape, never in later rounds), which queues
+  # requests in the client and alone can make a round's p99: a warm-up of each, not counted.
+  for port in 18001 18002 18003; do
+    oha -z 2s -q "$rate" -c "$CONNS" --latency-correction --no-tui "${auth[@]}" "http://127.0.0.1:$port/data" > /dev/null
   done
-done
-python3 benches/oha_csv.py --summary "$work/open"
+  mkdir -p "$work/open"
+  for round in $(seq "$OPEN_ROUNDS"); do
+    order="18001 18002 18003"
+    [ $((round % 2)) -eq 0 ] && order="18003 18002 18001"
+    for port in $order; do
+      csv="$work/open/$port-$round.csv"
+      oha -z "$OPEN_DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui --output-format csv -o "$csv" "${auth[@]}" "http://127.0.0.1:$port/data"
+      echo "  round $round  ${names[$port]}: $(python3 benches/oha_csv.py "$csv")"
+    done
+  done
+  python3 benches/oha_csv.py --summary "$work/open"
+fi
 
 if [ "$SOAK" -gt 0 ]; then
   echo
   echo "resident memory of loadtape (capture on) under load for ${SOAK}s:"
   wrk -t"$THREADS" -c"$CONNS" -d"${SOAK}s" "${auth[@]}" "http://127.0.0.1:18002/data" > /dev/null &
   load=$!
-  for i in $(seq 0 10 "$SOAK"); do
-    echo "  t=${i}s rss $(awk '/VmRSS/ {print $2, $3}' "/proc/$on_pid/status")"
-    sleep 10
+  for i in $(seq 0 5 "$SOAK"); do
+    # The queue's bytes and the drops beside the memory: a step in resident memory with a
+    # backlog in the queue is the bounded queue (64 MiB by default) doing its work; one
+    # without is something to find.
+    metrics=$(curl -s http://127.0.0.1:18012/metrics)
+    queue=$(awk '$1 == "loadtape_tape_queue_bytes" {print $2}' <<<"$metrics")
+    dropped=$(awk '$1 == "loadtape_tape_records_dropped_total" {print $2}' <<<"$metrics")
+    written=$(awk '$1 == "loadtape_tape_records_written_total" {print $2}' <<<"$metrics")
+    rss=$(awk '/VmRSS/ {print $2}' "/proc/$on_pid/status")
+    echo "  t=${i}s rss ${rss} kB  queue ${queue} B  written ${written}  dropped ${dropped}"
+    echo "$rss $queue" >> "$work/soak"
+    sleep 5
   done
   wait "$load" || true
+  awk '{ if (NR == 1 || $1 < lo) lo = $1; if ($1 > hi) hi = $1; if ($2 > q) q = $2 }
+       END { printf "  resident memory %.1f..%.1f MB over the run; queue at most %.0f KB (sampled)\n", lo / 1024, hi / 1024, q / 1024 }' "$work/soak"
 fi
