@@ -11,6 +11,14 @@
 # byte, SIMD as one), so read the ratios, not the absolute figures.
 #
 #   bash benches/instructions.sh           # N=20000 requests, 8 connections
+#   CACHE=1 bash benches/instructions.sh   # also simulated cache misses, thread by thread
+#
+# With CACHE=1 callgrind simulates the caches (32 KiB L1i and L1d, 64-byte lines) and keeps
+# each thread apart: per request, instructions and L1 misses (I1mr: instruction fetches, D1mr,
+# D1mw: data) of every busy thread. What a request runs once, straight through, costs a
+# fetched line of code per few instructions; what a loop runs is fetched once. Capture's
+# cost is mostly the former (benches/README.md, the thirteenth session), so count lines, not
+# only instructions.
 #
 # Every request carries a Quay-shaped bearer JWT, as registry clients' do (BEARER=0: none).
 #
@@ -20,6 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-20000}
+CACHE=${CACHE:-0}
 OUT=${OUT:-target/instructions}
 
 source benches/common.sh
@@ -43,16 +52,38 @@ wait_for 18100
 measure() {
   local name=$1 port=$2 signal=$3
   shift 3
-  valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.callgrind" "$@" > "$work/$name.log" 2>&1 &
+  local sim=()
+  [ "$CACHE" = 1 ] && sim=(--cache-sim=yes --separate-threads=yes)
+  valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$OUT/$name.callgrind" "$@" > "$work/$name.log" 2>&1 &
   local pid=$!
   wait_for "$port"
   oha -n "$N" -c 8 --no-tui "${auth[@]}" "http://127.0.0.1:$port/data" > /dev/null
   kill "-$signal" "$pid"
   wait "$pid" || true
-  local total
-  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT/$name.callgrind")
-  python3 -c "print(f'  {\"$name\":22} {$total / $N:9.0f} instructions per request')"
-  echo "$name $total" >> "$work/totals"
+  # One file per thread with CACHE=1 (NAME.callgrind-01, -02...), one in all without.
+  python3 - "$name" "$N" "$OUT" "$work/totals" <<'EOF'
+import glob, sys
+name, n, out, totals = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+threads = []
+for path in sorted(glob.glob(f"{out}/{name}.callgrind*")):
+    events = summary = None
+    for line in open(path):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            summary = [int(x) for x in line.split()[1:]]
+            break
+    if events and summary:
+        threads.append((path.rsplit("-", 1)[-1] if "callgrind-" in path else "all", dict(zip(events, summary))))
+total = sum(t["Ir"] for _, t in threads)
+print(f"  {name:22} {total / n:9.0f} instructions per request")
+open(totals, "a").write(f"{name} {total}\n")
+if threads and "I1mr" in threads[0][1]:
+    for thread, t in threads:
+        if t["Ir"] < total / 100:
+            continue
+        print(f"    thread {thread}: {t['Ir'] / n:7.0f} instructions, L1 misses: {t['I1mr'] / n:5.0f} I1mr {t['D1mr'] / n:5.0f} D1mr {t['D1mw'] / n:5.0f} D1mw")
+EOF
 }
 
 export LOADTAPE_LOG=warn
