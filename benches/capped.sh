@@ -100,13 +100,8 @@ results=$work/results
 : > "$results"
 echo "each proxy held to $CAP% of a core (CFS period ${PERIOD} µs); wrk -t2 -c64, $ROUNDS rounds of ${DURATION}s${ARGS:+; loadtape $ARGS}"
 for round in $(seq "$ROUNDS"); do
-  # Every other round in the reverse order: a proxy's place in the round moved its requests/s
-  # by ~4% (the last of four was favoured), which a fixed order put in every ratio.
-  order=$ports
-  if [ $((round % 2)) -eq 0 ]; then
-    order=$(tr ' ' '\n' <<<"$ports" | tac | tr '\n' ' ')
-  fi
-  for port in $order; do
+  # shellcheck disable=SC2086 # a list of ports
+  for port in $(round_order "$round" $ports); do
     case $port in
       18001) procs=$(pgrep -P "$nginx_pid" | tr '\n' ' '); name="nginx reverse proxy" ;;
       18002) procs=$on_pid; name="loadtape, capture on" ;;

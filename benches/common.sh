@@ -13,6 +13,11 @@
 #                        background, ready when it returns
 #   wait_for PORT        returns once http://127.0.0.1:PORT/data answers; stops the script when
 #                        nothing does within a minute
+#   round_order ROUND ITEM...
+#                        the items in this order in odd rounds, reversed in even ones: a
+#                        target's place in a round moved its requests/s by ~4% (the last of
+#                        four was favoured in benches/capped.sh), which a fixed order puts in
+#                        every ratio
 #   cpu_ticks PID...     the CPU time (user + system, in clock ticks) the processes have taken
 #   checked_wrk ARGS...  runs wrk and prints its report; stops the script when a response was not
 #                        2xx/3xx or a socket failed (a bench of error pages measures nothing)
@@ -84,6 +89,12 @@ wait_for() {
   for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$1/data" && return; sleep 0.2; done
   echo "benches/$(basename "$0"): nothing answers on port $1" >&2
   exit 1
+}
+
+round_order() {
+  local round=$1
+  shift
+  if [ $((round % 2)) -eq 1 ]; then echo "$*"; else printf '%s\n' "$@" | tac | tr '\n' ' '; fi
 }
 
 cpu_ticks() {

@@ -27,6 +27,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from median_ci import median_ci  # noqa: E402 (beside this file)
+
 
 def load(path):
     """(start s, first byte ms, duration ms) per request, in order of sending."""
@@ -96,9 +99,6 @@ def summary(directory):
     # Differences within each round (the rounds drift more than the proxies differ), their
     # median and its bootstrap interval: "no worse than nginx's" holds where the interval's
     # high end is at or below zero, or within what the interval says the run can tell.
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from median_ci import median_ci
-
     pairs = [("18002", "18001", "capture on - nginx"), ("18003", "18001", "capture off - nginx"), ("18002", "18003", "capture on - off")]
     print("  differences per round (ms: median [min..max], 95% interval of the median; lower is better for the first):")
     for a, b, label in pairs:

@@ -7,8 +7,9 @@
 # latency at half of nginx's saturated throughput through nginx and through loadtape with
 # capture on and off, and gives the differences within each round with an interval of their
 # median. With SOAK=300 it also records under load for 5 minutes and samples loadtape's
-# resident memory beside its tape queue (from its /metrics). Every request carries `Authorization: Bearer` with a Quay-shaped JWT, as registry
-# clients' requests do (BEARER=0 for none, the shape of runs before 2026-11-26's fourth session).
+# resident memory beside its tape queue (from its /metrics). Every request carries
+# `Authorization: Bearer` with a Quay-shaped JWT, as registry clients' requests do (BEARER=0
+# for none, the shape of runs before 2026-11-26's fourth session).
 #
 # Open-loop latency is computed from oha's per-request CSV (benches/oha_csv.py): from the
 # intended send (the figure that counts), and from the actual send.
@@ -94,11 +95,7 @@ else
   ROUNDS_SATURATED=$ROUNDS
 fi
 for round in $(seq "$ROUNDS_SATURATED"); do
-  # Every other round in the reverse order, so that no target always has the same place in a
-  # round (in benches/capped.sh the last of four was favoured by ~4%).
-  order="18000 18001 18002 18003"
-  [ $((round % 2)) -eq 0 ] && order="18003 18002 18001 18000"
-  for port in $order; do
+  for port in $(round_order "$round" 18000 18001 18002 18003); do
     before=$(ticks $port)
     out=$(checked_wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${auth[@]}" "http://127.0.0.1:$port/data")
     after=$(ticks $port)
@@ -160,9 +157,7 @@ if [ "$OPEN" = 1 ]; then
   done
   mkdir -p "$work/open"
   for round in $(seq "$OPEN_ROUNDS"); do
-    order="18001 18002 18003"
-    [ $((round % 2)) -eq 0 ] && order="18003 18002 18001"
-    for port in $order; do
+    for port in $(round_order "$round" 18001 18002 18003); do
       csv="$work/open/$port-$round.csv"
       oha -z "$OPEN_DURATION" -q "$rate" -c "$CONNS" --latency-correction --no-tui --output-format csv -o "$csv" "${auth[@]}" "http://127.0.0.1:$port/data"
       echo "  round $round  ${names[$port]}: $(python3 benches/oha_csv.py "$csv")"

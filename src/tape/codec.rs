@@ -285,8 +285,8 @@ fn put_method(out: &mut Vec<u8>, method: &Method) {
     out.push(index);
 }
 
-/// A client's address: 1, the IPv4 variant, its four bytes and the port (an IPv6 one, or
-/// none, through bincode).
+/// A client's address: 1 (`Some`), 0 (the IPv4 variant), its four bytes and the port (an IPv6
+/// one, or none, through bincode).
 fn put_client(out: &mut Vec<u8>, client: &Option<SocketAddr>) {
     match client {
         Some(SocketAddr::V4(a)) => {
@@ -755,11 +755,15 @@ impl Default for HeadCache {
 }
 
 impl HeadCache {
+    /// As new for the next frame ([`HeadCache::default`]: the one place that says what new
+    /// is), keeping the decoded blocks' allocation.
     fn clear(&mut self) {
-        self.order = FIRST_ORDER;
-        self.len = 0;
-        self.shared = [0; HEAD_SLOTS];
-        self.decoded.clear();
+        let mut decoded = std::mem::take(&mut self.decoded);
+        decoded.clear();
+        *self = HeadCache {
+            decoded,
+            ..HeadCache::default()
+        };
     }
 
     /// The slot of the block numbered `shared` (not 0).
@@ -1058,7 +1062,7 @@ mod tests {
 
     #[test]
     fn small_fields_written_by_hand_are_bincodes() {
-        let bincode = |v: &dyn Fn(&mut Vec<u8>)| {
+        let written = |v: &dyn Fn(&mut Vec<u8>)| {
             let mut out = Vec::new();
             v(&mut out);
             out
@@ -1077,13 +1081,13 @@ mod tests {
         ];
         for m in &methods {
             assert_eq!(
-                bincode(&|o| put_method(o, m)),
-                bincode(&|o| put(o, m)),
+                written(&|o| put_method(o, m)),
+                written(&|o| put(o, m)),
                 "{m:?}"
             );
         }
         for s in [Scheme::Http, Scheme::Https] {
-            assert_eq!(vec![s as u8], bincode(&|o| put(o, &s)));
+            assert_eq!(vec![s as u8], written(&|o| put(o, &s)));
         }
         for v in [
             HttpVersion::Http10,
@@ -1091,7 +1095,7 @@ mod tests {
             HttpVersion::H2,
             HttpVersion::H3,
         ] {
-            assert_eq!(vec![v as u8], bincode(&|o| put(o, &v)));
+            assert_eq!(vec![v as u8], written(&|o| put(o, &v)));
         }
         let clients = [
             None,
@@ -1103,12 +1107,12 @@ mod tests {
         ];
         for c in &clients {
             assert_eq!(
-                bincode(&|o| put_client(o, c)),
-                bincode(&|o| put(o, c)),
+                written(&|o| put_client(o, c)),
+                written(&|o| put(o, c)),
                 "{c:?}"
             );
         }
-        assert_eq!(vec![0], bincode(&|o| put(o, &Vec::<Redaction>::new())));
+        assert_eq!(vec![0], written(&|o| put(o, &Vec::<Redaction>::new())));
     }
 
     #[test]
