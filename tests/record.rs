@@ -506,6 +506,148 @@ async fn stopping_lets_in_flight_exchanges_finish_then_closes_the_tape() {
     assert_eq!(exchanges_in(&records).len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_counts_bytes_and_tape_files_and_serves_through_the_drain() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let mut c = config(up.addr, &out);
+    c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    // A new file after every frame.
+    c.rotate_size = Some(1);
+    let rec = start(c).await;
+    let admin = rec.admin.unwrap();
+    let upload = dir.path().join("up.bin");
+    std::fs::write(&upload, pattern(0, 100_000)).unwrap();
+    let echoed = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        &format!("http://{}/echo", rec.addr),
+    ])
+    .await;
+    assert_eq!(echoed, "200");
+    let got = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &format!("http://{}/bytes/200000", rec.addr),
+    ])
+    .await;
+    assert_eq!(got, "200000");
+    // The tape writer writes its frames on its own clock: its counts show once it has.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let text = scrape(&rec).await;
+        let rotated = value_of(&text, "loadtape_tape_rotations_total").is_some_and(|n| n >= 1);
+        if rotated {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rotation: {text}"
+        );
+        tokio::task::yield_now().await;
+    };
+    let request_bytes = value_of(&metrics, "loadtape_body_bytes_total{direction=\"request\"}");
+    assert_eq!(request_bytes, Some(100_000), "{metrics}");
+    let response_bytes = value_of(
+        &metrics,
+        "loadtape_body_bytes_total{direction=\"response\"}",
+    );
+    assert!(response_bytes.is_some_and(|n| n >= 200_000), "{metrics}");
+    assert!(
+        value_of(&metrics, "loadtape_tape_bytes_total").is_some_and(|n| n > 0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value_of(&metrics, "loadtape_responses_total{class=\"2xx\"}"),
+        Some(2)
+    );
+    // Prometheus 3 scrapes only what names its format.
+    let content_type = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{content_type}",
+        &format!("http://{admin}/metrics"),
+    ])
+    .await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+
+    // Draining: not ready (a load balancer takes the proxy out), the metrics still served.
+    let url = format!("http://{}/slow/2000", rec.addr);
+    let slow = tokio::spawn(async move { curl(&["-w", " %{http_code}", &url]).await });
+    wait_for_in_flight(&rec).await;
+    rec.cancel();
+    let ready = |path: &'static str| async move {
+        curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{admin}{path}"),
+        ])
+        .await
+    };
+    assert_eq!(ready("/readyz").await, "503");
+    assert!(scrape(&rec).await.contains("loadtape_requests_in_flight 1"));
+    assert_eq!(slow.await.unwrap(), "slow\n 200");
+    let summary = rec.stop().await;
+    assert_eq!(summary.exchanges, 3);
+}
+
+/// The value of the sample `name` (with its labels) in a Prometheus text exposition.
+fn value_of(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_timed_from_its_last_byte_not_cut_off_by_the_upstream_timeout() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let mut c = config(up.addr, &out);
+    c.upstream_timeout = Duration::from_millis(500);
+    let rec = start(c).await;
+    let upload = dir.path().join("up.bin");
+    std::fs::write(&upload, pattern(0, 300_000)).unwrap();
+    // 300 kB at 200 kB/s: about 1.5 s of upload, three times the upstream's timeout, with
+    // bytes moving all along; over HTTP/1.1 (the recorder's own upstream connection) and h2c
+    // (hyper's pooled client).
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let echoed = curl(&[
+            version,
+            "-w",
+            " %{http_code}",
+            "--limit-rate",
+            "200K",
+            "--data-binary",
+            &format!("@{}", upload.display()),
+            &format!("http://{}/echo", rec.addr),
+        ])
+        .await;
+        assert!(echoed.ends_with(" 200"), "{version}: {echoed}");
+        assert!(
+            echoed.contains("300000"),
+            "the upstream had it all: {echoed}"
+        );
+    }
+    rec.stop().await;
+    let (records, _) = read_one(&out).unwrap();
+    for e in exchanges_in(&records) {
+        assert_eq!(e.response.as_ref().unwrap().status, 200);
+        assert_eq!(e.request.body.len, 300_000);
+    }
+}
+
 /// Polls the recorder until a request is in flight; returns the metrics text then.
 async fn wait_for_in_flight(rec: &Running) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -210,7 +210,8 @@ struct RecordArgs {
     /// end of the last response) before it is cut off, with a 408 if part of a head came.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     header_read_timeout: Duration,
-    /// How long the upstream may take to send a response head before the client gets 504.
+    /// How long the upstream may take to send a response head after the request's last byte,
+    /// and, while a request body goes, to take more of it, before the client gets 504.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     upstream_timeout: Duration,
     /// Proxy threads, each serving its share of the connections (default: one per core).
@@ -445,8 +446,14 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
                 .redacted_headers()
                 .join(", "),
         );
+        let bodiless = config.bodies == crate::record::BodyCapture::None;
         let recorder = Recorder::bind(config).await?;
         tracing::info!("{banner} (listening on {})", recorder.local_addr());
+        if bodiless {
+            tracing::warn!(
+                "--bodies none: no body is kept, manifests and JSON included, so pushes and API writes recorded now cannot be replayed (the default, prefix:64KiB, keeps them)"
+            );
+        }
         let stop = tokio_util::sync::CancellationToken::new();
         let signalled = stop.clone();
         tokio::spawn(async move {

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tape::capture::CaptureCounters;
 
+/// Prometheus' text exposition format, which every answer here is written in.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// Upper bounds of the upstream latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -65,6 +68,9 @@ pub struct Counts {
     pub upstream_failures: AtomicU64,
     /// Exchanges handed to the tape writer (before any drop).
     pub recorded: AtomicU64,
+    /// Bytes of request bodies passed upstream, and of response bodies passed back.
+    pub request_body_bytes: AtomicU64,
+    pub response_body_bytes: AtomicU64,
     /// Client connections the thread took, to show how evenly they are dealt.
     pub connections: AtomicU64,
     pub upstream_latency: Histogram,
@@ -78,6 +84,8 @@ impl Counts {
             statuses: std::array::from_fn(|_| AtomicU64::new(0)),
             upstream_failures: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
+            request_body_bytes: AtomicU64::new(0),
+            response_body_bytes: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             upstream_latency: Histogram::new(),
         }
@@ -169,10 +177,28 @@ impl Metrics {
             self.tape.queued_bytes() as u64,
         );
         counter(
+            "loadtape_tape_bytes_total",
+            "Bytes written to tape files (compressed).",
+            "counter",
+            get(&self.tape.tape_bytes),
+        );
+        counter(
+            "loadtape_tape_rotations_total",
+            "Tape files closed for a new one (--rotate-size, --rotate-every).",
+            "counter",
+            get(&self.tape.rotations),
+        );
+        counter(
             "loadtape_tape_write_errors_total",
             "Failed tape writes.",
             "counter",
             get(&self.tape.write_errors),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP loadtape_body_bytes_total Bytes of bodies passed through, by direction.\n# TYPE loadtape_body_bytes_total counter\nloadtape_body_bytes_total{{direction=\"request\"}} {}\nloadtape_body_bytes_total{{direction=\"response\"}} {}",
+            total(&|c| &c.request_body_bytes),
+            total(&|c| &c.response_body_bytes),
         );
         let _ = writeln!(
             o,
@@ -223,12 +249,15 @@ impl Metrics {
     }
 }
 
-/// Serves the admin endpoint until `stop`.
+/// Serves the admin endpoint until the task is aborted: through the drain after `stop` too,
+/// when `/readyz` says 503 (a load balancer takes the proxy out) while `/metrics` still shows
+/// the exchanges in flight.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            _ = stop.cancelled() => return,
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: pause rather than spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
         };
         let metrics = metrics.clone();
         let stopping = stop.clone();
@@ -246,6 +275,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                     };
                     let mut r = http::Response::new(Full::new(Bytes::from(body)));
                     *r.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+                    // Prometheus 3 refuses a scrape without its content type.
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(TEXT_FORMAT),
+                    );
                     Ok::<_, Infallible>(r)
                 }
             });

@@ -12,8 +12,8 @@
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use anyhow::Context as _;
@@ -50,6 +50,71 @@ pub enum ProxyBody {
     PlainDirect(DirectBody),
     /// Written by the proxy itself (an error response).
     Local(Option<Bytes>),
+    /// A request's body on its way upstream, with how far it has gone ([`Upload`]).
+    Upload(Box<Upload>),
+}
+
+/// A request body going upstream. Boxed (only requests with a body have one) and watched: the
+/// upstream's timeout runs from the body's end, and while it goes, from its last byte taken
+/// ([`upstream::Deadline`]), so that a slow 1 GiB layer push is not cut off midway.
+pub struct Upload {
+    body: ProxyBody,
+    progress: Arc<Progress>,
+}
+
+/// How far a request body has gone upstream; written by whoever polls the body, read by the
+/// upstream's timer.
+#[derive(Default)]
+pub struct Progress {
+    /// Bytes taken so far.
+    pub sent: AtomicU64,
+    /// When the last of it was taken.
+    pub ended: OnceLock<std::time::Instant>,
+}
+
+impl Upload {
+    fn poll_watched(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                self.progress.sent.fetch_add(n as u64, Ordering::Relaxed);
+                self.body.is_end_stream()
+            }
+            Poll::Ready(_) => true,
+            Poll::Pending => false,
+        };
+        if ended {
+            self.progress.ended.get_or_init(std::time::Instant::now);
+        }
+        polled
+    }
+}
+
+thread_local! {
+    /// The counters of the proxy thread polling a body (set as the thread starts), for the
+    /// bytes bodies carry: a body does not know its thread, and one counter per body would be
+    /// a reference count the threads share.
+    static BODY_COUNTS: std::cell::RefCell<Option<(Arc<Metrics>, usize)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Counts `n` bytes of a body passed, a request's or a response's, on this thread's counters.
+fn count_body_bytes(request: bool, n: usize) {
+    BODY_COUNTS.with_borrow(|counts| {
+        if let Some((metrics, thread)) = counts {
+            let c = metrics.of_thread(*thread);
+            let counter = if request {
+                &c.request_body_bytes
+            } else {
+                &c.response_body_bytes
+            };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -79,13 +144,21 @@ impl Body for ProxyBody {
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             p.map(|f| f.map(|r| r.map_err(Into::into)))
         }
-        match self.get_mut() {
+        let this = self.get_mut();
+        let polled = match this {
             ProxyBody::Tapped(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Plain(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::TappedDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::PlainDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Upload(u) => u.poll_watched(cx),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                count_body_bytes(matches!(this, ProxyBody::Upload(_)), data.len());
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -95,6 +168,7 @@ impl Body for ProxyBody {
             ProxyBody::TappedDirect(b) => b.is_end_stream(),
             ProxyBody::PlainDirect(b) => b.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
+            ProxyBody::Upload(u) => u.body.is_end_stream(),
         }
     }
 
@@ -105,6 +179,7 @@ impl Body for ProxyBody {
             ProxyBody::TappedDirect(b) => b.size_hint(),
             ProxyBody::PlainDirect(b) => b.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            ProxyBody::Upload(u) => u.body.size_hint(),
         }
     }
 }
@@ -244,6 +319,13 @@ impl Proxy {
         self.metrics.of_thread(self.capture.thread())
     }
 
+    /// Counts the bytes of the bodies this thread passes on this proxy's counters: called
+    /// once, on the proxy's thread, as it starts.
+    pub fn count_bodies_here(&self) {
+        let counts = (self.metrics.clone(), self.capture.thread());
+        BODY_COUNTS.with_borrow_mut(|c| *c = Some(counts));
+    }
+
     /// The capture of this proxy's thread.
     pub fn capture(&self) -> &Arc<Capture> {
         &self.capture
@@ -287,6 +369,11 @@ impl Proxy {
         m.requests.fetch_add(1, Ordering::Relaxed);
         m.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(m);
+        // The proxy's own answers are counted with the upstream's.
+        let answer = |status: StatusCode, text: &str| {
+            m.count_status(status.as_u16());
+            local(status, text)
+        };
 
         let (mut parts, body) = request.into_parts();
         // The Host the client named: its request's authority (HTTP/2, absolute form) or `Host`.
@@ -301,7 +388,7 @@ impl Proxy {
             // RFC 9112, 3.2: a server answers 400 to an invalid Host. Passed on, it would reach
             // the upstream's URI (the pooled client builds it from the name) unlike the tape's.
             let shown = String::from_utf8_lossy(bad.as_bytes()).into_owned();
-            return Ok(local(
+            return Ok(answer(
                 StatusCode::BAD_REQUEST,
                 &format!("loadtape: the request's Host {shown:?} is not a host[:port]"),
             ));
@@ -336,7 +423,7 @@ impl Proxy {
             parts.uri = match format!("{}://{host}{path}", self.scheme).parse::<http::Uri>() {
                 Ok(u) => u,
                 Err(e) => {
-                    return Ok(local(
+                    return Ok(answer(
                         StatusCode::BAD_REQUEST,
                         &format!("bad request target: {e}"),
                     ))
@@ -383,6 +470,7 @@ impl Proxy {
             }
         };
         parts.version = http::Version::HTTP_11;
+        let progress = (!body.is_end_stream()).then(Arc::<Progress>::default);
         let body = match &pending {
             // Nothing to measure: done with its head (and a clock read the fewer).
             Some(p) if body.is_end_stream() => {
@@ -397,24 +485,34 @@ impl Proxy {
             )),
             None => ProxyBody::Plain(body),
         };
-        let timeout = self.config.upstream_timeout;
-        // `None`: no response head within the timeout.
+        let body = match &progress {
+            Some(progress) => ProxyBody::Upload(Box::new(Upload {
+                body,
+                progress: progress.clone(),
+            })),
+            None => body,
+        };
+        let deadline = upstream::Deadline {
+            timeout: self.config.upstream_timeout,
+            started,
+            progress: progress.as_deref(),
+        };
+        // `None`: the upstream took too long (`deadline`).
         let sent = match direct {
             // Lent, not moved: a request's parts and body passed down by value were copied at
             // every level of the futures that send it.
             Some(address) => {
-                let deadline = upstream::deadline(started, timeout);
                 let mut body = Some(body);
                 let outgoing = outgoing.as_ref();
-                upstream::send(&dedicated, address, &parts, &mut body, outgoing, deadline)
+                upstream::send(&dedicated, address, &parts, &mut body, outgoing, &deadline)
                     .await
                     .map(|r| r.map(Answer::Direct))
             }
             None => {
                 let upstream = Request::from_parts(parts, body);
-                tokio::time::timeout(timeout, self.client.request(upstream))
+                let timer = std::pin::pin!(tokio::time::sleep_until(deadline.first()));
+                upstream::within(self.client.request(upstream), timer, &deadline)
                     .await
-                    .ok()
                     .map(|r| r.map(Answer::Pooled).map_err(SendError::Pooled))
             }
         };
@@ -433,18 +531,18 @@ impl Proxy {
                 if let Some(p) = &pending {
                     p.failed(kind, detail.clone());
                 }
-                return Ok(local(
+                return Ok(answer(
                     status,
                     &format!("loadtape: upstream {}: {detail}", self.base),
                 ));
             }
             None => {
                 m.upstream_failures.fetch_add(1, Ordering::Relaxed);
-                let detail = format!("no response head within {:?}", self.config.upstream_timeout);
+                let detail = deadline.missed();
                 if let Some(p) = &pending {
                     p.failed(FailureKind::Timeout, detail.clone());
                 }
-                return Ok(local(
+                return Ok(answer(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("loadtape: upstream {}: {detail}", self.base),
                 ));

@@ -187,6 +187,7 @@ impl OneThread {
             stop,
             drain,
         } = self;
+        proxy.count_bodies_here();
         let graceful = GracefulShutdown::new();
         // Every connection of this thread, however served, for the drain.
         let open = Arc::new(Open::default());

@@ -51,7 +51,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::fields::{push_field, RawFields, Span};
-use super::forward::{Outgoing, ProxyBody};
+use super::forward::{Outgoing, Progress, ProxyBody};
 use super::framing::{self, After, Chunk, Decoder, Framed, Framing, READ_SIZE};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -154,35 +154,101 @@ impl Switched {
 
 /// `timeout` after `from`; decades away for a timeout too large to add (someone meaning
 /// "never").
-pub fn deadline(from: std::time::Instant, timeout: Duration) -> Instant {
+fn deadline(from: std::time::Instant, timeout: Duration) -> Instant {
     let from = Instant::from_std(from);
     (from.checked_add(timeout)).unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 86_400))
 }
 
+/// How long the upstream may take (`--upstream-timeout`): `timeout` for its response head
+/// after the request's last byte, and while a request body goes, `timeout` without a byte of
+/// it taken (nginx's `proxy_send_timeout` and `proxy_read_timeout` in one). A deadline from
+/// the request's start would cut off every upload slower than its size over the timeout: a
+/// 1 GiB layer pushed at 3 MB/s, against five minutes.
+pub struct Deadline<'a> {
+    pub timeout: Duration,
+    pub started: std::time::Instant,
+    /// The request's body, when it has one.
+    pub progress: Option<&'a Progress>,
+}
+
+impl Deadline<'_> {
+    /// The first instant to look again.
+    pub fn first(&self) -> Instant {
+        deadline(self.started, self.timeout)
+    }
+
+    /// The next instant to look again, at a look that found the body at `seen` bytes (then
+    /// moved on to where it is); `None` when the time is up.
+    fn next(&self, seen: &mut u64) -> Option<Instant> {
+        let progress = self.progress?;
+        if let Some(ended) = progress.ended.get() {
+            let at = deadline(*ended, self.timeout);
+            return (at > Instant::now()).then_some(at);
+        }
+        let sent = progress.sent.load(std::sync::atomic::Ordering::Relaxed);
+        if sent == *seen {
+            return None;
+        }
+        *seen = sent;
+        Some(deadline(std::time::Instant::now(), self.timeout))
+    }
+
+    /// Why the time was up, for the client and the tape.
+    pub fn missed(&self) -> String {
+        let ended = !matches!(self.progress, Some(p) if p.ended.get().is_none());
+        if ended {
+            format!(
+                "no response head within {:?} of the request's end",
+                self.timeout
+            )
+        } else {
+            format!("the request's body stalled for {:?}", self.timeout)
+        }
+    }
+}
+
+/// `work`'s output, unless `deadline` passes first (`None`); `timer` is pushed on as the
+/// deadline allows.
+pub async fn within<F: std::future::Future>(
+    work: F,
+    mut timer: Pin<&mut Sleep>,
+    deadline: &Deadline<'_>,
+) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            biased;
+            done = work.as_mut() => return Some(done),
+            _ = timer.as_mut() => match deadline.next(&mut seen) {
+                Some(at) => timer.as_mut().reset(at),
+                None => return None,
+            },
+        }
+    }
+}
+
 /// Sends the request of `parts` and `body` (taken from its option as it is sent) on
 /// `dedicated`'s connection to `upstream` (`host:port`), opening one if it has none or the one
-/// it had closed. `None` when no response head came by `deadline`.
+/// it had closed. `None` when the upstream took too long (`deadline`).
 pub async fn send(
     dedicated: &Arc<Dedicated>,
     upstream: &str,
     parts: &http::request::Parts,
     body: &mut Option<ProxyBody>,
     outgoing: Option<&Outgoing>,
-    deadline: Instant,
+    deadline: &Deadline<'_>,
 ) -> Option<Result<http::Response<DirectBody>, SendError>> {
     let Held { conn, timer } = dedicated.take();
     let mut timer = match timer {
         Some(mut t) => {
-            t.as_mut().reset(deadline);
+            t.as_mut().reset(deadline.first());
             t
         }
-        None => Box::pin(tokio::time::sleep_until(deadline)),
+        None => Box::pin(tokio::time::sleep_until(deadline.first())),
     };
-    let sent = tokio::select! {
-        biased;
-        sent = exchange(conn, upstream, parts, body, outgoing, dedicated) => Some(sent),
-        _ = timer.as_mut() => None,
-    };
+    let work = exchange(conn, upstream, parts, body, outgoing, dedicated);
+    let sent = within(work, timer.as_mut(), deadline).await;
     dedicated.put(Held {
         conn: None,
         timer: Some(timer),

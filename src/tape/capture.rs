@@ -193,6 +193,10 @@ pub struct CaptureCounters {
     pub written: AtomicU64,
     /// Failed writes (each loses one frame).
     pub write_errors: AtomicU64,
+    /// Bytes the writer has written to tape files, and the files it closed for new ones: as
+    /// of its last pass.
+    pub tape_bytes: AtomicU64,
+    pub rotations: AtomicU64,
     closing: AtomicBool,
     /// Bytes queued beyond their lanes' shares, at most `limits.bytes`.
     overflow: AtomicUsize,
@@ -495,6 +499,8 @@ fn spawn_with(
         dropped: AtomicU64::new(0),
         written: AtomicU64::new(0),
         write_errors: AtomicU64::new(0),
+        tape_bytes: AtomicU64::new(0),
+        rotations: AtomicU64::new(0),
         closing: AtomicBool::new(false),
         overflow: AtomicUsize::new(0),
         tracking: clock.is_some(),
@@ -664,6 +670,9 @@ fn drain(
         if result.is_ok() {
             result = writer.tick();
         }
+        let written = writer.summary();
+        c.tape_bytes.store(written.bytes, Ordering::Relaxed);
+        c.rotations.store(written.rotations, Ordering::Relaxed);
         match result {
             Ok(()) if failing => {
                 tracing::info!("tape writes succeed again");

@@ -67,6 +67,8 @@ pub struct WriteSummary {
     pub dropped: u64,
     /// Blob records not written again because the directory already holds them.
     pub blobs_deduplicated: u64,
+    /// Files closed for a new one (`rotate_size`, `rotate_every`).
+    pub rotations: u64,
 }
 
 enum Target {
@@ -160,6 +162,11 @@ impl TapeWriter {
     }
 
     /// The file being written.
+    /// What it has written so far.
+    pub fn summary(&self) -> &WriteSummary {
+        &self.summary
+    }
+
     pub fn current_path(&self) -> Option<&Path> {
         self.current.as_ref().map(|f| f.path.as_path())
     }
@@ -341,6 +348,7 @@ impl TapeWriter {
     fn rotate(&mut self) -> Result<(), TapeError> {
         // A file whose index cannot be written still reads up to its last frame: go on.
         let closed = self.close_current();
+        self.summary.rotations += 1;
         self.header.seq += 1;
         self.open_next()?;
         closed

@@ -202,6 +202,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Tells it to stop, as SIGTERM would, without waiting: it drains.
+    pub fn cancel(&self) {
+        self.stop.cancel();
+    }
+
     /// Stops it as SIGTERM would, and waits for the tape to be closed.
     pub async fn stop(self) -> RecordSummary {
         self.stop.cancel();
