@@ -44,6 +44,13 @@ pub const SECRET_QUERY_PARAMS: &[&str] = &[
     "x-goog-credential",
 ];
 
+/// Headers whose values are URLs, whose query (and fragment) may carry credentials: a blob
+/// GET on Quay with S3 storage answers with a presigned `Location` (`X-Amz-Signature`,
+/// `X-Amz-Credential`), an OAuth implicit grant redirects with `#access_token=`. Their secret
+/// query values are redacted as a request target's are, the rest kept.
+/// (`content-location`, the one not among the tape's well-known names, is told apart by name.)
+pub const URL_HEADERS: &[&str] = &["location", "content-location", "referer", "link"];
+
 /// Paths whose response bodies issue credentials; those bodies are never stored.
 pub fn is_token_endpoint(path: &str) -> bool {
     let path = path.trim_end_matches('/');
@@ -153,6 +160,8 @@ pub struct Redactor {
     redacted_known: u128,
     /// Redacted names that are not well-known (lowercase); usually none.
     redacted_other: Vec<String>,
+    /// Bit `i`: `KNOWN_NAMES[i]` is one of the [`URL_HEADERS`].
+    url_known: u128,
 }
 
 const _: () = assert!(
@@ -188,6 +197,9 @@ impl Redactor {
                 None => redacted_other.push(name.clone()),
             }
         }
+        let url_known = (URL_HEADERS.iter())
+            .filter_map(|name| well_known_index(name.as_bytes()))
+            .fold(0u128, |bits, i| bits | 1 << i);
         static REDACTORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Redactor {
             key,
@@ -195,6 +207,7 @@ impl Redactor {
             redacted,
             redacted_known,
             redacted_other,
+            url_known,
         }
     }
 
@@ -247,6 +260,17 @@ impl Redactor {
                 .any(|r| r.as_bytes().eq_ignore_ascii_case(name)),
         };
         if !redacted {
+            let url = match known {
+                Some(i) => self.url_known >> i & 1 == 1,
+                None => name.eq_ignore_ascii_case(b"content-location"),
+            };
+            if url && value.iter().any(|&b| b == b'?' || b == b'#') {
+                if let Ok(text) = std::str::from_utf8(value) {
+                    let mut kept = String::with_capacity(value.len());
+                    self.target_into(text, &mut kept);
+                    return headers.push_classified(known, name, kept.as_bytes());
+                }
+            }
             return headers.push_classified(known, name, value);
         }
         headers.push_classified_redacted(known, name, self.redact_value(name, value));
@@ -332,14 +356,30 @@ impl Redactor {
     }
 
     /// [`Redactor::target`] appended to `out`: the capture writes it into the string of a
-    /// record it reuses (`record::exchange`), rather than into one made for each exchange.
+    /// record it reuses (`record::exchange`), rather than into one made for each exchange. A
+    /// URL's fragment is read as a query too (an OAuth implicit grant's redirect, in a
+    /// `Location`, carries its token there).
     pub fn target_into(&self, target: &str, out: &mut String) {
-        let Some((path, query)) = target.split_once('?') else {
+        let Some(start) = target.find(['?', '#']) else {
             out.push_str(target);
             return;
         };
-        out.push_str(path);
-        out.push('?');
+        out.push_str(&target[..start]);
+        let mut rest = &target[start..];
+        while let Some(separator) = rest.chars().next() {
+            out.push(separator);
+            let after = &rest[1..];
+            let end = match separator {
+                '?' => after.find('#').unwrap_or(after.len()),
+                _ => after.len(),
+            };
+            self.pairs_into(&after[..end], out);
+            rest = &after[end..];
+        }
+    }
+
+    /// A query's (or fragment's) `name=value` pairs, secret values redacted.
+    fn pairs_into(&self, query: &str, out: &mut String) {
         for (i, pair) in query.split('&').enumerate() {
             if i > 0 {
                 out.push('&');
@@ -528,6 +568,42 @@ mod tests {
         assert!(!t.contains("abc123"));
         assert!(t.contains("X-Amz-Signature=loadtape-redacted-"));
         assert_eq!(r.target("/v2/?a=b"), "/v2/?a=b");
+    }
+
+    #[test]
+    fn urls_in_headers_keep_all_but_their_secret_query_and_fragment_values() {
+        let r = Redactor::default();
+        let mut h = Headers::new();
+        let presigned = "https://s3.example.com/b/k?X-Amz-Expires=600&X-Amz-Signature=abc123";
+        r.push_raw_header(&mut h, b"Location", presigned.as_bytes());
+        let implicit = "https://app.example.com/cb#access_token=tok456&token_type=Bearer";
+        r.push_raw_header(&mut h, b"location", implicit.as_bytes());
+        let both = "/oauth/cb?code_challenge=x&token=q789#state=s&id_token=f000";
+        r.push_raw_header(&mut h, b"Referer", both.as_bytes());
+        r.push_raw_header(&mut h, b"x-other", b"/path?token=kept-elsewhere");
+        let values: Vec<String> = h
+            .iter()
+            .map(|(_, v)| match v {
+                HeaderValue::Plain(t) => String::from_utf8(t.to_vec()).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(values[0].starts_with(
+            "https://s3.example.com/b/k?X-Amz-Expires=600&X-Amz-Signature=loadtape-redacted-"
+        ));
+        assert!(values[0].ends_with("-6"), "{}", values[0]);
+        assert!(values[1].starts_with("https://app.example.com/cb#access_token=loadtape-redacted-"));
+        assert!(values[1].ends_with("&token_type=Bearer"), "{}", values[1]);
+        assert!(values[2].starts_with("/oauth/cb?code_challenge=x&token=loadtape-redacted-"));
+        assert!(values[2].contains("#state=s&id_token=loadtape-redacted-"));
+        for secret in ["abc123", "tok456", "q789", "f000"] {
+            assert!(!values.iter().any(|v| v.contains(secret)), "{secret}");
+        }
+        // Only where a URL is expected: a field named for a credential is redacted whole.
+        assert_eq!(values[3], "/path?token=kept-elsewhere");
+        // A target's fragment, on the wire only by mistake, is read the same way.
+        let t = r.target("/a#access_token=zzz");
+        assert!(t.starts_with("/a#access_token=loadtape-redacted-"), "{t}");
     }
 
     #[test]

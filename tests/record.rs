@@ -137,6 +137,11 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
     .await;
     curl(&[&format!("{base}/json?access_token=query-secret&n=1")]).await;
     curl(&[&format!("{base}/login")]).await;
+    let redirected = curl(&["-w", "%{redirect_url}", &format!("{base}/presigned")]).await;
+    assert_eq!(
+        redirected, PRESIGNED,
+        "the client gets its redirect untouched"
+    );
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
@@ -148,6 +153,8 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         "cookie-secret",
         "query-secret",
         "server-issued-secret",
+        "presigned0signature",
+        "AKIAPRESIGNEDKEY",
     ] {
         assert!(!everything.contains(secret), "{secret} reached the tape");
     }
@@ -186,6 +193,17 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         panic!("set-cookie not redacted: {set_cookie:?}");
     };
     assert_eq!(cookie.kind, SecretKind::Cookie);
+    // A presigned redirect keeps where it went and for how long, not its signature.
+    let location = ex[4].response.as_ref().unwrap().headers.get("location");
+    let Some(HeaderValue::Plain(location)) = location else {
+        panic!("location: {location:?}");
+    };
+    let location = std::str::from_utf8(location).unwrap();
+    assert!(
+        location.starts_with("https://s3.example.com/quay/sha256/ab?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=loadtape-redacted-"),
+        "{location}"
+    );
+    assert!(location.contains("&X-Amz-Expires=600&X-Amz-Signature=loadtape-redacted-"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,9 +31,12 @@ pub fn require(command: &str, package: &str) {
     );
 }
 
+/// Where `/presigned` redirects: an S3 URL whose signature and key id are credentials.
+pub const PRESIGNED: &str = "https://s3.example.com/quay/sha256/ab?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAPRESIGNEDKEY%2F20261127&X-Amz-Expires=600&X-Amz-Signature=presigned0signature";
+
 /// The in-process upstream:
 /// `/json`, `/echo` (answers with what it received: headers, trailers, body length and sha256),
-/// `/v2/auth` (a token), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
+/// `/v2/auth` (a token), `/presigned` (a 307 to [`PRESIGNED`]), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
 /// protocol switch, then an echo).
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -92,6 +95,13 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
             "application/json",
             format!(r#"{{"token": "{TOKEN}"}}"#),
         ),
+        // A blob GET on Quay with S3 storage: a redirect to a presigned URL.
+        "presigned" => {
+            let mut r = reply(307, "text/plain", "");
+            r.headers_mut()
+                .insert("location", http::HeaderValue::from_static(PRESIGNED));
+            r
+        }
         "status" => reply(arg.parse().unwrap_or(500), "text/plain", "status\n"),
         "slow" => {
             tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(100))).await;
