@@ -51,6 +51,30 @@ pub const SECRET_QUERY_PARAMS: &[&str] = &[
 /// (`content-location`, the one not among the tape's well-known names, is told apart by name.)
 pub const URL_HEADERS: &[&str] = &["location", "content-location", "referer", "link"];
 
+/// JSON keys whose values are credentials (compared case-insensitively): Quay's robot tokens
+/// (`token`), its sign-in and user creation (`password`, `new_password`), OAuth applications
+/// (`client_secret`), and the per-layer `headers` Clair's index request carries for fetching
+/// layers (`Authorization`).
+pub const SECRET_JSON_KEYS: &[&str] = &[
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "password",
+    "new_password",
+    "old_password",
+    "encrypted_password",
+    "client_secret",
+    "secret",
+    "api_key",
+    "apikey",
+    "private_key",
+    "authorization",
+    "proxy-authorization",
+    "x-registry-auth",
+    "cookie",
+];
+
 /// Paths whose response bodies issue credentials; those bodies are never stored.
 pub fn is_token_endpoint(path: &str) -> bool {
     let path = path.trim_end_matches('/');
@@ -405,6 +429,170 @@ impl Redactor {
     }
 }
 
+/// Bodies: credentials in the bytes a tape keeps of a body, overwritten where they lie, so
+/// that the body keeps its length, its shape and every other byte (a replay sends it as it
+/// was, a report shows it): in a JSON body, the string values of [`SECRET_JSON_KEYS`] (and
+/// the strings of an array under one), and the secret query values of URLs in any string
+/// (Clair's index request names presigned layer URLs); in a form body, its secret fields.
+/// A value becomes `redacted-<fingerprint>` padded with `*` to its length (only `*` when
+/// shorter), the fingerprint of the value as it was written.
+impl Redactor {
+    /// Overwrites the credentials in what is kept of a body (`body`'s stored bytes), whose
+    /// head's fields are `headers`. A body changed no longer claims the digest of the one that
+    /// passed: it would let a guessed password be checked against the tape.
+    pub fn scrub_stored(&self, headers: &Headers, body: &mut crate::tape::Body) {
+        let crate::tape::Stored::Prefix(bytes) = &mut body.stored else {
+            return;
+        };
+        if bytes.is_empty() {
+            return;
+        }
+        let content_type = match headers.get("content-type") {
+            Some(crate::tape::HeaderValue::Plain(t)) => Some(t),
+            _ => None,
+        };
+        if self.scrub_body(content_type, bytes) {
+            body.sha256 = None;
+        }
+    }
+
+    /// Overwrites the credentials in `body` (or its first bytes), of `content_type`: whether
+    /// any were found.
+    pub fn scrub_body(&self, content_type: Option<&[u8]>, body: &mut [u8]) -> bool {
+        let has = |what: &[u8]| {
+            content_type
+                .is_some_and(|t| t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)))
+        };
+        if has(b"json") {
+            self.scrub_json(body)
+        } else if has(b"x-www-form-urlencoded") {
+            self.scrub_pairs(body, true)
+        } else if content_type.is_none() {
+            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            matches!(first, Some(b'{' | b'[')) && self.scrub_json(body)
+        } else {
+            false
+        }
+    }
+
+    /// A JSON text (maybe cut short), read token by token without building it.
+    fn scrub_json(&self, b: &mut [u8]) -> bool {
+        let mut changed = false;
+        let mut i = 0;
+        let mut depth = 0usize;
+        // The next value is a secret: its key is one.
+        let mut secret_value = false;
+        // Inside an array that is a secret's value, opened at this depth.
+        let mut secret_array = None;
+        while i < b.len() {
+            match b[i] {
+                b'"' => {
+                    let start = i + 1;
+                    let end = string_end(b, start);
+                    let mut after = end + 1;
+                    while after < b.len() && b[after].is_ascii_whitespace() {
+                        after += 1;
+                    }
+                    let key = secret_array.is_none() && b.get(after) == Some(&b':');
+                    if key {
+                        secret_value = (SECRET_JSON_KEYS.iter())
+                            .any(|k| k.as_bytes().eq_ignore_ascii_case(&b[start..end]));
+                    } else {
+                        if secret_value || secret_array.is_some() {
+                            self.overwrite(&mut b[start..end]);
+                            changed = true;
+                        } else if b[start..end].contains(&b'?') {
+                            changed |= self.scrub_pairs(&mut b[start..end], false);
+                        }
+                        secret_value = false;
+                    }
+                    i = end + 1;
+                }
+                open @ (b'[' | b'{') => {
+                    depth += 1;
+                    if open == b'[' && secret_value && secret_array.is_none() {
+                        secret_array = Some(depth);
+                    }
+                    secret_value = false;
+                    i += 1;
+                }
+                b']' | b'}' => {
+                    if secret_array == Some(depth) {
+                        secret_array = None;
+                    }
+                    depth = depth.saturating_sub(1);
+                    i += 1;
+                }
+                b':' | b',' | b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+                // A number, true, false or null.
+                _ => {
+                    secret_value = false;
+                    i += 1;
+                }
+            }
+        }
+        changed
+    }
+
+    /// The `name=value` pairs of a query, fragment or form (from the start when `form`, else
+    /// after the first `?`), secret values overwritten. A pair ends at `&`, `#`, or `\u0026`
+    /// (Go's JSON writes `&` so).
+    fn scrub_pairs(&self, s: &mut [u8], form: bool) -> bool {
+        let mut i = if form {
+            0
+        } else {
+            match s.iter().position(|&b| b == b'?') {
+                Some(q) => q + 1,
+                None => return false,
+            }
+        };
+        let mut changed = false;
+        while i < s.len() {
+            let end = (i..s.len())
+                .find(|&j| matches!(s[j], b'&' | b'#' | b'"') || s[j..].starts_with(b"\\u0026"))
+                .unwrap_or(s.len());
+            if let Some(eq) = s[i..end].iter().position(|&b| b == b'=') {
+                let (name, value) = (i..i + eq, i + eq + 1..end);
+                let secret = (SECRET_QUERY_PARAMS.iter())
+                    .any(|p| p.as_bytes().eq_ignore_ascii_case(&s[name.clone()]));
+                if secret && !value.is_empty() {
+                    self.overwrite(&mut s[value]);
+                    changed = true;
+                }
+            }
+            // The next pair: past `&` or `#`, or past an escaped `&` (`\u0026`).
+            i = match s.get(end) {
+                Some(b'\\') => end + 6,
+                _ => end + 1,
+            };
+        }
+        changed
+    }
+
+    /// A secret's bytes replaced, keeping their length: `redacted-<fingerprint>` and `*`s.
+    fn overwrite(&self, secret: &mut [u8]) {
+        let marker = format!("redacted-{:016x}", self.fingerprint(secret));
+        secret.fill(b'*');
+        if secret.len() >= marker.len() {
+            secret[..marker.len()].copy_from_slice(marker.as_bytes());
+        }
+    }
+}
+
+/// Where the JSON string whose text starts at `start` ends (its closing quote, or the end of
+/// what there is).
+fn string_end(b: &[u8], start: usize) -> usize {
+    let mut j = start;
+    while j < b.len() {
+        match b[j] {
+            b'\\' => j += 2,
+            b'"' => return j,
+            _ => j += 1,
+        }
+    }
+    b.len()
+}
+
 fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
     let (s, rest) = value.split_once(' ')?;
     s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
@@ -604,6 +792,62 @@ mod tests {
         // A target's fragment, on the wire only by mistake, is read the same way.
         let t = r.target("/a#access_token=zzz");
         assert!(t.starts_with("/a#access_token=loadtape-redacted-"), "{t}");
+    }
+
+    #[test]
+    fn json_and_form_bodies_lose_their_credentials_and_keep_their_length_and_shape() {
+        let r = Redactor::default();
+        let scrub = |content_type: Option<&str>, text: &str| {
+            let mut bytes = text.as_bytes().to_vec();
+            let changed = r.scrub_body(content_type.map(str::as_bytes), &mut bytes);
+            assert_eq!(bytes.len(), text.len(), "the length is kept");
+            (changed, String::from_utf8(bytes).unwrap())
+        };
+        let json = Some("application/json; charset=utf-8");
+        // Quay: a robot's token, a sign-in.
+        let robot =
+            r#"{"name": "org+bot", "token" : "ROBOT0TOKEN0ABCDEFGHIJKLMNOPQRSTUVWXYZ", "n": 3}"#;
+        let (changed, out) = scrub(json, robot);
+        assert!(changed);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["name"], "org+bot");
+        assert_eq!(v["n"], 3);
+        let token = v["token"].as_str().unwrap();
+        let fingerprint = r.fingerprint(b"ROBOT0TOKEN0ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+        assert!(
+            token.starts_with(&format!("redacted-{fingerprint:016x}*")),
+            "{token}"
+        );
+        let (_, out) = scrub(json, r#"{"username":"alice","Password":"hunter\"2"}"#);
+        assert_eq!(out, r#"{"username":"alice","Password":"*********"}"#);
+        // Clair: a layer fetched with a bearer token from a presigned URL, as Go writes it.
+        let index = r#"{"hash":"sha256:aa","layers":[{"hash":"sha256:bb","uri":"https://s3/b?X-Amz-Credential=AKIAKEY\u0026X-Amz-Signature=f00dfeed\u0026X-Amz-Expires=600","headers":{"Authorization":["Bearer eyJhbGciOi.e30.c2lnbmF0dXJl"],"Accept":["*/*"]}}]}"#;
+        let (_, out) = scrub(json, index);
+        for secret in ["AKIAKEY", "f00dfeed", "eyJhbGciOi"] {
+            assert!(!out.contains(secret), "{secret} in {out}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let layer = &v["layers"][0];
+        assert_eq!(layer["hash"], "sha256:bb");
+        assert_eq!(layer["headers"]["Accept"][0], "*/*");
+        assert!(layer["uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("&X-Amz-Expires=600"));
+        // Cut short inside a secret: what there is of it goes.
+        let (_, out) = scrub(json, r#"{"a": [1, true], "client_secret": "abcdef0123"#);
+        assert_eq!(out, r#"{"a": [1, true], "client_secret": "**********"#);
+        // A form, and JSON without a content type; nothing else.
+        let (_, out) = scrub(
+            Some("application/x-www-form-urlencoded"),
+            "grant_type=password&password=pw123&username=u",
+        );
+        assert_eq!(out, "grant_type=password&password=*****&username=u");
+        assert!(scrub(None, r#" {"token": "t0k3n"}"#).0);
+        assert!(!scrub(Some("application/octet-stream"), r#"{"token": "t0k3n"}"#).0);
+        // A manifest has nothing to take.
+        let manifest = r#"{"schemaVersion":2,"config":{"digest":"sha256:cc","size":7},"layers":[{"digest":"sha256:dd","size":9,"urls":["https://x/y?a=b"]}]}"#;
+        assert_eq!(scrub(json, manifest), (false, manifest.to_string()));
     }
 
     #[test]

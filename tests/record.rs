@@ -142,6 +142,23 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         redirected, PRESIGNED,
         "the client gets its redirect untouched"
     );
+    // Credentials in JSON bodies, both ways: a sign-in's password, a robot's token.
+    let sign_in = r#"{"username": "alice", "password": "json0body0password"}"#;
+    let echoed = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        sign_in,
+        &format!("{base}/echo"),
+    ])
+    .await;
+    let digest = hex_digest(sign_in.as_bytes());
+    assert!(
+        echoed.contains(&digest),
+        "the upstream got the body untouched: {echoed}"
+    );
+    let robot = curl(&[&format!("{base}/robot")]).await;
+    assert!(robot.contains("ROBOT0SECRET0TOKEN0VALUE0123456789"));
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
@@ -155,6 +172,8 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         "server-issued-secret",
         "presigned0signature",
         "AKIAPRESIGNEDKEY",
+        "json0body0password",
+        "ROBOT0SECRET0TOKEN0VALUE0123456789",
     ] {
         assert!(!everything.contains(secret), "{secret} reached the tape");
     }
@@ -204,6 +223,22 @@ async fn credentials_never_reach_the_tape_but_their_fingerprints_do() {
         "{location}"
     );
     assert!(location.contains("&X-Amz-Expires=600&X-Amz-Signature=loadtape-redacted-"));
+    // The bodies keep their length and all but the secrets.
+    let kept = |body: &loadtape::tape::Body| {
+        let text = String::from_utf8(body.whole_inline().unwrap().to_vec()).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let request = kept(&ex[5].request.body);
+    assert_eq!(request["username"], "alice");
+    assert_eq!(ex[5].request.body.len as usize, sign_in.len());
+    let response = kept(&ex[6].response.as_ref().unwrap().body);
+    assert_eq!(response["name"], "org+bot");
+    assert!(response["token"].as_str().unwrap().starts_with("redacted-"));
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,7 +238,7 @@ fn exchange(
         redactor.push_header(&mut req_headers, &h.name, h.value.as_bytes());
     }
     let path = target.split('?').next().unwrap_or("").to_string();
-    let request_body = match e.request.post_data.take() {
+    let mut request_body = match e.request.post_data.take() {
         Some(pd) => body(
             pd.text.as_deref(),
             pd.encoding.as_deref(),
@@ -268,7 +268,7 @@ fn exchange(
     let response_done = total.max(response_head.unwrap_or(0));
 
     let mut issued = Vec::new();
-    let response = if e.response.status <= 0 {
+    let mut response = if e.response.status <= 0 {
         Err(UpstreamFailure {
             kind: FailureKind::Other,
             detail: e
@@ -304,6 +304,10 @@ fn exchange(
         })
     };
 
+    redactor.scrub_stored(&req_headers, &mut request_body);
+    if let Ok(r) = response.as_mut() {
+        redactor.scrub_stored(&r.headers, &mut r.body);
+    }
     Ok(Exchange {
         id,
         connection: 0,

@@ -715,6 +715,7 @@ impl Pending {
                 // After its blobs, which the spool writes as they come: redacted here.
                 let mut exchange = *record.exchange.take().expect("made above");
                 record.raw.redact_into(&mut exchange, &capture.redactor);
+                scrub_bodies(&mut exchange, &capture.redactor);
                 // If the spool is swamped, with its prefixes instead.
                 if let Err(exchange) = spool.exchange(exchange, ids, &capture.sink) {
                     capture.sink.offer(Record::Exchange(exchange));
@@ -1103,8 +1104,9 @@ impl Unfinished for Unredacted {
             .exchange
             .take()
             .expect("an unfinished record has its exchange");
-        self.raw
-            .redact_into(&mut exchange, &Self::finishing(with).redactor);
+        let redactor = &Self::finishing(with).redactor;
+        self.raw.redact_into(&mut exchange, redactor);
+        scrub_bodies(&mut exchange, redactor);
         Record::Exchange(exchange)
     }
 
@@ -1124,6 +1126,7 @@ impl Unfinished for Unredacted {
         for (copy, headers) in self.raw.with_headers(&mut exchange) {
             *headers = copy.lend(redactor);
         }
+        scrub_bodies(&mut exchange, redactor);
         let record = Record::Exchange(exchange);
         write(&record);
         let Record::Exchange(mut exchange) = record else {
@@ -1143,6 +1146,16 @@ impl Unfinished for Unredacted {
 
     fn exchange_start(&self) -> Option<Nanos> {
         self.exchange.as_ref().map(|e| e.timing.start)
+    }
+}
+
+/// The credentials in what an exchange keeps of its bodies overwritten
+/// ([`Redactor::scrub_stored`]), once its heads are redacted: on the tape writer's thread.
+fn scrub_bodies(exchange: &mut Exchange, redactor: &Redactor) {
+    let request = &mut exchange.request;
+    redactor.scrub_stored(&request.headers, &mut request.body);
+    if let Ok(response) = exchange.response.as_mut() {
+        redactor.scrub_stored(&response.headers, &mut response.body);
     }
 }
 

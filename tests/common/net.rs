@@ -36,7 +36,8 @@ pub const PRESIGNED: &str = "https://s3.example.com/quay/sha256/ab?X-Amz-Algorit
 
 /// The in-process upstream:
 /// `/json`, `/echo` (answers with what it received: headers, trailers, body length and sha256),
-/// `/v2/auth` (a token), `/presigned` (a 307 to [`PRESIGNED`]), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
+/// `/v2/auth` (a token), `/robot` (a JSON body with a token), `/presigned` (a 307 to
+/// [`PRESIGNED`]), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
 /// protocol switch, then an echo).
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -94,6 +95,12 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
             200,
             "application/json",
             format!(r#"{{"token": "{TOKEN}"}}"#),
+        ),
+        // Quay creating a robot account: its token, in JSON.
+        "robot" => reply(
+            201,
+            "application/json",
+            r#"{"name": "org+bot", "token": "ROBOT0SECRET0TOKEN0VALUE0123456789"}"#,
         ),
         // A blob GET on Quay with S3 storage: a redirect to a presigned URL.
         "presigned" => {
