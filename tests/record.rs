@@ -654,6 +654,33 @@ async fn the_admin_endpoint_counts_bytes_and_tape_files_and_serves_through_the_d
     assert_eq!(summary.exchanges, 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_answering_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(up.addr, &dir.path().join("t"));
+    c.header_read_timeout = Duration::from_millis(300);
+    let rec = start(c).await;
+    // h2c by prior knowledge: the preface and empty settings, then silence (no ping answered).
+    let mut conn = tokio::net::TcpStream::connect(rec.addr).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut sink = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match conn.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent HTTP/2 client kept its connection");
+    rec.stop().await;
+}
+
 /// The value of the sample `name` (with its labels) in a Prometheus text exposition.
 fn value_of(metrics: &str, name: &str) -> Option<u64> {
     metrics.lines().find_map(|l| {

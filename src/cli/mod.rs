@@ -207,7 +207,8 @@ struct RecordArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// How long a client may take to send a whole request head (on a kept connection, from the
-    /// end of the last response) before it is cut off, with a 408 if part of a head came.
+    /// end of the last response) before it is cut off, with a 408 if part of a head came. An
+    /// HTTP/2 client silent that long is pinged, and cut off if it does not answer as long.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     header_read_timeout: Duration,
     /// How long the upstream may take to send a response head after the request's last byte,

@@ -272,6 +272,14 @@ impl OneThread {
                     .http1()
                     .timer(HeadTimer)
                     .header_read_timeout(header_read_timeout);
+                // HTTP/2 has no head to time: a client silent that long is pinged, and one that
+                // does not answer as long is gone (a peer that vanished without a FIN would
+                // otherwise hold its connection and streams forever).
+                builder
+                    .http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Some(header_read_timeout))
+                    .keep_alive_timeout(header_read_timeout);
                 let service = service(proxy, connection.clone());
                 let io = TokioIo::new(h1::Rewind::new(io, read));
                 let conn = builder.serve_connection_with_upgrades(io, service);
