@@ -42,6 +42,10 @@ pub const SECRET_QUERY_PARAMS: &[&str] = &[
     "x-amz-security-token",
     "x-goog-signature",
     "x-goog-credential",
+    // An OAuth authorization code (Quay's `/oauth2/.../callback?code=`), and API keys.
+    "code",
+    "api_key",
+    "apikey",
 ];
 
 /// Headers whose values are URLs, whose query (and fragment) may carry credentials: a blob

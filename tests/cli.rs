@@ -196,6 +196,19 @@ fn bad_flags_say_what_would_be_right() {
         assert_eq!(said.contains("-7..=19"), !ok, "{level}: {said}");
         assert_eq!(said.contains("not an http://"), ok, "{level}: {said}");
     }
+    // A path on the upstream would be dropped: refused, with what would do.
+    let out = loadtape(&[
+        "record",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://quay.internal:8080/quay",
+        "--out",
+        "/nonexistent/tapes",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let said = text(&out.stderr);
+    assert!(said.contains("(try http://quay.internal:8080)"), "{said}");
     let out = loadtape(&["inspect", "/nonexistent/tape"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -433,7 +433,7 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let banner = format!(
-            "loadtape record: {} {} -> {}, tapes in {}, bodies {}, redacting {}",
+            "loadtape record: {} {} -> {}, tapes in {}, bodies {}, redacting {}, secret query values, URLs' in Location and the like, and secret JSON and form fields in bodies; token endpoints' bodies not kept",
             if config.tls.is_some() {
                 "https"
             } else {

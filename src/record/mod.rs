@@ -231,6 +231,15 @@ impl Recorder {
                 config.upstream
             );
         }
+        let path = config.upstream.path_and_query().map_or("/", |p| p.as_str());
+        if path != "/" {
+            anyhow::bail!(
+                "--upstream {} has a path ({path}): requests keep their own paths, so the upstream is scheme://host[:port] only (try {}://{})",
+                config.upstream,
+                config.upstream.scheme_str().unwrap_or("http"),
+                config.upstream.authority().map_or("", |a| a.as_str()),
+            );
+        }
         if !(0.0..=1.0).contains(&config.sample) {
             anyhow::bail!(
                 "--sample {} is not a fraction between 0 and 1",
