@@ -953,45 +953,151 @@ async fn a_client_gone_mid_upload_is_recorded_as_cut_short_and_the_proxy_goes_on
     assert_eq!(failure.kind, FailureKind::ClientGone, "{failure:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("tapes");
+/// `loadtape record` run as a user runs it, in front of `upstream`, into `out`, with `args`:
+/// the process, its proxy's port and its admin endpoint's (when asked for).
+async fn spawn_recorder(
+    upstream: std::net::SocketAddr,
+    out: &std::path::Path,
+    args: &[&str],
+) -> (tokio::process::Child, u16, Option<std::net::SocketAddr>) {
     // Any free port; the start banner says which (a port picked by the test could be taken
     // by another test's server before the recorder binds it).
     let mut child = tokio::process::Command::new(common::loadtape_bin())
         .args(["record", "--listen", "127.0.0.1:0"])
-        .args(["--upstream", &format!("http://{}", up.addr)])
+        .args(["--upstream", &format!("http://{upstream}")])
         .arg("--out")
-        .arg(&out)
+        .arg(out)
+        .args(args)
         .env("LOADTAPE_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let port = {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let banner = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(at) = line.find("(listening on ") {
-                    return line[at..].to_string();
-                }
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let banner = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(at) = line.find("(listening on ") {
+                return line[at..].to_string();
             }
-            panic!("loadtape record ended without its banner");
-        })
-        .await
-        .expect("loadtape record did not start");
-        // Whatever else it logs goes on being read, so that it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let addr = banner
-            .trim_start_matches("(listening on ")
-            .trim_end_matches(')');
-        addr.parse::<std::net::SocketAddr>()
-            .unwrap_or_else(|_| panic!("no address in {banner:?}"))
-            .port()
+        }
+        panic!("loadtape record ended without its banner");
+    })
+    .await
+    .expect("loadtape record did not start");
+    // Whatever else it logs goes on being read, so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addresses = banner
+        .trim_start_matches("(listening on ")
+        .trim_end_matches(')');
+    let (listening, admin) = match addresses.split_once(", admin on ") {
+        Some((l, a)) => (l, Some(a.parse().unwrap())),
+        None => (addresses, None),
     };
+    let port = (listening.parse::<std::net::SocketAddr>())
+        .unwrap_or_else(|_| panic!("no address in {banner:?}"))
+        .port();
+    (child, port, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_exchange_in_flight_finish_closes_the_tape_and_exits_0() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tapes");
+    let (mut child, port, admin) =
+        spawn_recorder(up.addr, &out, &["--admin-listen", "127.0.0.1:0"]).await;
+    let admin = admin.expect("the banner names the admin endpoint");
+    let url = format!("http://127.0.0.1:{port}/slow/1500");
+    let slow = tokio::spawn(async move { curl(&["-w", " %{http_code}", &url]).await });
+    // Once the upstream has it (the recorder counts it in flight), SIGTERM.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = curl(&[&format!("http://{admin}/metrics")]).await;
+        if metrics.contains("loadtape_requests_in_flight 1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::task::yield_now().await;
+    }
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(
+        slow.await.unwrap(),
+        "slow\n 200",
+        "the exchange in flight finished"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the recorder exits after draining")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let (records, stats) = read_one(&out).unwrap();
+    assert!(stats.files[0].closed, "the tape was closed with its index");
+    let ex = exchanges_in(&records);
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].response.as_ref().unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_leaves_a_tape_that_reads_back_without_damage() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tapes");
+    let (mut child, port, _) = spawn_recorder(up.addr, &out, &[]).await;
+    // Four clients, 2,000 requests of 5 ms each, still going when the recorder dies.
+    let url = format!("http://127.0.0.1:{port}/slow/5?n=[1-2000]");
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::process::Command::new("curl")
+                .args(["--silent", &url])
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Once some frames are on disk, and the clients are not done, kill -9.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        if let Ok((records, _)) = read_one(&out) {
+            if !exchanges_in(&records).is_empty() {
+                break exchanges_in(&records).len();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recorder never flushed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let (records, stats) = read_one(&out).expect("a cut tail is not damage");
+    assert!(!stats.files[0].closed, "killed: no index was written");
+    let ex = exchanges_in(&records);
+    assert!(
+        ex.len() >= seen && ex.len() < 8000,
+        "{} of 8000, {seen} seen",
+        ex.len()
+    );
+    for e in ex {
+        assert_eq!(e.response.as_ref().unwrap().status, 200);
+    }
+    drop(load);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tapes");
+    let (mut child, port, _) = spawn_recorder(up.addr, &out, &[]).await;
     // 50 requests on one connection.
     let urls: Vec<String> = (0..50)
         .map(|i| format!("http://127.0.0.1:{port}/status/{}", 200 + i % 5))

@@ -449,7 +449,10 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         );
         let bodiless = config.bodies == crate::record::BodyCapture::None;
         let recorder = Recorder::bind(config).await?;
-        tracing::info!("{banner} (listening on {})", recorder.local_addr());
+        let admin = recorder
+            .admin_addr()
+            .map_or(String::new(), |a| format!(", admin on {a}"));
+        tracing::info!("{banner} (listening on {}{admin})", recorder.local_addr());
         if bodiless {
             tracing::warn!(
                 "--bodies none: no body is kept, manifests and JSON included, so pushes and API writes recorded now cannot be replayed (the default, prefix:64KiB, keeps them)"
