@@ -681,6 +681,58 @@ async fn an_http2_client_that_stops_answering_is_cut_off() {
     rec.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_recorded_redacted_and_added_follows_the_flags() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let mut c = config(up.addr, &out);
+    // Registry traffic only, layers aside; an API key redacted, cookies kept; no X-Forwarded-*.
+    c.include = vec![regex::Regex::new("^/v2/").unwrap()];
+    c.exclude = vec![regex::Regex::new("/blobs/").unwrap()];
+    c.redact_headers = vec!["X-Api-Key".into()];
+    c.keep_headers = vec!["Cookie".into()];
+    c.forwarded_headers = false;
+    c.rotate_every = Some(Duration::from_millis(200));
+    let rec = start(c).await;
+    let base = format!("http://{}", rec.addr);
+    for path in ["/v2/echo", "/v2/org/app/blobs/sha256:ab", "/echo"] {
+        curl(&[
+            "-o",
+            "/dev/null",
+            "-H",
+            "X-Api-Key: api-key-secret",
+            "-H",
+            "Cookie: theme=dark",
+            &format!("{base}{path}"),
+        ])
+        .await;
+    }
+    let echoed = curl(&[&format!("{base}/echo")]).await;
+    assert!(!echoed.contains("x-forwarded"), "{echoed}");
+    // A new file every 200 ms while traffic goes on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&out).unwrap().count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no rotation by age");
+        curl(&["-o", "/dev/null", &format!("{base}/v2/echo")]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rec.stop().await;
+    let (records, stats) = read_one(&out).unwrap();
+    assert!(stats.files.len() >= 2);
+    let ex = exchanges_in(&records);
+    assert!(
+        ex.iter().all(|e| e.request.target == "/v2/echo"),
+        "only what --include and --exclude let through"
+    );
+    let first = &ex[0].request.headers;
+    assert!(matches!(
+        first.get("x-api-key"),
+        Some(HeaderValue::Redacted(_))
+    ));
+    assert_eq!(first.get_str("cookie"), Some("theme=dark"));
+}
+
 /// The value of the sample `name` (with its labels) in a Prometheus text exposition.
 fn value_of(metrics: &str, name: &str) -> Option<u64> {
     metrics.lines().find_map(|l| {
