@@ -448,7 +448,10 @@ impl Redactor {
         let crate::tape::Stored::Prefix(bytes) = &mut body.stored else {
             return;
         };
-        if bytes.is_empty() {
+        // Neither JSON nor a form (a layer, a page): the fields are not looked at.
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        let json = matches!(first, Some(b'{' | b'['));
+        if !json && !bytes[..bytes.len().min(256)].contains(&b'=') {
             return;
         }
         let content_type = match headers.get("content-type") {
