@@ -448,10 +448,11 @@ impl Redactor {
         let crate::tape::Stored::Prefix(bytes) = &mut body.stored else {
             return;
         };
-        // Neither JSON nor a form (a layer, a page): the fields are not looked at.
+        // Neither JSON nor a form (a layer, a page): the fields are not looked at. (A form's
+        // first `=` ends its first field's name.)
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         let json = matches!(first, Some(b'{' | b'['));
-        if !json && !bytes[..bytes.len().min(256)].contains(&b'=') {
+        if !json && !bytes[..bytes.len().min(64)].contains(&b'=') {
             return;
         }
         let content_type = match headers.get("content-type") {

@@ -73,6 +73,8 @@ pub struct Progress {
 }
 
 impl Upload {
+    /// Out of line: most requests have no body.
+    #[inline(never)]
     fn poll_watched(
         &mut self,
         cx: &mut Context<'_>,
@@ -470,27 +472,30 @@ impl Proxy {
             }
         };
         parts.version = http::Version::HTTP_11;
-        let progress = (!body.is_end_stream()).then(Arc::<Progress>::default);
+        // A body goes watched ([`Upload`]); made in place, since a body moved is copied.
+        let mut progress = None;
+        let mut watched = |body| {
+            let watching = Arc::<Progress>::default();
+            progress = Some(watching.clone());
+            ProxyBody::Upload(Box::new(Upload {
+                body,
+                progress: watching,
+            }))
+        };
         let body = match &pending {
             // Nothing to measure: done with its head (and a clock read the fewer).
             Some(p) if body.is_end_stream() => {
                 p.request_bodiless();
                 ProxyBody::Plain(body)
             }
-            Some(p) => ProxyBody::Tapped(TapBody::spooling(
+            Some(p) => watched(ProxyBody::Tapped(TapBody::spooling(
                 body,
                 p.request_keep(),
                 self.capture.spool().filter(|_| p.request_keep() > 0),
                 p.request_tap(),
-            )),
-            None => ProxyBody::Plain(body),
-        };
-        let body = match &progress {
-            Some(progress) => ProxyBody::Upload(Box::new(Upload {
-                body,
-                progress: progress.clone(),
-            })),
-            None => body,
+            ))),
+            None if body.is_end_stream() => ProxyBody::Plain(body),
+            None => watched(ProxyBody::Plain(body)),
         };
         let deadline = upstream::Deadline {
             timeout: self.config.upstream_timeout,
@@ -511,7 +516,8 @@ impl Proxy {
             None => {
                 let upstream = Request::from_parts(parts, body);
                 let timer = std::pin::pin!(tokio::time::sleep_until(deadline.first()));
-                upstream::within(self.client.request(upstream), timer, &deadline)
+                let work = std::pin::pin!(self.client.request(upstream));
+                upstream::within(work, timer, &deadline)
                     .await
                     .map(|r| r.map(Answer::Pooled).map_err(SendError::Pooled))
             }

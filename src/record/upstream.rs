@@ -178,7 +178,10 @@ impl Deadline<'_> {
     }
 
     /// The next instant to look again, at a look that found the body at `seen` bytes (then
-    /// moved on to where it is); `None` when the time is up.
+    /// moved on to where it is); `None` when the time is up. Out of line: the request path
+    /// runs it only when a request outlives the timeout.
+    #[cold]
+    #[inline(never)]
     fn next(&self, seen: &mut u64) -> Option<Instant> {
         let progress = self.progress?;
         if let Some(ended) = progress.ended.get() {
@@ -194,6 +197,7 @@ impl Deadline<'_> {
     }
 
     /// Why the time was up, for the client and the tape.
+    #[cold]
     pub fn missed(&self) -> String {
         let ended = !matches!(self.progress, Some(p) if p.ended.get().is_none());
         if ended {
@@ -208,13 +212,13 @@ impl Deadline<'_> {
 }
 
 /// `work`'s output, unless `deadline` passes first (`None`); `timer` is pushed on as the
-/// deadline allows.
+/// deadline allows. `work` is lent pinned where it was made: a future moved in by value is
+/// copied, and the request's are large.
 pub async fn within<F: std::future::Future>(
-    work: F,
+    mut work: Pin<&mut F>,
     mut timer: Pin<&mut Sleep>,
     deadline: &Deadline<'_>,
 ) -> Option<F::Output> {
-    let mut work = std::pin::pin!(work);
     let mut seen = 0;
     loop {
         tokio::select! {
@@ -247,7 +251,7 @@ pub async fn send(
         }
         None => Box::pin(tokio::time::sleep_until(deadline.first())),
     };
-    let work = exchange(conn, upstream, parts, body, outgoing, dedicated);
+    let work = std::pin::pin!(exchange(conn, upstream, parts, body, outgoing, dedicated));
     let sent = within(work, timer.as_mut(), deadline).await;
     dedicated.put(Held {
         conn: None,
