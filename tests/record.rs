@@ -1005,6 +1005,20 @@ async fn a_client_gone_mid_upload_is_recorded_as_cut_short_and_the_proxy_goes_on
     assert_eq!(failure.kind, FailureKind::ClientGone, "{failure:?}");
 }
 
+/// Sends `child` SIGTERM, as a pod's stop does, and waits for it to exit.
+async fn terminate(mut child: tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the recorder exits after draining")
+        .unwrap()
+}
+
 /// `loadtape record` run as a user runs it, in front of `upstream`, into `out`, with `args`:
 /// the process, its proxy's port and its admin endpoint's (when asked for).
 async fn spawn_recorder(
@@ -1057,7 +1071,7 @@ async fn sigterm_lets_the_exchange_in_flight_finish_closes_the_tape_and_exits_0(
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tapes");
-    let (mut child, port, admin) =
+    let (child, port, admin) =
         spawn_recorder(up.addr, &out, &["--admin-listen", "127.0.0.1:0"]).await;
     let admin = admin.expect("the banner names the admin endpoint");
     let url = format!("http://127.0.0.1:{port}/slow/1500");
@@ -1072,22 +1086,13 @@ async fn sigterm_lets_the_exchange_in_flight_finish_closes_the_tape_and_exits_0(
         assert!(tokio::time::Instant::now() < deadline, "{metrics}");
         tokio::task::yield_now().await;
     }
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    let exited = tokio::spawn(terminate(child));
     assert_eq!(
         slow.await.unwrap(),
         "slow\n 200",
         "the exchange in flight finished"
     );
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("the recorder exits after draining")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(exited.await.unwrap().code(), Some(0));
     let (records, stats) = read_one(&out).unwrap();
     assert!(stats.files[0].closed, "the tape was closed with its index");
     let ex = exchanges_in(&records);
@@ -1142,6 +1147,55 @@ async fn kill_9_under_load_leaves_a_tape_that_reads_back_without_damage() {
         assert_eq!(e.response.as_ref().unwrap().status, 200);
     }
     drop(load);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_each_way_goes_through_in_bounded_memory() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tapes");
+    let (child, port, _) = spawn_recorder(up.addr, &out, &[]).await;
+    const GIB: u64 = 1 << 30;
+    // A layer pushed (streamed from a pipe, chunked) and pulled, through the recorder.
+    require("curl", "curl");
+    let pushed = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {GIB} /dev/zero | curl --silent --show-error -T - http://127.0.0.1:{port}/sink"
+        ))
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&pushed.stdout);
+    assert_eq!(said, format!(r#"{{"len": {GIB}}}"#), "{pushed:?}");
+    let pulled = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &format!("http://127.0.0.1:{port}/bytes/{GIB}"),
+    ])
+    .await;
+    assert_eq!(pulled, GIB.to_string());
+    // The recorder's peak resident memory: a body held whole would be a gibibyte.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id().unwrap())).unwrap();
+    let peak_kib: u64 = (status.lines())
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 256 << 10, "peak resident memory {peak_kib} KiB");
+    terminate(child).await;
+    let (records, _) = read_one(&out).unwrap();
+    let lens: Vec<u64> = exchanges_in(&records)
+        .iter()
+        .map(|e| {
+            e.request
+                .body
+                .len
+                .max(e.response.as_ref().unwrap().body.len)
+        })
+        .collect();
+    assert_eq!(lens, [GIB, GIB], "both recorded with their lengths");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

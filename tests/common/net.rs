@@ -36,7 +36,8 @@ pub const PRESIGNED: &str = "https://s3.example.com/quay/sha256/ab?X-Amz-Algorit
 
 /// The in-process upstream:
 /// `/json`, `/echo` (answers with what it received: headers, trailers, body length and sha256),
-/// `/v2/auth` (a token), `/robot` (a JSON body with a token), `/presigned` (a 307 to
+/// `/v2/auth` (a token), `/sink` (takes a body of any size, answers its length), `/robot` (a
+/// JSON body with a token), `/presigned` (a 307 to
 /// [`PRESIGNED`]), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
 /// protocol switch, then an echo).
 pub struct Upstream {
@@ -96,6 +97,15 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
             "application/json",
             format!(r#"{{"token": "{TOKEN}"}}"#),
         ),
+        // An upload taken and forgotten piece by piece (`/echo` collects it whole).
+        "sink" => {
+            let mut body = req.into_body();
+            let mut len = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                len += frame.data_ref().map_or(0, |d| d.len());
+            }
+            reply(200, "application/json", format!(r#"{{"len": {len}}}"#))
+        }
         // Quay creating a robot account: its token, in JSON.
         "robot" => reply(
             201,
