@@ -1020,12 +1020,18 @@ async fn terminate(mut child: tokio::process::Child) -> std::process::ExitStatus
 }
 
 /// `loadtape record` run as a user runs it, in front of `upstream`, into `out`, with `args`:
-/// the process, its proxy's port and its admin endpoint's (when asked for).
+/// the process, its proxy's port, its admin endpoint's (when asked for), and what it logs
+/// after its banner.
 async fn spawn_recorder(
     upstream: std::net::SocketAddr,
     out: &std::path::Path,
     args: &[&str],
-) -> (tokio::process::Child, u16, Option<std::net::SocketAddr>) {
+) -> (
+    tokio::process::Child,
+    u16,
+    Option<std::net::SocketAddr>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
     // Any free port; the start banner says which (a port picked by the test could be taken
     // by another test's server before the recorder binds it).
     let mut child = tokio::process::Command::new(common::loadtape_bin())
@@ -1052,7 +1058,13 @@ async fn spawn_recorder(
     .await
     .expect("loadtape record did not start");
     // Whatever else it logs goes on being read, so that it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let logged = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            logged.lock().unwrap().push(line);
+        }
+    });
     let addresses = banner
         .trim_start_matches("(listening on ")
         .trim_end_matches(')');
@@ -1063,7 +1075,7 @@ async fn spawn_recorder(
     let port = (listening.parse::<std::net::SocketAddr>())
         .unwrap_or_else(|_| panic!("no address in {banner:?}"))
         .port();
-    (child, port, admin)
+    (child, port, admin, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1071,7 +1083,7 @@ async fn sigterm_lets_the_exchange_in_flight_finish_closes_the_tape_and_exits_0(
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tapes");
-    let (child, port, admin) =
+    let (child, port, admin, _) =
         spawn_recorder(up.addr, &out, &["--admin-listen", "127.0.0.1:0"]).await;
     let admin = admin.expect("the banner names the admin endpoint");
     let url = format!("http://127.0.0.1:{port}/slow/1500");
@@ -1101,11 +1113,37 @@ async fn sigterm_lets_the_exchange_in_flight_finish_closes_the_tape_and_exits_0(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_realm_clients_reach_around_the_recorder_is_warned_of_once() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tapes");
+    let (child, port, _, log) = spawn_recorder(up.addr, &out, &[]).await;
+    // The upstream's realm is at its public name, as Quay's is (SERVER_HOSTNAME): a client
+    // that came by that name is fine, one that came by another is not.
+    let ping = format!("http://127.0.0.1:{port}/v2/");
+    for host in [&["-H", "Host: quay.public.example"][..], &[]] {
+        let status =
+            curl(&[host, &["-o", "/dev/null", "-w", "%{http_code}", &ping]].concat()).await;
+        assert_eq!(status, "401");
+    }
+    curl(&["-o", "/dev/null", &ping]).await;
+    terminate(child).await;
+    let log = log.lock().unwrap();
+    let warned: Vec<_> = log.iter().filter(|l| l.contains("token realm")).collect();
+    assert_eq!(warned.len(), 1, "{log:?}");
+    assert!(
+        warned[0].contains(&format!("not at 127.0.0.1:{port}")),
+        "the client that came by another name: {}",
+        warned[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_leaves_a_tape_that_reads_back_without_damage() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tapes");
-    let (mut child, port, _) = spawn_recorder(up.addr, &out, &[]).await;
+    let (mut child, port, _, _) = spawn_recorder(up.addr, &out, &[]).await;
     // Four clients, 2,000 requests of 5 ms each, still going when the recorder dies.
     let url = format!("http://127.0.0.1:{port}/slow/5?n=[1-2000]");
     let load: Vec<_> = (0..4)
@@ -1154,7 +1192,7 @@ async fn a_gibibyte_each_way_goes_through_in_bounded_memory() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tapes");
-    let (child, port, _) = spawn_recorder(up.addr, &out, &[]).await;
+    let (child, port, _, _) = spawn_recorder(up.addr, &out, &[]).await;
     const GIB: u64 = 1 << 30;
     // A layer pushed (streamed from a pipe, chunked) and pulled, through the recorder.
     require("curl", "curl");
@@ -1203,7 +1241,7 @@ async fn after_kill_9_the_tape_reads_back_to_its_last_flushed_frame() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tapes");
-    let (mut child, port, _) = spawn_recorder(up.addr, &out, &[]).await;
+    let (mut child, port, _, _) = spawn_recorder(up.addr, &out, &[]).await;
     // 50 requests on one connection.
     let urls: Vec<String> = (0..50)
         .map(|i| format!("http://127.0.0.1:{port}/status/{}", 200 + i % 5))

@@ -715,7 +715,7 @@ impl Pending {
                 // After its blobs, which the spool writes as they come: redacted here.
                 let mut exchange = *record.exchange.take().expect("made above");
                 record.raw.redact_into(&mut exchange, &capture.redactor);
-                scrub_bodies(&mut exchange, &capture.redactor);
+                finish_exchange(&mut exchange, &capture.redactor);
                 // If the spool is swamped, with its prefixes instead.
                 if let Err(exchange) = spool.exchange(exchange, ids, &capture.sink) {
                     capture.sink.offer(Record::Exchange(exchange));
@@ -1106,7 +1106,7 @@ impl Unfinished for Unredacted {
             .expect("an unfinished record has its exchange");
         let redactor = &Self::finishing(with).redactor;
         self.raw.redact_into(&mut exchange, redactor);
-        scrub_bodies(&mut exchange, redactor);
+        finish_exchange(&mut exchange, redactor);
         Record::Exchange(exchange)
     }
 
@@ -1126,7 +1126,7 @@ impl Unfinished for Unredacted {
         for (copy, headers) in self.raw.with_headers(&mut exchange) {
             *headers = copy.lend(redactor);
         }
-        scrub_bodies(&mut exchange, redactor);
+        finish_exchange(&mut exchange, redactor);
         let record = Record::Exchange(exchange);
         write(&record);
         let Record::Exchange(mut exchange) = record else {
@@ -1149,14 +1149,61 @@ impl Unfinished for Unredacted {
     }
 }
 
-/// The credentials in what an exchange keeps of its bodies overwritten
-/// ([`Redactor::scrub_stored`]), once its heads are redacted: on the tape writer's thread.
-fn scrub_bodies(exchange: &mut Exchange, redactor: &Redactor) {
+/// What is left to do with an exchange once its heads are redacted, on the tape writer's
+/// thread: the credentials in what it keeps of its bodies overwritten
+/// ([`Redactor::scrub_stored`]), and a token realm that bypasses the recorder told.
+fn finish_exchange(exchange: &mut Exchange, redactor: &Redactor) {
     let request = &mut exchange.request;
     redactor.scrub_stored(&request.headers, &mut request.body);
     if let Ok(response) = exchange.response.as_mut() {
         redactor.scrub_stored(&response.headers, &mut response.body);
+        if response.status == 401 {
+            check_realm(&exchange.request.authority, &response.headers);
+        }
     }
+}
+
+/// Warns, once, when a registry's 401 sends clients for their tokens to a host other than the
+/// one they reached the recorder by: Quay builds its realm from its `SERVER_HOSTNAME`, so
+/// unless the recorder has taken over that name (or the client's `Host` reaches Quay), clients
+/// fetch their tokens around it, and the tape holds no issued token for a replay to match.
+fn check_realm(authority: &str, headers: &Headers) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let challenge = headers.get_str("www-authenticate").unwrap_or_default();
+    let bearer = challenge.get(..6);
+    if !bearer.is_some_and(|b| b.eq_ignore_ascii_case("bearer")) {
+        return;
+    }
+    let Some(host) = realm_host(challenge) else {
+        return;
+    };
+    if authority.is_empty() || bare_host(host).eq_ignore_ascii_case(bare_host(authority)) {
+        return;
+    }
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "the upstream's token realm is at {host}, not at {authority} where clients reach the recorder: their token requests go around it, so the tape has no issued tokens for a replay to match (put the recorder at the registry's public name: README, \"Take over Quay's public name\")"
+        );
+    }
+}
+
+/// A `host[:port]`'s host (the realm's port is the registry's public one, the client's may
+/// be another: what matters is the name).
+fn bare_host(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// The host of a `Bearer realm="https://host[:port]/path"` challenge.
+fn realm_host(challenge: &str) -> Option<&str> {
+    let at = challenge.find("realm=\"")? + "realm=\"".len();
+    let url = &challenge[at..];
+    let url = &url[..url.find('"')?];
+    let (_, rest) = url.split_once("://")?;
+    let host = &rest[..rest.find('/').unwrap_or(rest.len())];
+    (!host.is_empty()).then_some(host)
 }
 
 /// A body's record from what its tap saw; the buffer of a prefix not kept goes back to
@@ -1613,6 +1660,16 @@ mod tests {
     }
 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn a_bearer_challenge_names_its_realm_host() {
+        let quay = r#"Bearer realm="https://quay.example.com/v2/auth",service="quay.example.com",scope="repository:a/b:pull""#;
+        assert_eq!(realm_host(quay), Some("quay.example.com"));
+        let port = r#"Bearer realm="http://127.0.0.1:5000/token""#;
+        assert_eq!(realm_host(port), Some("127.0.0.1:5000"));
+        assert_eq!(realm_host(r#"Basic realm="registry""#), None);
+        assert_eq!(realm_host("Bearer"), None);
+    }
+
     #[test]
     fn prefetchw_is_used_where_the_kernel_says_the_processor_has_it() {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();

@@ -36,7 +36,7 @@ pub const PRESIGNED: &str = "https://s3.example.com/quay/sha256/ab?X-Amz-Algorit
 
 /// The in-process upstream:
 /// `/json`, `/echo` (answers with what it received: headers, trailers, body length and sha256),
-/// `/v2/auth` (a token), `/sink` (takes a body of any size, answers its length), `/robot` (a
+/// `/v2/` (a 401 whose token realm is at `quay.public.example`), `/v2/auth` (a token), `/sink` (takes a body of any size, answers its length), `/robot` (a
 /// JSON body with a token), `/presigned` (a 307 to
 /// [`PRESIGNED`]), `/status/N`, `/slow/MS`, `/bytes/N` (N bytes, streamed), `/ws` (a
 /// protocol switch, then an echo).
@@ -91,6 +91,17 @@ async fn route(mut req: http::Request<Incoming>) -> Result<Reply, Infallible> {
                 .header("connection", "upgrade")
                 .body(Full::new(Bytes::new()).boxed())
                 .unwrap()
+        }
+        // A registry's ping: a challenge naming its token realm at its public name.
+        "v2" if arg.is_empty() => {
+            let mut r = reply(401, "application/json", r#"{"errors": []}"#);
+            r.headers_mut().insert(
+                "www-authenticate",
+                http::HeaderValue::from_static(
+                    r#"Bearer realm="https://quay.public.example/v2/auth",service="quay.public.example""#,
+                ),
+            );
+            r
         }
         "v2" if arg == "auth" => reply(
             200,
