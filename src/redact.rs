@@ -449,16 +449,35 @@ impl Redactor {
             return;
         };
         // Neither JSON nor a form (a layer, a page): the fields are not looked at. (A form's
-        // first `=` ends its first field's name.)
+        // first `=` ends its first field's name.) A body starting with a byte no text starts
+        // with may be text compressed (`Content-Encoding: gzip`), which cannot be scrubbed
+        // where it lies.
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         let json = matches!(first, Some(b'{' | b'['));
-        if !json && !bytes[..bytes.len().min(64)].contains(&b'=') {
+        let binary = first.is_some_and(|b| !(0x20..0x7f).contains(b));
+        if !json && !binary && !bytes[..bytes.len().min(64)].contains(&b'=') {
             return;
         }
-        let content_type = match headers.get("content-type") {
+        let text = |name| match headers.get(name) {
             Some(crate::tape::HeaderValue::Plain(t)) => Some(t),
             _ => None,
         };
+        let content_type = text("content-type");
+        if binary {
+            // JSON or a form sent compressed: not kept at all (a layer, compressed by its
+            // format and not by its transfer, is).
+            let encoded =
+                text("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+            let readable = |what: &[u8]| match content_type {
+                Some(t) => t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)),
+                None => true,
+            };
+            if encoded && (readable(b"json") || readable(b"x-www-form-urlencoded")) {
+                body.stored = crate::tape::Stored::None;
+                body.sha256 = None;
+            }
+            return;
+        }
         if self.scrub_body(content_type, bytes) {
             body.sha256 = None;
         }
@@ -856,6 +875,34 @@ mod tests {
         // A manifest has nothing to take.
         let manifest = r#"{"schemaVersion":2,"config":{"digest":"sha256:cc","size":7},"layers":[{"digest":"sha256:dd","size":9,"urls":["https://x/y?a=b"]}]}"#;
         assert_eq!(scrub(json, manifest), (false, manifest.to_string()));
+    }
+
+    #[test]
+    fn json_sent_compressed_is_not_kept_but_a_compressed_layer_is() {
+        let r = Redactor::default();
+        let gzip = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03compressed".to_vec();
+        let body = || crate::tape::Body {
+            len: gzip.len() as u64,
+            sha256: None,
+            stored: crate::tape::Stored::Prefix(gzip.clone()),
+            complete: true,
+        };
+        let mut json = Headers::new();
+        r.push_header(&mut json, "Content-Type", b"application/json");
+        r.push_header(&mut json, "Content-Encoding", b"gzip");
+        let mut compressed_json = body();
+        r.scrub_stored(&json, &mut compressed_json);
+        assert_eq!(compressed_json.stored, crate::tape::Stored::None);
+        assert_eq!(compressed_json.len, gzip.len() as u64);
+        let mut layer = Headers::new();
+        r.push_header(
+            &mut layer,
+            "Content-Type",
+            b"application/vnd.oci.image.layer.v1.tar+gzip",
+        );
+        let mut pulled = body();
+        r.scrub_stored(&layer, &mut pulled);
+        assert_eq!(pulled, body());
     }
 
     #[test]
