@@ -77,6 +77,11 @@ pub const SECRET_JSON_KEYS: &[&str] = &[
     "proxy-authorization",
     "x-registry-auth",
     "cookie",
+    // A Docker config's registry credentials; Quay's application token.
+    "auth",
+    "identitytoken",
+    "registrytoken",
+    "token_code",
 ];
 
 /// Paths whose response bodies issue credentials; those bodies are never stored.
@@ -394,13 +399,13 @@ impl Redactor {
         };
         out.push_str(&target[..start]);
         let mut rest = &target[start..];
+        // Each `?` or `#` starts pairs: a single-page app's route puts its query after the
+        // fragment (`#/callback?code=`), and a second `?` is only a character to a server but
+        // may start a query to whoever reads the URL next.
         while let Some(separator) = rest.chars().next() {
             out.push(separator);
             let after = &rest[1..];
-            let end = match separator {
-                '?' => after.find('#').unwrap_or(after.len()),
-                _ => after.len(),
-            };
+            let end = after.find(['?', '#']).unwrap_or(after.len());
             self.pairs_into(&after[..end], out);
             rest = &after[end..];
         }
@@ -419,6 +424,10 @@ impl Redactor {
                             .iter()
                             .any(|s| s.eq_ignore_ascii_case(name)) =>
                 {
+                    // A URL holds no `>`, space or quote unescaped: past one (a `Link`
+                    // field's `>; rel="next"`) the value has ended.
+                    let end = value.find(['>', ' ', '"']).unwrap_or(value.len());
+                    let (value, after) = value.split_at(end);
                     out.push_str(name);
                     out.push('=');
                     out.push_str(&format!(
@@ -426,6 +435,7 @@ impl Redactor {
                         self.fingerprint(value.as_bytes()),
                         value.len()
                     ));
+                    out.push_str(after);
                 }
                 _ => out.push_str(pair),
             }
@@ -448,37 +458,35 @@ impl Redactor {
         let crate::tape::Stored::Prefix(bytes) = &mut body.stored else {
             return;
         };
-        // Neither JSON nor a form (a layer, a page): the fields are not looked at. (A form's
-        // first `=` ends its first field's name.) A body starting with a byte no text starts
-        // with may be text compressed (`Content-Encoding: gzip`), which cannot be scrubbed
-        // where it lies.
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-        let json = matches!(first, Some(b'{' | b'['));
-        let binary = first.is_some_and(|b| !(0x20..0x7f).contains(b));
-        if !json && !binary && !bytes[..bytes.len().min(64)].contains(&b'=') {
-            return;
-        }
         let text = |name| match headers.get(name) {
             Some(crate::tape::HeaderValue::Plain(t)) => Some(t),
             _ => None,
         };
-        let content_type = text("content-type");
-        if binary {
-            // JSON or a form sent compressed: not kept at all (a layer, compressed by its
-            // format and not by its transfer, is).
-            let encoded =
-                text("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        // JSON or a form sent compressed (`Content-Encoding: gzip`, `deflate`, `br`...) cannot
+        // be scrubbed where it lies: it is not kept at all. (A layer, compressed by its format
+        // and not by its transfer, is.)
+        let encoded = text("content-encoding");
+        if encoded.is_some_and(|e| !e.eq_ignore_ascii_case(b"identity")) {
+            let content_type = text("content-type");
             let readable = |what: &[u8]| match content_type {
                 Some(t) => t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)),
                 None => true,
             };
-            if encoded && (readable(b"json") || readable(b"x-www-form-urlencoded")) {
+            if readable(b"json") || readable(b"x-www-form-urlencoded") {
                 body.stored = crate::tape::Stored::None;
                 body.sha256 = None;
             }
             return;
         }
-        if self.scrub_body(content_type, bytes) {
+        // Neither JSON nor a form (a layer, a page): the content type is not looked at. (A
+        // form's first `=` ends its first field's name.)
+        let text_start = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+        let first = text_start.iter().find(|b| !b.is_ascii_whitespace());
+        let json = matches!(first, Some(b'{' | b'['));
+        if !json && !bytes[..bytes.len().min(64)].contains(&b'=') {
+            return;
+        }
+        if self.scrub_body(text("content-type"), bytes) {
             body.sha256 = None;
         }
     }
@@ -495,7 +503,8 @@ impl Redactor {
         } else if has(b"x-www-form-urlencoded") {
             self.scrub_pairs(body, true)
         } else if content_type.is_none() {
-            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            let text_start = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+            let first = text_start.iter().find(|b| !b.is_ascii_whitespace());
             matches!(first, Some(b'{' | b'[')) && self.scrub_json(body)
         } else {
             false
@@ -509,7 +518,8 @@ impl Redactor {
         let mut depth = 0usize;
         // The next value is a secret: its key is one.
         let mut secret_value = false;
-        // Inside an array that is a secret's value, opened at this depth.
+        // Inside an array or object that is a secret's value, opened at this depth: every
+        // string and number in it is overwritten, names included.
         let mut secret_array = None;
         while i < b.len() {
             match b[i] {
@@ -535,9 +545,9 @@ impl Redactor {
                     }
                     i = end + 1;
                 }
-                open @ (b'[' | b'{') => {
+                b'[' | b'{' => {
                     depth += 1;
-                    if open == b'[' && secret_value && secret_array.is_none() {
+                    if secret_value && secret_array.is_none() {
                         secret_array = Some(depth);
                     }
                     secret_value = false;
@@ -551,10 +561,17 @@ impl Redactor {
                     i += 1;
                 }
                 b':' | b',' | b' ' | b'\t' | b'\n' | b'\r' => i += 1,
-                // A number, true, false or null.
+                // A number (overwritten under a secret's name: a PIN, a numeric password),
+                // true, false or null.
                 _ => {
+                    let start = i;
+                    while i < b.len() && !b"\",:]} \t\n\r".contains(&b[i]) {
+                        i += 1;
+                    }
+                    if secret_value || secret_array.is_some() {
+                        changed |= overwrite_number(&mut b[start..i]);
+                    }
                     secret_value = false;
-                    i += 1;
                 }
             }
         }
@@ -562,8 +579,8 @@ impl Redactor {
     }
 
     /// The `name=value` pairs of a query, fragment or form (from the start when `form`, else
-    /// after the first `?`), secret values overwritten. A pair ends at `&`, `#`, or `\u0026`
-    /// (Go's JSON writes `&` so).
+    /// after the first `?`), secret values overwritten. A URL's pair ends at `&`, `#`, `?` or
+    /// `\u0026` (Go's JSON writes `&` so).
     fn scrub_pairs(&self, s: &mut [u8], form: bool) -> bool {
         let mut i = if form {
             0
@@ -575,9 +592,16 @@ impl Redactor {
         };
         let mut changed = false;
         while i < s.len() {
-            let end = (i..s.len())
-                .find(|&j| matches!(s[j], b'&' | b'#' | b'"') || s[j..].starts_with(b"\\u0026"))
-                .unwrap_or(s.len());
+            // A form's pairs end at `&` only; a URL's also where a fragment or another query
+            // starts, or at what a URL holds only escaped (a quote is a JSON escape's: the
+            // whole escape goes with the value).
+            let ends = |j: usize| match s[j] {
+                b'&' => true,
+                _ if form => false,
+                b'#' | b'?' | b'>' | b' ' => true,
+                _ => s[j..].starts_with(b"\\u0026"),
+            };
+            let end = (i..s.len()).find(|&j| ends(j)).unwrap_or(s.len());
             if let Some(eq) = s[i..end].iter().position(|&b| b == b'=') {
                 let (name, value) = (i..i + eq, i + eq + 1..end);
                 let secret = (SECRET_QUERY_PARAMS.iter())
@@ -587,7 +611,7 @@ impl Redactor {
                     changed = true;
                 }
             }
-            // The next pair: past `&` or `#`, or past an escaped `&` (`\u0026`).
+            // The next pair: past its separator, or past an escaped `&` (`\u0026`).
             i = match s.get(end) {
                 Some(b'\\') => end + 6,
                 _ => end + 1,
@@ -604,6 +628,26 @@ impl Redactor {
             secret[..marker.len()].copy_from_slice(marker.as_bytes());
         }
     }
+}
+
+/// A JSON number's digits overwritten, keeping it a number of its length (`1000`): whether it
+/// was one.
+fn overwrite_number(token: &mut [u8]) -> bool {
+    if !token
+        .first()
+        .is_some_and(|b| *b == b'-' || b.is_ascii_digit())
+    {
+        return false;
+    }
+    let mut first = true;
+    for b in token.iter_mut().filter(|b| b.is_ascii_digit()) {
+        *b = if std::mem::take(&mut first) {
+            b'1'
+        } else {
+            b'0'
+        };
+    }
+    true
 }
 
 /// Where the JSON string whose text starts at `start` ends (its closing quote, or the end of
@@ -875,6 +919,69 @@ mod tests {
         // A manifest has nothing to take.
         let manifest = r#"{"schemaVersion":2,"config":{"digest":"sha256:cc","size":7},"layers":[{"digest":"sha256:dd","size":9,"urls":["https://x/y?a=b"]}]}"#;
         assert_eq!(scrub(json, manifest), (false, manifest.to_string()));
+    }
+
+    #[test]
+    fn secrets_in_the_shapes_a_first_scrubber_missed_are_found() {
+        let r = Redactor::default();
+        let json = |text: &str| {
+            let mut bytes = text.as_bytes().to_vec();
+            r.scrub_body(Some(b"application/json"), &mut bytes);
+            let out = String::from_utf8(bytes).unwrap();
+            assert_eq!(out.len(), text.len());
+            out
+        };
+        // A secret's value an object or a number; Quay's application token; a Docker config.
+        let out = json(r#"{"token": {"token_code": "abcdefgh"}, "password": 123456, "n": 7}"#);
+        assert!(
+            !out.contains("abcdefgh") && !out.contains("123456"),
+            "{out}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (v["password"].as_i64(), v["n"].as_i64()),
+            (Some(100000), Some(7))
+        );
+        let out = json(r#"{"auths": {"quay.io": {"auth": "dXNlcjpwYXNz"}}}"#);
+        assert!(!out.contains("dXNlcjpwYXNz"), "{out}");
+        // An escaped quote inside a URL's secret value goes with it; the JSON stays JSON.
+        let out = json(r#"{"u": "https://s/x?sig=ab\"cd&z=1"}"#);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(v["u"].as_str().unwrap().ends_with("&z=1"), "{out}");
+        assert!(!out.contains("ab\\\"cd"), "{out}");
+        // A byte-order mark before JSON with no content type.
+        let mut bom = b"\xef\xbb\xbf{\"token\": \"t0k3n\"}".to_vec();
+        assert!(r.scrub_body(None, &mut bom));
+        // A form's value runs to its `&`, whatever it holds.
+        let mut form = b"password=p#ss?\"x&user=u".to_vec();
+        r.scrub_body(Some(b"application/x-www-form-urlencoded"), &mut form);
+        assert_eq!(form, b"password=*******&user=u");
+        // URLs: a route's query after the fragment, a second `?`, two URLs in a `Link`.
+        let t = r.target("https://app/#/callback?code=abc123&state=s");
+        assert!(!t.contains("abc123") && t.ends_with("&state=s"), "{t}");
+        let t = r.target("/a?x=1?token=zz9");
+        assert!(!t.contains("zz9"), "{t}");
+        let mut h = Headers::new();
+        let link = r#"<https://a/x?n=1>; rel="a", <https://b/y?token=s3cr3t>; rel="b""#;
+        r.push_raw_header(&mut h, b"Link", link.as_bytes());
+        let Some(HeaderValue::Plain(kept)) = h.get("link") else {
+            panic!("{h:?}");
+        };
+        let kept = std::str::from_utf8(kept).unwrap();
+        assert!(
+            kept.starts_with(
+                r#"<https://a/x?n=1>; rel="a", <https://b/y?token=loadtape-redacted-"#
+            ),
+            "{kept}"
+        );
+        assert!(kept.ends_with(r#"-6>; rel="b""#), "{kept}");
+        // Compressed without a telling first byte (deflate's `x`): not kept either.
+        let mut headers = Headers::new();
+        r.push_header(&mut headers, "Content-Type", b"application/json");
+        r.push_header(&mut headers, "Content-Encoding", b"deflate");
+        let mut body = crate::tape::Body::inline(b"x\x9c\xabV*\xc9\xcfN\xcdS".to_vec());
+        r.scrub_stored(&headers, &mut body);
+        assert_eq!(body.stored, crate::tape::Stored::None);
     }
 
     #[test]

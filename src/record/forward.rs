@@ -79,12 +79,14 @@ impl Upload {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let polled = self.body.poll_uncounted(cx);
         let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let n = frame.data_ref().map_or(0, Bytes::len);
                 self.progress.sent.fetch_add(n as u64, Ordering::Relaxed);
-                self.body.is_end_stream()
+                // The end is not always polled for: a client of a body of known length stops
+                // at its last byte.
+                self.body.is_end_stream() || self.body.size_hint().exact() == Some(0)
             }
             Poll::Ready(_) => true,
             Poll::Pending => false,
@@ -133,6 +135,29 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// The next frame, not counted in the body bytes (an [`Upload`]'s body is counted once,
+    /// as the request's).
+    fn poll_uncounted(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn boxed<E: Into<BoxError>>(
+            p: Poll<Option<Result<Frame<Bytes>, E>>>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            p.map(|f| f.map(|r| r.map_err(Into::into)))
+        }
+        match self {
+            ProxyBody::Tapped(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Plain(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::TappedDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::PlainDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
+            ProxyBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Upload(u) => u.poll_watched(cx),
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -141,20 +166,8 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        fn boxed<E: Into<BoxError>>(
-            p: Poll<Option<Result<Frame<Bytes>, E>>>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            p.map(|f| f.map(|r| r.map_err(Into::into)))
-        }
         let this = self.get_mut();
-        let polled = match this {
-            ProxyBody::Tapped(b) => boxed(Pin::new(b).poll_frame(cx)),
-            ProxyBody::Plain(b) => boxed(Pin::new(b).poll_frame(cx)),
-            ProxyBody::TappedDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
-            ProxyBody::PlainDirect(b) => boxed(Pin::new(b).poll_frame(cx)),
-            ProxyBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upload(u) => u.poll_watched(cx),
-        };
+        let polled = this.poll_uncounted(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 count_body_bytes(matches!(this, ProxyBody::Upload(_)), data.len());

@@ -161,12 +161,12 @@ impl TapeWriter {
         Ok(writer)
     }
 
-    /// The file being written.
     /// What it has written so far.
     pub fn summary(&self) -> &WriteSummary {
         &self.summary
     }
 
+    /// The file being written.
     pub fn current_path(&self) -> Option<&Path> {
         self.current.as_ref().map(|f| f.path.as_path())
     }
