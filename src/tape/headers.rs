@@ -495,11 +495,17 @@ impl Headers {
             .map(|e| (self.name(e.name), self.value(e.value)))
     }
 
-    /// The first value of `name` (case-insensitive).
+    /// The first value of `name` (case-insensitive). A well-known name is looked up once and
+    /// compared as its index (the tape writer asks each kept body's `content-encoding`); a
+    /// name stored as a literal (a tape written before the name was well-known) by its text.
     pub fn get(&self, name: &str) -> Option<HeaderValue<'_>> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        let known = well_known_index(name.as_bytes());
+        (self.entries.iter())
+            .find(|e| match e.name {
+                NameRef::Known(i) => known == Some(i),
+                literal => self.name(literal).eq_ignore_ascii_case(name),
+            })
+            .map(|e| self.value(e.value))
     }
 
     /// The first value of `name` as text, when it is plain UTF-8.
@@ -665,6 +671,26 @@ impl Serialize for Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_is_found_by_its_name_in_any_case_however_its_name_was_stored() {
+        let mut h = Headers::new();
+        h.push("X-Custom", "1");
+        h.push_token(b"Content-Type", b"application/json");
+        // As a tape from before a name was well-known stores it.
+        h.push_name(HeaderName::Literal("content-encoding"), b"gzip");
+        assert!(matches!(
+            h.get("content-type"),
+            Some(HeaderValue::Plain(b"application/json"))
+        ));
+        assert!(matches!(
+            h.get("CONTENT-ENCODING"),
+            Some(HeaderValue::Plain(b"gzip"))
+        ));
+        assert_eq!(h.get_str("x-custom"), Some("1"));
+        assert!(h.get("content-length").is_none());
+        assert!(h.get("x-other").is_none());
+    }
 
     #[test]
     fn every_known_name_and_only_those_is_found_at_its_index() {
