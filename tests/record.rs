@@ -343,11 +343,44 @@ async fn credentials_of_an_exchange_whose_body_is_spooled_never_reach_the_tape()
     ])
     .await;
     assert_eq!(got, "300000");
+    // JSON past the inline limit, a password deep in it: not spooled whole, since the writer
+    // can scrub only what a record keeps.
+    let json = format!(
+        r#"{{"pad": "{}", "password": "deep0json0password"}}"#,
+        "x".repeat(100_000)
+    );
+    let posted = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &json,
+        &format!("http://{}/sink", rec.addr),
+    ])
+    .await;
+    assert_eq!(posted, format!(r#"{{"len": {}}}"#, json.len()));
     rec.stop().await;
 
     let (records, _) = read_one(&out).unwrap();
     let everything = serde_json::to_string(&records).unwrap();
     assert!(!everything.contains(TOKEN), "the token reached the tape");
+    assert!(
+        !everything.contains("deep0json0password"),
+        "the password reached the tape"
+    );
+    let in_a_blob = records.iter().any(
+        |r| matches!(r, Record::Blob(b) if b.data.windows(18).any(|w| w == b"deep0json0password")),
+    );
+    assert!(!in_a_blob, "the password reached the tape in a blob");
+    let posted = exchanges_in(&records)
+        .into_iter()
+        .find(|e| e.request.target == "/sink")
+        .unwrap();
+    assert!(
+        matches!(posted.request.body.stored, Stored::Prefix(_)),
+        "{:?}",
+        posted.request.body
+    );
+    assert_eq!(posted.request.body.len as usize, json.len());
     let blob = records
         .iter()
         .position(|r| matches!(r, Record::Blob(_)))

@@ -415,6 +415,7 @@ impl Capture {
         } else {
             self.keep_for(fields.content_type(), false)
         };
+        let request_spooled = keep > 0 && self.spools(fields.content_type());
         self.sink.exchange_started(start);
         Arc::new(Pending {
             capture: self.clone(),
@@ -428,6 +429,7 @@ impl Capture {
                 ..Parts::default()
             }),
             request_keep: keep,
+            request_spooled,
             remaining: AtomicU8::new(2),
             upgraded: std::sync::atomic::AtomicBool::new(false),
         })
@@ -445,6 +447,17 @@ impl Capture {
             Fields::Map(_) => (redacted(&self.redactor, fields), None, 0),
             Fields::Raw(raw) => (Headers::new(), Some(last.of(raw)), raw.approx_size()),
         }
+    }
+
+    /// Whether a body of this content type goes whole to the spool (`--bodies full`): not JSON
+    /// or a form, whose credentials the writer overwrites only in the bytes a record keeps
+    /// (`Redactor::scrub_stored`); of those, the first 64 KiB are kept.
+    pub fn spools(&self, content_type: Option<&[u8]>) -> bool {
+        let has = |what: &[u8]| {
+            content_type
+                .is_some_and(|t| t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)))
+        };
+        self.spool.is_some() && !has(b"json") && !has(b"x-www-form-urlencoded")
     }
 
     /// How many bytes of a body with these headers to keep.
@@ -559,6 +572,8 @@ pub struct Pending {
     start: Nanos,
     token_endpoint: bool,
     request_keep: usize,
+    /// With `--bodies full`, the request's body beyond what is kept goes to the spool.
+    request_spooled: bool,
     parts: std::sync::Mutex<Parts>,
     /// Parts still to come: the request body, and the response (with its body).
     remaining: AtomicU8,
@@ -573,6 +588,10 @@ impl Pending {
 
     pub fn token_endpoint(&self) -> bool {
         self.token_endpoint
+    }
+
+    pub fn request_spooled(&self) -> bool {
+        self.request_spooled
     }
 
     /// The request has no body: it was whole with its head.

@@ -504,7 +504,7 @@ impl Proxy {
             Some(p) => watched(ProxyBody::Tapped(TapBody::spooling(
                 body,
                 p.request_keep(),
-                self.capture.spool().filter(|_| p.request_keep() > 0),
+                self.capture.spool().filter(|_| p.request_spooled()),
                 p.request_tap(),
             ))),
             None if body.is_end_stream() => ProxyBody::Plain(body),
@@ -634,7 +634,8 @@ impl Proxy {
         let keep = self
             .capture
             .keep_for(fields.content_type(), p.token_endpoint());
-        let spool = self.capture.spool().filter(|_| !p.token_endpoint());
+        let spooled = !p.token_endpoint() && self.capture.spools(fields.content_type());
+        let spool = self.capture.spool().filter(|_| spooled);
         Some((done, keep, spool))
     }
 
