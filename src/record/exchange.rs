@@ -451,13 +451,15 @@ impl Capture {
 
     /// Whether a body of this content type goes whole to the spool (`--bodies full`): not JSON
     /// or a form, whose credentials the writer overwrites only in the bytes a record keeps
-    /// (`Redactor::scrub_stored`); of those, the first 64 KiB are kept.
+    /// (`Redactor::scrub_stored`); of those, the first 64 KiB are kept. Image manifests and
+    /// indexes, JSON that never holds a credential, are spooled, so a push replays whole.
     pub fn spools(&self, content_type: Option<&[u8]>) -> bool {
         let has = |what: &[u8]| {
             content_type
                 .is_some_and(|t| t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)))
         };
-        self.spool.is_some() && !has(b"json") && !has(b"x-www-form-urlencoded")
+        let manifest = has(b"manifest") || has(b"image.index");
+        self.spool.is_some() && (manifest || !has(b"json")) && !has(b"x-www-form-urlencoded")
     }
 
     /// How many bytes of a body with these headers to keep.
