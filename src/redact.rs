@@ -467,12 +467,11 @@ impl Redactor {
         // and not by its transfer, is.)
         let encoded = text("content-encoding");
         if encoded.is_some_and(|e| !e.eq_ignore_ascii_case(b"identity")) {
-            let content_type = text("content-type");
-            let readable = |what: &[u8]| match content_type {
-                Some(t) => t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)),
+            let textual = match text("content-type") {
+                Some(t) => mentions(t, b"json") || mentions(t, b"x-www-form-urlencoded"),
                 None => true,
             };
-            if readable(b"json") || readable(b"x-www-form-urlencoded") {
+            if textual {
                 body.stored = crate::tape::Stored::None;
                 body.sha256 = None;
             }
@@ -480,10 +479,7 @@ impl Redactor {
         }
         // Neither JSON nor a form (a layer, a page): the content type is not looked at. (A
         // form's first `=` ends its first field's name.)
-        let text_start = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
-        let first = text_start.iter().find(|b| !b.is_ascii_whitespace());
-        let json = matches!(first, Some(b'{' | b'['));
-        if !json && !bytes[..bytes.len().min(64)].contains(&b'=') {
+        if !looks_like_json(bytes) && !bytes[..bytes.len().min(64)].contains(&b'=') {
             return;
         }
         if self.scrub_body(text("content-type"), bytes) {
@@ -494,20 +490,11 @@ impl Redactor {
     /// Overwrites the credentials in `body` (or its first bytes), of `content_type`: whether
     /// any were found.
     pub fn scrub_body(&self, content_type: Option<&[u8]>, body: &mut [u8]) -> bool {
-        let has = |what: &[u8]| {
-            content_type
-                .is_some_and(|t| t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)))
-        };
-        if has(b"json") {
-            self.scrub_json(body)
-        } else if has(b"x-www-form-urlencoded") {
-            self.scrub_pairs(body, true)
-        } else if content_type.is_none() {
-            let text_start = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
-            let first = text_start.iter().find(|b| !b.is_ascii_whitespace());
-            matches!(first, Some(b'{' | b'[')) && self.scrub_json(body)
-        } else {
-            false
+        match content_type {
+            Some(t) if mentions(t, b"json") => self.scrub_json(body),
+            Some(t) if mentions(t, b"x-www-form-urlencoded") => self.scrub_pairs(body, true),
+            Some(_) => false,
+            None => looks_like_json(body) && self.scrub_json(body),
         }
     }
 
@@ -520,7 +507,7 @@ impl Redactor {
         let mut secret_value = false;
         // Inside an array or object that is a secret's value, opened at this depth: every
         // string and number in it is overwritten, names included.
-        let mut secret_array = None;
+        let mut secret_within = None;
         while i < b.len() {
             match b[i] {
                 b'"' => {
@@ -530,12 +517,12 @@ impl Redactor {
                     while after < b.len() && b[after].is_ascii_whitespace() {
                         after += 1;
                     }
-                    let key = secret_array.is_none() && b.get(after) == Some(&b':');
+                    let key = secret_within.is_none() && b.get(after) == Some(&b':');
                     if key {
                         secret_value = (SECRET_JSON_KEYS.iter())
                             .any(|k| k.as_bytes().eq_ignore_ascii_case(&b[start..end]));
                     } else {
-                        if secret_value || secret_array.is_some() {
+                        if secret_value || secret_within.is_some() {
                             self.overwrite(&mut b[start..end]);
                             changed = true;
                         } else if b[start..end].contains(&b'?') {
@@ -547,15 +534,15 @@ impl Redactor {
                 }
                 b'[' | b'{' => {
                     depth += 1;
-                    if secret_value && secret_array.is_none() {
-                        secret_array = Some(depth);
+                    if secret_value && secret_within.is_none() {
+                        secret_within = Some(depth);
                     }
                     secret_value = false;
                     i += 1;
                 }
                 b']' | b'}' => {
-                    if secret_array == Some(depth) {
-                        secret_array = None;
+                    if secret_within == Some(depth) {
+                        secret_within = None;
                     }
                     depth = depth.saturating_sub(1);
                     i += 1;
@@ -568,7 +555,7 @@ impl Redactor {
                     while i < b.len() && !b"\",:]} \t\n\r".contains(&b[i]) {
                         i += 1;
                     }
-                    if secret_value || secret_array.is_some() {
+                    if secret_value || secret_within.is_some() {
                         changed |= overwrite_number(&mut b[start..i]);
                     }
                     secret_value = false;
@@ -648,6 +635,19 @@ fn overwrite_number(token: &mut [u8]) -> bool {
         };
     }
     true
+}
+
+/// Whether a content type (`application/vnd.oci.image.manifest.v1+json`) names `what`
+/// (`json`), in any case.
+pub fn mentions(content_type: &[u8], what: &[u8]) -> bool {
+    (content_type.windows(what.len())).any(|w| w.eq_ignore_ascii_case(what))
+}
+
+/// Whether a body starts as JSON does (after a byte-order mark and white space, if any).
+fn looks_like_json(body: &[u8]) -> bool {
+    let text = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+    let first = text.iter().find(|b| !b.is_ascii_whitespace());
+    matches!(first, Some(b'{' | b'['))
 }
 
 /// Where the JSON string whose text starts at `start` ends (its closing quote, or the end of

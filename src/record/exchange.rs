@@ -30,7 +30,7 @@ use super::fields::RawFields;
 use super::spool::Spool;
 use super::tap::{BodySummary, TapDone};
 use super::{BodyCapture, Clock, RecordConfig, WHOLE_JSON_LIMIT};
-use crate::redact::{is_token_endpoint, Redactor};
+use crate::redact::{is_token_endpoint, mentions, Redactor};
 use crate::tape::capture::{CaptureSink, Finisher, Unfinished};
 use crate::tape::{
     Body, CloseReason, ConnectionClosed, ConnectionOpened, Exchange, FailureKind, Headers,
@@ -454,10 +454,7 @@ impl Capture {
     /// (`Redactor::scrub_stored`); of those, the first 64 KiB are kept. Image manifests and
     /// indexes, JSON that never holds a credential, are spooled, so a push replays whole.
     pub fn spools(&self, content_type: Option<&[u8]>) -> bool {
-        let has = |what: &[u8]| {
-            content_type
-                .is_some_and(|t| t.windows(what.len()).any(|w| w.eq_ignore_ascii_case(what)))
-        };
+        let has = |what: &[u8]| content_type.is_some_and(|t| mentions(t, what));
         let manifest = has(b"manifest") || has(b"image.index");
         self.spool.is_some() && (manifest || !has(b"json")) && !has(b"x-www-form-urlencoded")
     }
@@ -1680,7 +1677,6 @@ mod tests {
         }
     }
 
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn a_bearer_challenge_names_its_realm_host() {
         let quay = r#"Bearer realm="https://quay.example.com/v2/auth",service="quay.example.com",scope="repository:a/b:pull""#;
@@ -1691,6 +1687,7 @@ mod tests {
         assert_eq!(realm_host("Bearer"), None);
     }
 
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn prefetchw_is_used_where_the_kernel_says_the_processor_has_it() {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
